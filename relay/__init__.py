@@ -1,0 +1,1 @@
+"""Relay: distributed RLHF on Ray, vLLM and ColossalAI."""

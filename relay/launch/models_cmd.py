@@ -1,0 +1,25 @@
+"""`relay models prepare smollm2|tiny-llama|tiny-qwen2`: build bundled models into the local cache."""
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="relay models", description="Prepare bundled models (no hub needed).")
+    sub = parser.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", help="convert/build a bundled model and print its folder")
+    prep.add_argument("name", choices=["smollm2", "tiny-llama", "tiny-qwen2"])
+    prep.add_argument("--cache-dir", default=None, help="where to put it (default ~/.cache/relay or $RELAY_CACHE)")
+    prep.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="SmolLM2 weight dtype")
+    prep.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args(argv)
+    if args.name == "smollm2":
+        from relay.models.smollm2 import prepare_smollm2
+
+        path = prepare_smollm2(args.cache_dir, dtype=args.dtype, force=args.force)
+    else:
+        from relay.models.tiny import TinyModelSpec, build_tiny_model
+
+        path = build_tiny_model(TinyModelSpec(family=args.name.split("-", 1)[1]), args.cache_dir)
+    print(path)
+    return 0

@@ -1,0 +1,43 @@
+"""Shared fixtures: one Ray session for the suite, tiny models built once."""
+from __future__ import annotations
+
+import os
+
+for _k, _v in {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray cluster for the whole suite, with generous logical CPUs (actors use fractional quotas)."""
+    import ray
+
+    from relay.launch.cluster import init_ray
+
+    init_ray(address="local", num_cpus=16, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir():
+    from relay.models.tiny import TinyModelSpec, build_tiny_model
+
+    return build_tiny_model(TinyModelSpec(family="llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir():
+    from relay.models.tiny import TinyModelSpec, build_tiny_model
+
+    return build_tiny_model(TinyModelSpec(family="qwen2"))
