@@ -1,0 +1,114 @@
+"""Metrics sinks for every pipeline: SAVE_DIR/metrics.jsonl (always), TensorBoard, wandb (offline by default)
+and Ray custom metrics (gauges visible on the cluster's metrics endpoint / dashboard)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(value)  # JSON has no NaN/inf; keep the fact, not a crash
+        out[key] = value
+    return out
+
+
+class MetricsLogger:
+    """Append one JSON object per step to metrics.jsonl and mirror numbers to TensorBoard / wandb.
+
+    On resume (`resume_step`), lines at or after that step are dropped first, so a crashed run's partial tail is
+    not counted twice.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | Path,
+        log_dir: str | Path | None = None,
+        use_tensorboard: bool = True,
+        use_wandb: bool = False,
+        wandb_project: str = "relay",
+        run_name: str | None = None,
+        config: dict[str, Any] | None = None,
+        resume_step: int | None = None,
+    ):
+        self.save_dir = Path(save_dir)
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.save_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) < resume_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = self.path.open("a")
+        log_dir = Path(log_dir) if log_dir else self.save_dir / "logs"
+        self._tb = None
+        if use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
+        self._wandb = None
+        if use_wandb:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self._wandb = wandb.init(
+                project=wandb_project, name=run_name, dir=str(log_dir), config=config or {}, reinit="finish_previous"
+            )
+        self._start = time.time()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        record = {"step": int(step), "time": round(time.time() - self._start, 3), **_clean(metrics)}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(save_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics file (is {save_dir} a Relay run folder?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RayGauges:
+    """Ray custom metrics (ray.util.metrics.Gauge), created lazily per name; a no-op outside a Ray session."""
+
+    def __init__(self, prefix: str = "relay", tags: dict[str, str] | None = None):
+        self.prefix, self.tags, self._gauges = prefix, tags or {}, {}
+
+    def set(self, metrics: dict[str, Any]) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        from ray.util.metrics import Gauge
+
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            name = f"{self.prefix}_{key}".replace("/", "_").replace(".", "_").replace("-", "_")
+            if name not in self._gauges:
+                self._gauges[name] = Gauge(name, description=f"Relay metric {key}", tag_keys=tuple(self.tags))
+            self._gauges[name].set(float(value), tags=self.tags)
