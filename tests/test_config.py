@@ -138,3 +138,9 @@ def test_cli_rejects_bad_field_fast():
     out = _relay("ppo", "--config", str(CONFIGS / "ppo_tiny.yaml"), "--set", "actor_learner.tp=abc")
     assert out.returncode == 2
     assert "actor_learner.tp" in out.stderr
+
+
+def test_config_reference_is_up_to_date():
+    from relay.launch.config_docs import DOC_PATH, render
+
+    assert DOC_PATH.read_text() == render(), "docs/CONFIG.md is stale: run python -m relay.launch.config_docs"
