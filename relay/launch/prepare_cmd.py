@@ -1,0 +1,350 @@
+"""`relay prepare sft|preference|prompt|ptx` and `relay data demo`: the data step of every pipeline.
+
+`prepare(PrepareOptions)` reads and validates the raw records, drops exact duplicates (--dedup), shuffles with
+--seed, tokenises with assistant-only labels (--num-proc worker processes), writes arrow + jsonl shards and a
+report of every skipped record, and returns a summary in which every dropped record is counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relay.data.formats import KINDS, DataFormatError, iter_raw_records, normalize, record_key
+
+DEFAULT_TEMPLATE_NAME = "conversation_template.json"
+DROP_PREFIXES = ("invalid", "duplicate", "dropped", "error")  # summary counts of records not written
+CHUNK = 64  # records per worker task: large enough to batch the tokenizer, small enough to balance 2 workers
+
+
+@dataclass
+class PrepareOptions:
+    """Options of `relay prepare` (see `relay prepare --help`)."""
+
+    kind: str
+    inputs: list[str]
+    output: str
+    tokenizer: str = "smollm2"
+    template_config: str | None = None  # default OUT/conversation_template.json
+    max_length: int | None = 2048
+    num_proc: int = 1
+    dedup: bool = False
+    num_shards: int = 1
+    seed: int = 42
+    shuffle: bool = True
+    skip_invalid: bool = False
+    overwrite: bool = False
+    split: str = "train"
+    system_message: str | None = None  # only used when the template config is generated
+    limit: int | None = None  # keep the first N valid records (after dedup, before shuffling)
+    progress: bool = True
+
+
+@dataclass
+class PrepareSummary:
+    kind: str
+    output: str
+    records_read: int = 0
+    written: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # every reason a record was dropped or changed
+    template_config: str | None = None
+    template_created: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def dropped(self) -> int:
+        return sum(v for k, v in self.counts.items() if k.startswith(DROP_PREFIXES))
+
+    def format(self) -> str:
+        lines = [f"relay prepare {self.kind}: {self.records_read} records read, {self.written} written to {self.output}"]
+        drops = {k: v for k, v in self.counts.items() if k.startswith(DROP_PREFIXES)}
+        changes = {k: v for k, v in self.counts.items() if k not in drops}
+        lines.append(f"  dropped: {self.dropped()} (read = written + dropped)")
+        lines += [f"    {k:<28} {v}" for k, v in sorted(drops.items())]
+        if changes:
+            lines.append("  kept, but changed:")
+            lines += [f"    {k:<28} {v}" for k, v in sorted(changes.items())]
+        if self.template_config:
+            note = " (auto-generated now)" if self.template_created else ""
+            lines.append(f"  template config: {self.template_config}{note}")
+        lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def _progress(iterable, total: int | None, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="rec", leave=False, file=sys.stderr)
+
+
+def _prepare_output(opts: PrepareOptions, template_path: Path, default_template: bool) -> Path:
+    out = Path(opts.output)
+    if out.exists() and any(out.iterdir()):
+        if not opts.overwrite:
+            raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
+        for sub in ("arrow", "jsonl"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for name in ("prepared.json", "skipped.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+        if default_template:
+            template_path.unlink(missing_ok=True)  # regenerate for the (maybe new) tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# Worker state: set before the fork so workers inherit the tokenizer instead of unpickling it per task.
+_STATE: tuple[Any, ...] = ()
+
+
+def _work(chunk):
+    from relay.data.tokenize import prepare_batch
+
+    kind, tokenizer, fmt, max_length = _STATE
+    return prepare_batch(kind, chunk, tokenizer, fmt, max_length)
+
+
+def prepare(opts: PrepareOptions, tokenizer=None) -> PrepareSummary:
+    """Run the whole data step; raises DataFormatError on the first bad record unless skip_invalid."""
+    global _STATE
+    from relay.data.shards import write_prepared, write_skipped
+    from relay.data.templates import ChatFormatter, load_template_config
+    from relay.data.tokenize import ERROR, OK
+    from relay.data.tokenizers import load_tokenizer
+
+    if opts.kind not in KINDS:
+        raise ValueError(f"kind: unknown data kind {opts.kind!r} (use one of {', '.join(KINDS)})")
+    if opts.max_length is not None and opts.max_length < 2:
+        raise ValueError(f"--max-length must be at least 2, got {opts.max_length}")
+    if opts.num_proc < 1 or opts.num_shards < 1:
+        raise ValueError("--num-proc and --num-shards must be at least 1")
+    t0 = time.perf_counter()
+    default_template = opts.template_config is None
+    template_path = Path(opts.template_config or Path(opts.output) / DEFAULT_TEMPLATE_NAME)
+    out = _prepare_output(opts, template_path, default_template)
+    summary = PrepareSummary(opts.kind, str(out))
+    counts: Counter[str] = Counter()
+    skipped: list[dict[str, Any]] = []
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer(opts.tokenizer)
+    fmt = None
+    if opts.kind != "ptx":  # ptx is plain text: no chat template
+        cfg, created = load_template_config(template_path, tok, system_message=opts.system_message)
+        fmt = ChatFormatter(tok, cfg)
+        summary.template_config, summary.template_created = str(template_path), created
+        if created:
+            print(f"relay prepare: no template config at {template_path}: wrote an auto-generated one there",
+                  file=sys.stderr)
+    t1 = time.perf_counter()
+
+    # Read and validate.
+    items: list[tuple[dict[str, Any], Any]] = []  # (provenance, record)
+    seen: dict[str, dict[str, Any]] = {}
+    for path in opts.inputs:
+        for raw in _progress(iter_raw_records(path, opts.split), None, f"reading {path}", opts.progress):
+            summary.records_read += 1
+            where = {"file": raw.file, "record": raw.index, "line": raw.line}
+            try:
+                rec = normalize(opts.kind, raw)
+            except DataFormatError as e:
+                if not opts.skip_invalid:
+                    raise
+                counts["invalid"] += 1
+                skipped.append({"category": "invalid", **e.to_dict()})
+                continue
+            if rec.trimmed_turns:
+                counts["trailing_turn_dropped" if opts.kind == "sft" else "trailing_answer_dropped"] += 1
+            if opts.dedup:
+                key = record_key(rec)
+                if key in seen:
+                    counts["duplicate"] += 1
+                    first = seen[key]
+                    skipped.append({"category": "duplicate", **where,
+                                    "reason": f"exact duplicate of {first['file']} record {first['record']}"})
+                    continue
+                seen[key] = where
+            items.append((where, rec))
+    if opts.limit is not None and len(items) > opts.limit:
+        counts["dropped_by_limit"] += len(items) - opts.limit
+        items = items[: opts.limit]
+    if opts.shuffle:
+        random.Random(opts.seed).shuffle(items)
+    t2 = time.perf_counter()
+
+    # Tokenise: worker processes get chunks; results come back in order, so the output is the same for any
+    # --num-proc.
+    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+    _STATE = (opts.kind, tok, fmt, opts.max_length)
+    results = []
+    bar = _progress(None, len(items), "tokenizing", opts.progress) if opts.progress else None
+    try:
+        if opts.num_proc == 1 or len(chunks) <= 1:
+            stream = map(_work, ([r for _, r in c] for c in chunks))
+            pool = None
+        else:
+            # fork: workers inherit the loaded tokenizer; TOKENIZERS_PARALLELISM=false keeps that safe.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            pool = multiprocessing.get_context("fork").Pool(opts.num_proc)
+            stream = pool.imap(_work, ([r for _, r in c] for c in chunks))
+        for chunk, outcomes in zip(chunks, stream):
+            results.extend(zip((w for w, _ in chunk), outcomes))
+            if bar is not None:
+                bar.update(len(chunk))
+        if pool is not None:
+            pool.close()
+            pool.join()
+    finally:
+        _STATE = ()
+        if bar is not None:
+            bar.close()
+    t3 = time.perf_counter()
+
+    rows = []
+    for where, oc in results:
+        if oc.status == ERROR:
+            err = DataFormatError(where["file"], where["record"], "<template>", oc.error or "", where["line"])
+            if not opts.skip_invalid:
+                raise err
+            counts["error_template"] += 1
+            skipped.append({"category": "template", **err.to_dict()})
+            continue
+        if oc.row is None:
+            counts[oc.status] += 1
+            reason = {"dropped_too_long": f"longer than --max-length {opts.max_length} with no reply left",
+                      "dropped_no_labels": "no assistant tokens"}.get(oc.status, oc.status)
+            skipped.append({"category": oc.status, **where, "reason": reason})
+            continue
+        if oc.status != OK:
+            counts[oc.status] += 1
+        rows.append(oc.row)
+    summary.written = len(rows)
+    summary.counts = dict(counts)
+    info = {
+        "tokenizer": str(opts.tokenizer),
+        "template_config": json.loads(template_path.read_text()) if fmt is not None else None,
+        "max_length": opts.max_length,
+        "seed": opts.seed,
+        "inputs": [str(p) for p in opts.inputs],
+        "summary": {"records_read": summary.records_read, "written": summary.written, "counts": summary.counts},
+    }
+    write_prepared(rows, out, opts.kind, opts.num_shards, info)
+    write_skipped(skipped, out)
+    t4 = time.perf_counter()
+    summary.seconds = {"setup": t1 - t0, "read": t2 - t1, "tokenize": t3 - t2, "write": t4 - t3, "total": t4 - t0}
+    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _inputs(values: list[str]) -> list[str]:
+    # The seed takes a comma-separated list; accept that and repeated/space-separated paths.
+    return [p for v in values for p in v.split(",") if p]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="relay prepare",
+        description="Prepare raw data (JSON/JSONL files or folders, HF datasets) into arrow + jsonl shards.",
+    )
+    p.add_argument("kind", choices=KINDS, help="sft | preference (RM, DPO) | prompt (PPO) | ptx (pretraining mix-in)")
+    p.add_argument("-i", "--input", dest="inputs", nargs="+", action="extend", required=True,
+                   help="files, folders, save_to_disk folders or `hf:NAME`; repeat or separate with commas")
+    p.add_argument("-o", "--output", required=True, help="output folder OUT (gets arrow/, jsonl/, skipped.jsonl)")
+    p.add_argument("-t", "--tokenizer", default="smollm2",
+                   help="tokenizer folder or hub id, or `smollm2` / `tiny` / `gpt2` (default smollm2)")
+    p.add_argument("-c", "--template-config", default=None,
+                   help=f"conversation template config JSON; written there if missing (default OUT/{DEFAULT_TEMPLATE_NAME})")
+    p.add_argument("--system-message", default=None, help="system message of an auto-generated template config")
+    p.add_argument("--max-length", type=int, default=2048, help="maximum tokens per sample (default 2048; 0 = none)")
+    p.add_argument("--num-proc", type=int, default=1, help="tokenizer worker processes (default 1)")
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicate records (counted)")
+    p.add_argument("--num-shards", type=int, default=1, help="number of arrow/jsonl parts (default 1)")
+    p.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the input order")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip bad records (reported in OUT/skipped.jsonl) instead of stopping at the first")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier output in OUT")
+    p.add_argument("--split", default="train", help="split of a Hugging Face dataset input (default train)")
+    p.add_argument("--limit", type=int, default=None, help="keep only the first N valid records")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = PrepareOptions(
+        kind=args.kind, inputs=_inputs(args.inputs), output=args.output, tokenizer=args.tokenizer,
+        template_config=args.template_config, max_length=args.max_length or None, num_proc=args.num_proc,
+        dedup=args.dedup, num_shards=args.num_shards, seed=args.seed, shuffle=not args.no_shuffle,
+        skip_invalid=args.skip_invalid, overwrite=args.overwrite, split=args.split,
+        system_message=args.system_message, limit=args.limit, progress=not args.quiet,
+    )
+    from relay.data.templates import TemplateConfigError
+
+    try:
+        summary = prepare(opts)
+    except (DataFormatError, TemplateConfigError) as e:
+        print(f"relay prepare: error: {e}", file=sys.stderr)
+        if not opts.skip_invalid and isinstance(e, DataFormatError):
+            print("  (use --skip-invalid to skip such records and get a report)", file=sys.stderr)
+        return 2
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"relay prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    if summary.counts.get("invalid") or any(k.startswith(("dropped", "duplicate", "error")) for k in summary.counts):
+        print(f"  report of skipped records: {Path(summary.output) / 'skipped.jsonl'}")
+    return 0
+
+
+def build_data_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relay data", description="Demo data sets.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="build SFT, preference, prompt and ptx data from the chitchat-dataset package")
+    d.add_argument("output", help="output folder: raw/<kind>.jsonl, and <kind>/ prepared shards with --tokenizer")
+    d.add_argument("--sft", type=int, default=512, help="SFT conversations (default 512)")
+    d.add_argument("--preference", type=int, default=512, help="preference pairs (default 512)")
+    d.add_argument("--prompt", type=int, default=256, help="prompts (default 256)")
+    d.add_argument("--ptx", type=int, default=128, help="ptx texts (default 128)")
+    d.add_argument("--max-turns", type=int, default=8, help="turns kept per conversation (default 8)")
+    d.add_argument("--seed", type=int, default=0, help="seed for splitting and pairing (default 0)")
+    d.add_argument("-t", "--tokenizer", default=None, help="also prepare each kind with this tokenizer")
+    d.add_argument("--max-length", type=int, default=512, help="with --tokenizer: maximum tokens (default 512)")
+    d.add_argument("--num-proc", type=int, default=1)
+    d.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    args = build_data_parser().parse_args(argv)
+    from relay.data.demo import DemoSizes, write_demo
+
+    out = Path(args.output)
+    sizes = DemoSizes(args.sft, args.preference, args.prompt, args.ptx, args.max_turns)
+    files = write_demo(out / "raw", sizes, seed=args.seed)
+    for kind, path in files.items():
+        print(f"relay data demo: {kind:<10} {path}")
+    if args.tokenizer:
+        from relay.data.tokenizers import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+        template = out / DEFAULT_TEMPLATE_NAME
+        if args.overwrite:
+            template.unlink(missing_ok=True)  # the tokenizer may have changed
+        for kind, path in files.items():
+            opts = PrepareOptions(kind, [str(path)], str(out / kind), tokenizer=args.tokenizer,
+                                  template_config=str(template), max_length=args.max_length,
+                                  num_proc=args.num_proc, overwrite=args.overwrite, seed=args.seed, progress=False)
+            print(prepare(opts, tokenizer=tok).format())
+    return 0
