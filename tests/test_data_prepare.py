@@ -156,3 +156,30 @@ def test_data_demo_small(tmp_path, capsys):
         assert len(load_prepared(tmp_path / "demo" / kind, kind=kind)) > 0
     pref = [json.loads(x) for x in (tmp_path / "demo" / "raw" / "preference.jsonl").read_text().splitlines()]
     assert all(p["chosen"] != p["rejected"] and p["context"][-1]["from"] == "human" for p in pref)
+
+
+def test_prepare_cached_reuses_until_inputs_change(tmp_path, tiny_tok):
+    from relay.launch.prepare_cmd import prepare_cached
+
+    src = tmp_path / "in.jsonl"
+    src.write_text((FIXTURES / "chitchat_sft.jsonl").read_text())
+    opts = _opts("sft", tmp_path / "o", [src])
+    first, reused = prepare_cached(opts, tokenizer=tiny_tok)
+    assert not reused and first.written == 6
+    again, reused = prepare_cached(opts, tokenizer=tiny_tok)
+    assert reused and again.written == 6 and again.counts == first.counts
+    src.write_text("\n".join(src.read_text().splitlines()[:3]) + "\n")
+    changed, reused = prepare_cached(opts, tokenizer=tiny_tok)
+    assert not reused and changed.written == 3 and len(load_prepared(tmp_path / "o")) == 3
+
+
+def test_cli_prints_skipped_records(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    good = (FIXTURES / "chitchat_sft.jsonl").read_text().splitlines()[0]
+    src.write_text("\n".join([good, good, '{"messages": [{"from": "bot", "content": "a"}]}']) + "\n")
+    assert main(["sft", "-i", str(src), "-o", str(tmp_path / "o"), "-t", "tiny", "-q", "--skip-invalid",
+                 "--dedup"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped records (2;" in out
+    assert "[duplicate] " in out and "line 2 (record 1)" in out
+    assert "[invalid] " in out and "line 3 (record 2): field 'messages[0].from': unknown role 'bot'" in out

@@ -183,10 +183,11 @@ def _iter_jsonl(f: Path, text: str) -> Iterator[RawRecord]:
         if not line.strip():
             continue  # blank lines are not records
         try:
-            yield RawRecord(str(f), index, lineno, json.loads(line))
+            rec = RawRecord(str(f), index, lineno, json.loads(line))
         except json.JSONDecodeError as e:
             err = DataFormatError(str(f), index, "<json>", f"malformed JSON: {e.msg} at column {e.colno}", lineno)
-            yield RawRecord(str(f), index, lineno, None, err)
+            rec = RawRecord(str(f), index, lineno, None, err)
+        yield rec
         index += 1
 
 
@@ -228,8 +229,9 @@ def _iter_json_array(f: Path, text: str) -> Iterator[RawRecord]:
             continue
         if pos < len(text) and text[pos] == "]":
             if text[pos + 1 :].strip():
+                lno = line_at(pos)
                 reason = "malformed JSON: extra data after the closing ']'"
-                yield RawRecord(str(f), index, line_at(pos), None, DataFormatError(str(f), index, "<json>", reason, line))
+                yield RawRecord(str(f), index, lno, None, DataFormatError(str(f), index, "<json>", reason, lno))
             return
         lno = line_at(pos)
         reason = "malformed JSON: expected ',' or ']' after a record (rest of file not read)"

@@ -155,10 +155,28 @@ def ptx_segments(rec: PtxRecord, eos_token: str | None) -> Segments:
     return [(rec.source, False), (rec.target + (eos_token or ""), True)]
 
 
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added. Fast tokenizers go straight to their Rust backend:
+    the same ids as `tokenizer(texts)`, without the per-item conversion that took a third of the time."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def decode_many(tokenizer, seqs: list[list[int]]) -> list[str]:
+    """Decoded text of each id list, special tokens kept, no clean-up (so the text is exactly what was encoded)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode_batch(seqs, skip_special_tokens=False)
+    return [decode(tokenizer, s) for s in seqs]
+
+
 def encode_segments(tokenizer, batch: list[Segments]) -> list[Encoded]:
     """Tokenise every segment of every item in one batched call, then concatenate per item."""
-    flat = [text for segs in batch for text, _ in segs]
-    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    ids = encode_texts(tokenizer, [text for segs in batch for text, _ in segs])
     out, k = [], 0
     for segs in batch:
         input_ids: list[int] = []
@@ -197,7 +215,7 @@ def decode(tokenizer, ids: list[int]) -> str:
 
 def label_texts(tokenizer, enc: Encoded) -> list[str]:
     """The decoded text of each labelled span: the assistant replies with their end markers."""
-    return [decode(tokenizer, enc.input_ids[s:e]) for s, e in enc.label_spans()]
+    return decode_many(tokenizer, [enc.input_ids[s:e] for s, e in enc.label_spans()])
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -208,12 +226,14 @@ def _meta(rec: Record) -> str:
 
 
 def _labeled_row(tokenizer, enc: Encoded, prefix: str = "") -> dict[str, Any]:
+    spans = enc.label_spans()
+    texts = decode_many(tokenizer, [enc.input_ids] + [enc.input_ids[s:e] for s, e in spans])
     return {
         f"{prefix}input_ids": enc.input_ids,
         f"{prefix}labels": enc.labels,
         f"{prefix}attention_mask": [1] * len(enc.input_ids),
-        f"{prefix}text": decode(tokenizer, enc.input_ids),
-        f"{prefix}label_text": label_texts(tokenizer, enc),
+        f"{prefix}text": texts[0],
+        f"{prefix}label_text": texts[1:],
     }
 
 
@@ -271,7 +291,7 @@ def _prompt_outcome(rec: PromptRecord, tokenizer, fmt: ChatFormatter, max_length
     system = msgs[:1] if msgs[0].role == "system" else []
     while True:
         text = fmt.render(msgs, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = encode_texts(tokenizer, [text])[0]
         if max_length is None or len(ids) <= max_length:
             break
         body = msgs[len(system):]

@@ -7,6 +7,8 @@ report of every skipped record, and returns a summary in which every dropped rec
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import multiprocessing
 import os
@@ -23,6 +25,7 @@ from relay.data.formats import KINDS, DataFormatError, iter_raw_records, normali
 
 DEFAULT_TEMPLATE_NAME = "conversation_template.json"
 DROP_PREFIXES = ("invalid", "duplicate", "dropped", "error")  # summary counts of records not written
+SHOW_SKIPPED = 20  # skipped records printed at the end; the report file has all of them
 CHUNK = 64  # records per worker task: large enough to batch the tokenizer, small enough to balance 2 workers
 
 
@@ -89,7 +92,8 @@ def _progress(iterable, total: int | None, desc: str, enabled: bool):
 
 def _prepare_output(opts: PrepareOptions, template_path: Path, default_template: bool) -> Path:
     out = Path(opts.output)
-    if out.exists() and any(out.iterdir()):
+    # A template config the user put into OUT does not make OUT "used".
+    if out.exists() and any(p.resolve() != template_path.resolve() for p in out.iterdir()):
         if not opts.overwrite:
             raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
         for sub in ("arrow", "jsonl"):
@@ -128,6 +132,7 @@ def prepare(opts: PrepareOptions, tokenizer=None) -> PrepareSummary:
     if opts.num_proc < 1 or opts.num_shards < 1:
         raise ValueError("--num-proc and --num-shards must be at least 1")
     t0 = time.perf_counter()
+    fp = fingerprint(opts)  # before OUT changes (a default template config there is regenerated)
     default_template = opts.template_config is None
     template_path = Path(opts.template_config or Path(opts.output) / DEFAULT_TEMPLATE_NAME)
     out = _prepare_output(opts, template_path, default_template)
@@ -193,7 +198,9 @@ def prepare(opts: PrepareOptions, tokenizer=None) -> PrepareSummary:
         else:
             # fork: workers inherit the loaded tokenizer; TOKENIZERS_PARALLELISM=false keeps that safe.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            gc.freeze()  # keep the workers' garbage collector off the inherited pages (copy-on-write)
             pool = multiprocessing.get_context("fork").Pool(opts.num_proc)
+            gc.unfreeze()
             stream = pool.imap(_work, ([r for _, r in c] for c in chunks))
         for chunk, outcomes in zip(chunks, stream):
             results.extend(zip((w for w, _ in chunk), outcomes))
@@ -230,10 +237,14 @@ def prepare(opts: PrepareOptions, tokenizer=None) -> PrepareSummary:
     summary.counts = dict(counts)
     info = {
         "tokenizer": str(opts.tokenizer),
+        "vocab_size": len(tok),
+        "eos_token": tok.eos_token,
+        "pad_token": tok.pad_token,
         "template_config": json.loads(template_path.read_text()) if fmt is not None else None,
         "max_length": opts.max_length,
         "seed": opts.seed,
         "inputs": [str(p) for p in opts.inputs],
+        "fingerprint": fp,
         "summary": {"records_read": summary.records_read, "written": summary.written, "counts": summary.counts},
     }
     write_prepared(rows, out, opts.kind, opts.num_shards, info)
@@ -242,6 +253,34 @@ def prepare(opts: PrepareOptions, tokenizer=None) -> PrepareSummary:
     summary.seconds = {"setup": t1 - t0, "read": t2 - t1, "tokenize": t3 - t2, "write": t4 - t3, "total": t4 - t0}
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def fingerprint(opts: PrepareOptions) -> dict[str, Any]:
+    """What a prepared folder depends on: the options that change its content, and each input file's size and
+    modification time (and the template config's text when the user gave one)."""
+    files = []
+    for path in opts.inputs:
+        p = Path(path)
+        found = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+        files += [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in found] or [[str(path), None, None]]
+    template = None
+    if opts.template_config and Path(opts.template_config).exists():
+        template = Path(opts.template_config).read_text(encoding="utf-8")
+    keep = {k: v for k, v in asdict(opts).items() if k not in ("progress", "overwrite", "num_proc", "num_shards")}
+    return {"options": keep, "files": files, "template_config": template}
+
+
+def prepare_cached(opts: PrepareOptions, tokenizer=None) -> tuple[PrepareSummary, bool]:
+    """`prepare` for pipelines: reuse OUT when it was prepared from the same inputs and options; returns
+    (summary, reused). Otherwise (re)builds OUT, replacing what was there."""
+    from relay.data.shards import read_info
+
+    fp = fingerprint(opts)
+    info = read_info(opts.output) if Path(opts.output).is_dir() else None
+    summary_file = Path(opts.output) / "summary.json"
+    if info and info.get("fingerprint") == json.loads(json.dumps(fp)) and summary_file.exists():
+        return PrepareSummary(**json.loads(summary_file.read_text(encoding="utf-8"))), True
+    return prepare(dataclasses.replace(opts, overwrite=True), tokenizer=tokenizer), False
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -303,8 +342,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relay prepare: error: {e}", file=sys.stderr)
         return 2
     print(summary.format())
-    if summary.counts.get("invalid") or any(k.startswith(("dropped", "duplicate", "error")) for k in summary.counts):
-        print(f"  report of skipped records: {Path(summary.output) / 'skipped.jsonl'}")
+    report = Path(summary.output) / "skipped.jsonl"
+    entries = report.read_text(encoding="utf-8").splitlines() if report.exists() else []
+    if entries:
+        print(f"skipped records ({len(entries)}; all of them in {report}):")
+        for line in entries[:SHOW_SKIPPED]:
+            e = json.loads(line)
+            where = DataFormatError(e["file"], e["record"], e.get("field") or "-", e["reason"], e["line"]).where()
+            field_part = f" field '{e['field']}':" if e.get("field") else ""
+            print(f"  [{e['category']}] {where}:{field_part} {e['reason']}")
+        if len(entries) > SHOW_SKIPPED:
+            print(f"  ... and {len(entries) - SHOW_SKIPPED} more")
     return 0
 
 
@@ -321,8 +369,7 @@ def build_data_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed for splitting and pairing (default 0)")
     d.add_argument("-t", "--tokenizer", default=None, help="also prepare each kind with this tokenizer")
     d.add_argument("--max-length", type=int, default=512, help="with --tokenizer: maximum tokens (default 512)")
-    d.add_argument("--num-proc", type=int, default=1)
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--num-proc", type=int, default=1, help="with --tokenizer: worker processes (default 1)")
     return p
 
 
@@ -340,11 +387,10 @@ def data_main(argv: list[str] | None = None) -> int:
 
         tok = load_tokenizer(args.tokenizer)
         template = out / DEFAULT_TEMPLATE_NAME
-        if args.overwrite:
-            template.unlink(missing_ok=True)  # the tokenizer may have changed
+        template.unlink(missing_ok=True)  # one config for all kinds, generated for this tokenizer
         for kind, path in files.items():
             opts = PrepareOptions(kind, [str(path)], str(out / kind), tokenizer=args.tokenizer,
                                   template_config=str(template), max_length=args.max_length,
-                                  num_proc=args.num_proc, overwrite=args.overwrite, seed=args.seed, progress=False)
-            print(prepare(opts, tokenizer=tok).format())
+                                  num_proc=args.num_proc, seed=args.seed, progress=False)
+            print(prepare_cached(opts, tokenizer=tok)[0].format())
     return 0
