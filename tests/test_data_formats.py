@@ -113,7 +113,7 @@ def test_hf_datasets_save_to_disk_and_load_dataset(tmp_path):
     (tmp_path / "pq").mkdir()
     ds.to_parquet(str(tmp_path / "pq" / "train.parquet"))
     for path, split, n in ((tmp_path / "saved", "train", 2), (tmp_path / "saveddict", "test", 1),
-                           (tmp_path / "pq", "train", 2)):
+                           (tmp_path / "pq", "train", 2), (tmp_path / "pq" / "train.parquet", "train", 2)):
         recs = _read(path, "sft", split)
         assert len(recs) == n and recs[0].messages[1] == Turn("assistant", "yo")
     with pytest.raises(DataFormatError, match="no split 'validation'"):

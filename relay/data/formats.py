@@ -8,8 +8,9 @@ Accepted record shapes (field names as in ColossalChat's README):
 A turn is {"from" | "role": "human" | "user" | "assistant" | "system", "content": str}. Other top-level keys are
 kept as metadata (`meta`), unless they look like a misspelling of a known field.
 
-Inputs: JSON arrays, JSONL files, folders of them, `save_to_disk` folders, and anything else
-`datasets.load_dataset` opens locally (a folder of parquet/csv files, or `hf:NAME`).
+Inputs: JSON arrays, JSONL files, folders of them, `save_to_disk` folders, and what `datasets.load_dataset`
+opens locally (a parquet/csv/arrow file, a folder of such files, or `hf:NAME`). Records are numbered from 0 in
+each file, lines from 1.
 Every problem raises `DataFormatError`, whose message names the file, the record (and line) and the field.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ KNOWN_FIELDS = {
     "ptx": ("source", "Target", "target"),
 }
 DATA_SUFFIXES = (".json", ".jsonl")
+HF_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}  # single files `datasets` reads
 
 
 class DataFormatError(ValueError):
@@ -134,6 +136,9 @@ def iter_raw_records(path: str | Path, split: str = "train") -> Iterator[RawReco
     if p.is_dir() and _is_saved_dataset(p):
         yield from _iter_hf(spath, split, saved=True)
         return
+    if p.is_file() and p.suffix in HF_FILE_BUILDERS:  # a single parquet/csv/arrow file
+        yield from _iter_hf(spath, split, saved=False, builder=HF_FILE_BUILDERS[p.suffix])
+        return
     files = list_input_files(p)
     if p.is_dir() and not files:
         # A folder of parquet/csv/arrow files: let `datasets` read it.
@@ -143,10 +148,15 @@ def iter_raw_records(path: str | Path, split: str = "train") -> Iterator[RawReco
         yield from iter_file_records(f)
 
 
-def _iter_hf(path: str, split: str, saved: bool) -> Iterator[RawRecord]:
+def _iter_hf(path: str, split: str, saved: bool, builder: str | None = None) -> Iterator[RawRecord]:
     import datasets
 
-    ds = datasets.load_from_disk(path) if saved else datasets.load_dataset(path, split=split)
+    if saved:
+        ds = datasets.load_from_disk(path)
+    elif builder:
+        ds = datasets.load_dataset(builder, data_files={split: path}, split=split)
+    else:
+        ds = datasets.load_dataset(path, split=split)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataFormatError(path, None, "<split>", f"no split {split!r} (has {sorted(ds)})")

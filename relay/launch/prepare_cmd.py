@@ -3,6 +3,7 @@
 `prepare(PrepareOptions)` reads and validates the raw records, drops exact duplicates (--dedup), shuffles with
 --seed, tokenises with assistant-only labels (--num-proc worker processes), writes arrow + jsonl shards and a
 report of every skipped record, and returns a summary in which every dropped record is counted.
+Pipelines call `prepare_cached`, which reuses OUT when its inputs and options have not changed.
 """
 from __future__ import annotations
 
