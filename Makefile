@@ -49,7 +49,6 @@ test-fast: install
 	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(PIP) install -q -e '.[bench]' --no-deps trl==1.16.0
 	$(PY) -m benchmarks.run_all
 
 clean:
