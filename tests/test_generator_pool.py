@@ -1,0 +1,280 @@
+"""GeneratorPool: pure bookkeeping (DispatchLedger) without Ray, then one module-scoped pool of real vLLM
+generators on the tiny Llama: scaling 1 -> 2 (from another process, through `relay scale`) -> 1 while prompts
+are being generated, a generator killed by PID (SIGKILL) with work pending, and weight versions throughout.
+Every scenario checks that each prompt was answered exactly once."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.actors.ledger import DONE, EXHAUSTED, IN_FLIGHT, QUEUED, DispatchLedger
+
+# ------------------------------------------------------------------------------------------ ledger (pure)
+
+
+def test_ledger_chunks_are_contiguous_runs_of_one_group():
+    led = DispatchLedger()
+    led.add(["a0", "a1", "a2"], group="A")
+    led.add(["b0", "b1"], group="B")
+    c1 = led.take("w0", 2)
+    assert c1.prompt_ids == ("a0", "a1") and c1.first_position == 0 and c1.group == "A"
+    c2 = led.take("w1", 5)  # stops at the group boundary
+    assert c2.prompt_ids == ("a2",) and c2.first_position == 2
+    c3 = led.take("w0", 5)
+    assert c3.prompt_ids == ("b0", "b1") and c3.group == "B"
+    assert led.take("w0", 5) is None
+    led.check()
+    assert led.state("a0") == IN_FLIGHT and led.queued == 0 and led.in_flight == 5
+
+
+def test_ledger_failed_chunk_is_requeued_in_order_and_late_reply_ignored():
+    led = DispatchLedger()
+    led.add([f"p{i}" for i in range(6)])
+    c1, c2 = led.take("w0", 3), led.take("w1", 3)
+    requeued, exhausted = led.fail(c1.chunk_id)
+    assert requeued == ["p0", "p1", "p2"] and exhausted == []
+    assert led.state("p0") == QUEUED and led.counts.reassigned == 3
+    assert led.complete(c1.chunk_id) is None and led.counts.stale == 1  # the dead worker's late reply
+    assert led.complete(c2.chunk_id).prompt_ids == ("p3", "p4", "p5")
+    c3 = led.take("w2", 10)
+    assert c3.prompt_ids == ("p0", "p1", "p2") and c3.first_position == 0
+    assert led.attempts("p0") == 2
+    led.complete(c3.chunk_id)
+    led.check()
+    assert led.unfinished() == 0 and led.counts.completed == 6
+    assert led.counts.by_worker == {"w1": 3, "w2": 3}
+
+
+def test_ledger_release_worker_and_requeue_merges_by_submission_order():
+    led = DispatchLedger()
+    led.add(list(range(10)))
+    a, b, c = led.take("w0", 3), led.take("w1", 3), led.take("w0", 2)
+    assert led.release_worker("w0") == [0, 1, 2, 6, 7]
+    assert list(led._queue) == [0, 1, 2, 6, 7, 8, 9]
+    nxt = led.take("w2", 10)
+    assert nxt.prompt_ids == (0, 1, 2)  # a gap (3..5 are in flight on w1) ends the run
+    led.check()
+    assert led.complete(a.chunk_id) is None and led.complete(c.chunk_id) is None
+    assert led.complete(b.chunk_id) is not None
+
+
+def test_ledger_exhausts_after_max_attempts_and_rejects_duplicates():
+    led = DispatchLedger(max_attempts=2)
+    led.add(["x", "y"])
+    with pytest.raises(ValueError):
+        led.add(["x"])
+    with pytest.raises(ValueError):
+        led.add(["z", "z"])
+    assert led.fail(led.take("w", 2).chunk_id) == (["x", "y"], [])
+    assert led.fail(led.take("w", 2).chunk_id) == ([], ["x", "y"])
+    assert led.state("x") == EXHAUSTED and led.counts.exhausted == 2
+    led.check()
+    led.forget(["x", "y"])
+    led.add(["x"])  # forgotten ids may be submitted again
+    with pytest.raises(ValueError):
+        led.forget(["x"])  # not done
+
+
+def test_ledger_random_schedule_never_loses_or_doubles():
+    rng = random.Random(0)
+    led = DispatchLedger(max_attempts=100)
+    done: list[str] = []
+    n = 0
+    for step in range(2000):
+        op = rng.random()
+        if op < 0.15:
+            led.add([f"q{n + i}" for i in range(rng.randint(1, 5))], group=step)
+            n = led.counts.submitted
+        elif op < 0.5:
+            led.take(f"w{rng.randint(0, 3)}", rng.randint(1, 4))
+        elif op < 0.8 and led.live_chunks():
+            chunk = led.complete(rng.choice(led.live_chunks()).chunk_id)
+            done.extend(chunk.prompt_ids)
+        elif op < 0.9 and led.live_chunks():
+            led.fail(rng.choice(led.live_chunks()).chunk_id)
+        else:
+            led.release_worker(f"w{rng.randint(0, 3)}")
+        led.check()
+    while led.unfinished():
+        chunk = led.take("w", 100) or led.live_chunks()[0]
+        done.extend(led.complete(chunk.chunk_id).prompt_ids)
+    assert sorted(done) == sorted(f"q{i}" for i in range(n)) and len(done) == len(set(done))
+    assert all(led.state(p) == DONE for p in done)
+
+
+# ------------------------------------------------------------------------------------------ real Ray + vLLM
+
+PROMPTS = [[(7 * i + j) % 1000 + 3 for j in range(4 + i % 5)] for i in range(64)]
+
+
+def _perturbed(model_dir: Path, seed: int, scale: float = 0.05):
+    import torch
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = load_file(str(model_dir / "model.safetensors"))
+    return {n: t + scale * torch.randn(t.shape, generator=g) for n, t in sd.items()}
+
+
+def _check_exactly_once(results, ids):
+    got = [r.prompt_id for r in results]
+    assert sorted(map(str, got)) == sorted(map(str, ids)), "a prompt was lost"
+    assert len(got) == len(set(got)), "a prompt was answered twice"
+    for r in results:
+        assert len(r.samples) == 1 and r.samples[0].token_ids
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session, tiny_llama_dir, tmp_path_factory):
+    from relay.actors.generator import GeneratorConfig
+    from relay.actors.pool import GeneratorPool, PoolOptions
+
+    cfg = GeneratorConfig(model=str(tiny_llama_dir), max_model_len=256)
+    opts = PoolOptions(name_prefix="generator", max_chunk_size=4, control_name="control-pooltest",
+                       control_poll_s=0.2, start_timeout_s=240, generate_timeout_s=120, weight_timeout_s=120)
+    p = GeneratorPool(cfg, 1, opts)
+    yield p
+    p.shutdown()
+
+
+def _sampling(max_tokens=48, seed=1):
+    from relay.actors.sampling import SamplingConfig
+
+    return SamplingConfig(max_tokens=max_tokens, ignore_eos=True, seed=seed)
+
+
+def test_pool_generate_tags_ids_and_versions(pool, tiny_llama_dir):
+    assert list(pool.pids()) == ["generator-0"] and pool.versions() == {"generator-0": 0}
+    ids = [f"warm-{i}" for i in range(6)]
+    results = pool.generate(PROMPTS[:6], _sampling(8), ids=ids, timeout_s=120)
+    assert [r.prompt_id for r in results] == ids
+    assert all(r.weight_version == 0 and r.generator == "generator-0" for r in results)
+    assert [r.samples[0].prompt_index for r in results] == list(range(6))
+    assert results[0].sample_ids() == ["warm-0/0"]
+    pool.push_weights(_perturbed(tiny_llama_dir, 1), version=1)
+    assert pool.versions() == {"generator-0": 1}
+    again = pool.generate(PROMPTS[:2], _sampling(8), timeout_s=120)
+    assert all(r.weight_version == 1 for r in again)
+
+
+def test_bad_requests_and_bad_weights_leave_the_pool_usable(pool, tiny_llama_dir):
+    """A prompt the engine refuses fails after max_attempts (PoolError) without killing generators; an
+    update that does not fit raises and keeps the previous weights current."""
+    from relay.actors.pool import PoolError
+    from relay.actors.weight_sync import WeightUpdateError
+
+    failed_before, version = pool.status()["failed"], pool.version
+    with pytest.raises(PoolError, match="failed 3 times"):
+        pool.generate([[5] * 400], _sampling(4), ids=["too-long"], timeout_s=120)  # > max_model_len
+    assert pool.status()["failed"] == failed_before and pool.pending() == 0
+    bad = {k: v[:-1] for k, v in _perturbed(tiny_llama_dir, 9).items()}
+    with pytest.raises(WeightUpdateError, match="does not fit"):
+        pool.push_weights(bad, version=version + 5)
+    assert pool.version == version and set(pool.versions().values()) == {version}
+    ok = pool.generate(PROMPTS[:2], _sampling(4), timeout_s=120)
+    assert [r.weight_version for r in ok] == [version, version]
+
+
+def test_scale_up_from_another_process_then_down_mid_generation(pool, ray_session, tiny_llama_dir):
+    """1 -> 2 through `relay scale` (a separate process) while prompts are generated, then 2 -> 1 while both
+    generators hold work: every prompt once, the new generator at the current version, the removed one gone."""
+    from relay.actors.control import control_status
+
+    if pool.version < 1:  # when run alone
+        pool.push_weights(_perturbed(tiny_llama_dir, 1), version=1)
+    assert pool.size() == 1 and pool.version == 1
+    # A steady stream of small batches (as an async run feeds generators) while the request comes in.
+    ids_a: list = []
+    address = ray_session.get_runtime_context().gcs_address
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "relay.launch.cli", "scale", "pooltest", "--generators", "2", "--address", address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = []
+    deadline = time.monotonic() + 240
+    while (cli.poll() is None or pool.size() < 2) and time.monotonic() < deadline:
+        if pool.pending() < 16:
+            ids_a += pool.submit(PROMPTS[:16], _sampling(32))
+        results += pool.collect(timeout_s=0.2)
+    out, err = cli.communicate(timeout=60)
+    assert cli.returncode == 0, err[-2000:]
+    assert "requested 2 generators" in out
+    assert pool.pending() > 0, "the pool scaled while no work was pending"
+    assert pool.size() == 2 and pool.target == 2
+    new = [n for n in pool.versions() if n != "generator-0"]
+    assert new == ["generator-1"] and pool.versions() == {"generator-0": 1, "generator-1": 1}
+    # Batch B joins the rest of the stream; the new generator takes part in the work pending at its start.
+    ids_b = pool.submit(PROMPTS[16:64], _sampling(), ids=[f"b{i}" for i in range(48)])
+    while pool.pending():
+        results += pool.collect(timeout_s=0.5)
+    _check_exactly_once(results, ids_a + ids_b)
+    assert len(results) == len(ids_a) + 48
+    assert {r.generator for r in results} == {"generator-0", "generator-1"}
+    assert all(r.weight_version == 1 for r in results), "a generator produced with old weights"
+    status = control_status("control-pooltest")
+    assert status["desired"] == 2 and status["pool"]["target"] == 2
+
+    # Greedy on both generators gives the same tokens: the new one really holds version-1 weights.
+    from relay.actors.sampling import SamplingConfig
+
+    greedy = SamplingConfig(temperature=0, max_tokens=12)
+    outs = {n: c.generate(PROMPTS[:3], greedy, timeout_s=60) for n, c in pool.clients().items()}
+    a, b = outs.values()
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+    # 2 -> 1 while both hold a chunk: the removed generator finishes its chunk, then stops.
+    ids_c = pool.submit(PROMPTS[:32], _sampling(), ids=[f"c{i}" for i in range(32)])
+    pool.collect(timeout_s=0)  # dispatch
+    assert all(m["busy"] for m in pool.status()["members"].values())
+    removed = pool.status()["members"]
+    pool.scale(1)
+    results = []
+    while pool.pending():
+        results += pool.collect(timeout_s=0.5)
+    _check_exactly_once(results, ids_c)
+    assert pool.size() == 1 and list(pool.versions()) == ["generator-0"]
+    gone = [n for n in removed if n != "generator-0"][0]
+    assert gone == "generator-1" and any(r.generator == gone for r in results), "drained chunk was lost"
+    assert pool.status()["reassigned"] == 0  # draining hands nothing back
+
+
+def test_killed_generator_is_replaced_with_current_weights(pool, ray_session, tiny_llama_dir):
+    """SIGKILL a generator's process while it holds prompts: the pool re-dispatches them, starts
+    generator-N (a new name) at the current weight version, and no prompt is lost or answered twice."""
+    pool.scale(2, wait=True, timeout_s=240)
+    pool.push_weights(_perturbed(tiny_llama_dir, 2), version=pool.version + 1)
+    version = pool.version
+    assert set(pool.versions().values()) == {version}
+    before = pool.pids()
+    victim = max(before)  # the newest
+    ids = pool.submit(PROMPTS[:48], _sampling(96, seed=3), ids=[f"k{i}" for i in range(48)])
+    pool.collect(timeout_s=0)
+    assert pool.status()["members"][victim]["busy"]
+    os.kill(before[victim], signal.SIGKILL)
+    results = []
+    while pool.pending():
+        results += pool.collect(timeout_s=0.5)
+    _check_exactly_once(results, ids)
+    st = pool.status()
+    assert st["failed"] == 1 and st["reassigned"] >= 1
+    assert any(r.attempts == 2 for r in results), "the victim's prompts were not re-dispatched"
+    pool.wait_ready(240)
+    after = pool.pids()
+    assert victim not in after and len(after) == 2
+    replacement = [n for n in after if n not in before][0]
+    assert int(replacement.rsplit("-", 1)[1]) > int(victim.rsplit("-", 1)[1])  # indices never reused
+    assert before[victim] not in after.values()
+    assert pool.versions() == {n: version for n in after}
+    # The replacement answers with version-2 weights (same greedy tokens as the survivor).
+    from relay.actors.sampling import SamplingConfig
+
+    greedy = SamplingConfig(temperature=0, max_tokens=12)
+    outs = [c.generate(PROMPTS[:3], greedy, timeout_s=60) for c in pool.clients().values()]
+    assert [r.token_ids for r in outs[0]] == [r.token_ids for r in outs[1]]
+    assert all(r.weight_version == version for out in outs for r in out)
