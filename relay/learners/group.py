@@ -1,0 +1,236 @@
+"""Learner groups: N Ray actors forming one torch.distributed group that runs one ColossalAI Booster.
+
+The driver holds a `LearnerGroup`; every method fans out to all ranks (collectives need every rank), waits
+with a timeout, and returns rank 0's answer. Ranks split each batch by data-parallel rank (tensor-parallel
+peers take the same rows), so callers always pass the global batch.
+
+Losses are pluggable: `train_step(batch, loss=...)` takes a registered name ('causal_lm', 'value_mse', or one
+added with `register_loss`) or any picklable callable `fn(model, batch, **loss_kwargs) -> loss | (loss,
+metrics)`, where `model` is the boosted model (call it like the HF model / `CriticModel`) and `batch` is this
+rank's shard as tensors (functions the workers cannot import, e.g. from a test module, must be
+closures or registered with `cloudpickle.register_pickle_by_value`; `__main__` ones ship by value). The reported loss/metrics are averaged over data-parallel ranks, which is also what
+the gradients optimise (DDP/ZeRO average gradients over ranks).
+
+Checkpoint layout (`save_checkpoint(dir)`; `dir` must be on storage every rank sees):
+  model/      HF folder transformers loads (config.json, safetensors, tokenizer files); for a critic the
+              `relay.models.heads` layout; with LoRA the merged full weights
+  adapter/    LoRA only: the peft adapter (what `load_checkpoint` restores)
+  optimizer/  ColossalAI's (possibly sharded) optimizer state
+  learner.json  step and settings
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import ray
+
+from relay.launch import cluster
+from relay.learners.lossfn import (  # noqa: F401  (re-exported: the loss API belongs to the group's API)
+    LossFn,
+    causal_lm_loss,
+    causal_logits,
+    model_inputs,
+    position_ids_from_mask,
+    register_loss,
+    resolve_loss,
+    token_logprobs,
+    value_mse_loss,
+)
+from relay.learners.worker import LearnerSpec, LearnerWorker
+
+__all__ = [
+    "LearnerGroup",
+    "LearnerGroupError",
+    "LearnerSpec",
+    "LearnerWorker",
+    "LossFn",
+    "causal_lm_loss",
+    "causal_logits",
+    "model_inputs",
+    "position_ids_from_mask",
+    "register_loss",
+    "resolve_loss",
+    "token_logprobs",
+    "value_mse_loss",
+]
+
+class LearnerGroupError(RuntimeError):
+    """A rank failed. If every rank failed the same way the group stays usable; if some rank is still waiting
+    in a collective the group is marked broken and refuses further calls (shut it down, create a new one)."""
+
+
+# After one rank fails, how long to wait for the others to fail too (same error before any collective)
+# before declaring the group out of step.
+_FAILURE_GRACE_S = 10.0
+
+
+class LearnerGroup:
+    """Driver handle for N `LearnerWorker` actors named `relay/<role>-rank<i>`."""
+
+    def __init__(self, workers: list[Any], spec: LearnerSpec, role: str, timeout_s: float) -> None:
+        self.workers, self.spec, self.role, self.timeout_s = workers, spec, role, timeout_s
+        self.device = "cpu"
+        self.info: dict[str, Any] = {}
+        self.broken: str | None = None  # why the ranks are out of step, once they are
+
+    @classmethod
+    def create(
+        cls,
+        num_ranks: int,
+        model_path: str | os.PathLike,
+        kind: str = "causal_lm",
+        *,
+        role: str | None = None,
+        num_cpus: float = 1.0,
+        num_gpus: float | None = None,
+        timeout_s: float = cluster.DEFAULT_TIMEOUT_S,
+        spec: LearnerSpec | None = None,
+        **options: Any,
+    ) -> "LearnerGroup":
+        """Start `num_ranks` actors, form their process group (gloo on CPU, nccl on GPU) and build the booster.
+
+        `options` are `LearnerSpec` fields (plugin, tp, zero_stage, precision, lr, lora_rank, ...); an
+        unsupported combination raises ValueError here, before any actor starts."""
+        from relay.learners.plugins import check_plugin_support
+
+        spec = spec or LearnerSpec(model_path=str(model_path), kind=kind, **options)
+        device = "cuda" if num_gpus else "cpu"
+        errors = check_plugin_support(
+            spec.plugin, spec.tp, spec.pp, spec.sp, spec.zero_stage, spec.precision, spec.lora_rank, device, num_ranks
+        )
+        if errors:
+            raise ValueError("unsupported learner setup:\n- " + "\n- ".join(errors))
+        role = role or ("critic" if spec.kind == "critic" else "actor")
+        remote_cls = ray.remote(LearnerWorker)
+        workers = [
+            remote_cls.options(
+                **cluster.actor_options(name=f"{role}-rank{i}", num_cpus=num_cpus, num_gpus=num_gpus or 0)
+            ).remote(i, num_ranks)
+            for i in range(num_ranks)
+        ]
+        group = cls(workers, spec, role, timeout_s)
+        group.device = device
+        try:
+            nodes = group._call_each("node_id", what="learner start")
+            node0, ip0, port = cluster.get(workers[0].address.remote(), timeout_s, f"{role}: rendezvous address")
+            addr = "127.0.0.1" if all(n == node0 for n in nodes) else ip0
+            group._call("setup", addr, port, spec.seed, what="process group")
+            group.info = group._call("build", spec, what="booster build")[0]
+        except BaseException:
+            group.shutdown()
+            raise
+        return group
+
+    # ---- fan-out plumbing --------------------------------------------------------------------------------
+    def _call_each(self, method: str, *args: Any, what: str | None = None, **kwargs: Any) -> list[Any]:
+        if self.broken:
+            raise LearnerGroupError(f"{self.role}: group is broken ({self.broken}); shut it down and create a new one")
+        return self._wait([getattr(w, method).remote(*args, **kwargs) for w in self.workers], what or method)
+
+    def _call(self, method: str, *args: Any, what: str | None = None, **kwargs: Any) -> list[Any]:
+        # Large arguments (batches) go to the object store once, not once per rank.
+        args = tuple(ray.put(a) if isinstance(a, dict) else a for a in args)
+        return self._call_each(method, *args, what=what, **kwargs)
+
+    def _wait(self, refs: list[Any], what: str) -> list[Any]:
+        """Results in rank order; raise the first failure at once (the other ranks would wait on collectives)."""
+        deadline = time.monotonic() + self.timeout_s
+        pending = list(refs)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.broken = f"{what} timed out"
+                raise cluster.RemoteCallTimeout(f"{self.role}: {what} did not finish within {self.timeout_s:.0f} s")
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            for ref in done:
+                try:
+                    cluster.get(ref, timeout=60.0, what=f"{self.role}: {what}")
+                except cluster.RemoteCallTimeout:
+                    raise
+                except Exception as err:
+                    _, still = ray.wait(pending, num_returns=len(pending), timeout=_FAILURE_GRACE_S)
+                    if still:
+                        self.broken = f"{what} failed on rank {refs.index(ref)} while others kept waiting"
+                    raise LearnerGroupError(f"{self.role}: {what} failed on rank {refs.index(ref)}: {err}") from err
+        return cluster.get(refs, timeout=60.0, what=f"{self.role}: {what}")
+
+    # ---- public API --------------------------------------------------------------------------------------
+    @property
+    def num_ranks(self) -> int:
+        return len(self.workers)
+
+    def rebuild(self, **changes: Any) -> dict[str, Any]:
+        """Build a new model/optimizer/booster on the same ranks (and process group) with some spec fields
+        changed, e.g. another plugin or model; saves the actors' start-up and import time."""
+        from relay.learners.plugins import check_plugin_support
+
+        spec = dataclasses.replace(self.spec, **changes)
+        errors = check_plugin_support(
+            spec.plugin, spec.tp, spec.pp, spec.sp, spec.zero_stage, spec.precision, spec.lora_rank,
+            self.device, self.num_ranks,
+        )
+        if errors:
+            raise ValueError("unsupported learner setup:\n- " + "\n- ".join(errors))
+        self.info = self._call("build", spec, what="booster build")[0]
+        self.spec = spec
+        return self.info
+
+    def train_step(self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", **loss_kwargs: Any) -> dict:
+        """One optimizer step on the global batch (rows split over dp ranks); dp-averaged loss and metrics."""
+        return self._call("train_step", batch, loss, loss_kwargs, what="train_step")[0]
+
+    def gradients(self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", **loss_kwargs: Any) -> dict:
+        """{'loss', 'grads': full HF-named gradients} of one forward/backward, no step ('ddp' / '3d' zero 0)."""
+        return self._call("gradients", batch, loss, loss_kwargs, what="gradients")[0]
+
+    def forward_logprobs(self, batch: dict[str, Any], temperature: float = 1.0) -> Any:
+        """(B, T-1) fp32 tensor: log p(input_ids[:, t] | input_ids[:, :t]) for t = 1..T-1."""
+        return self._gather_rows(self._call("forward", batch, "logprobs", temperature, what="forward_logprobs"))
+
+    def forward_values(self, batch: dict[str, Any]) -> Any:
+        """(B, T) fp32 tensor of per-token values (critic groups)."""
+        return self._gather_rows(self._call("forward", batch, "values", what="forward_values"))
+
+    @staticmethod
+    def _gather_rows(results: list[Any]) -> Any:
+        import torch
+
+        parts = sorted((r for r in results if r is not None), key=lambda r: r[0])
+        return torch.cat([t for _, t in parts if t is not None], dim=0)
+
+    def set_lr(self, lr: float) -> None:
+        self._call("set_lr", lr, what="set_lr")
+
+    def full_state_dict(self, dtype: str | None = None) -> dict[str, Any]:
+        """Full unsharded HF-named weights (LoRA merged; a tied weight appears once, as HF saves it)."""
+        return self._call("full_state_dict", dtype, what="full_state_dict")[0]
+
+    def export_weights(self, path: str | os.PathLike, dtype: str | None = None) -> str:
+        """Write the full state (as `full_state_dict`) to one safetensors file from rank 0, atomically; returns
+        the path. On one machine put it under /dev/shm for the generators' weight reload."""
+        return self._call("export_weights", str(path), dtype, what="export_weights")[0]
+
+    def save_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Write model/ (HF folder), optimizer/, adapter/ (LoRA) and learner.json under `path` (layout above)."""
+        return self._call("save_checkpoint", str(path), what="save_checkpoint")[0]
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Restore weights (or the LoRA adapter), optimizer state and step from a `save_checkpoint` folder into
+        the current build (build it with the same plugin, tp and LoRA settings as the one that saved)."""
+        return self._call("load_checkpoint", str(path), what="load_checkpoint")[0]
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Close the process group and end the actors (kills them if they do not answer in time)."""
+        refs = [w.shutdown.remote() for w in self.workers]
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        finally:
+            for w in self.workers:
+                try:
+                    ray.kill(w)
+                except Exception:  # already gone
+                    pass
+            self.workers = []

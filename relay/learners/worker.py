@@ -1,0 +1,524 @@
+"""One rank of a learner group: a Ray actor that joins the torch.distributed group and runs a ColossalAI Booster.
+
+Driven by `relay.learners.group.LearnerGroup`; every method is collective (called on all ranks at once).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from relay.launch import cluster
+from relay.learners.lossfn import LossFn, causal_logits, model_inputs, resolve_loss, token_logprobs
+
+KINDS = ("causal_lm", "critic")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Files of a model folder that are weights/config (rewritten by the checkpoint) rather than tokenizer files.
+_NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".index.json", ".gguf")
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What every rank builds. Plugin rules: `relay.learners.plugins.check_plugin_support`."""
+
+    model_path: str
+    kind: str = "causal_lm"  # 'causal_lm' (policy/SFT/DPO) or 'critic' (value head: critic/reward model)
+    plugin: str = "ddp"  # ddp | zero2 | zero2_cpu | 3d | gemini | gemini_auto (gemini: CUDA only)
+    tp: int = 1
+    pp: int = 1
+    sp: int = 1
+    zero_stage: int = 0  # '3d' only
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only)
+    max_norm: float = 1.0  # gradient clipping; 0 disables
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    grad_checkpoint: bool = False
+    dtype: str = "float32"  # dtype the weights are loaded in; bf16/fp16 plugins cast to their precision
+    seed: int = 42  # same on every rank: a fresh value head / LoRA init must match across ranks
+    plugin_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} is unknown; use one of {KINDS}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+
+
+class LearnerWorker:
+    """One rank of a learner group. Create through `LearnerGroup`; methods are collective (call on all ranks)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # one thread per process: measured up to 10x faster on busy small machines
+        self.rank, self.world_size = rank, world_size
+        self.spec: LearnerSpec | None = None
+        self.booster = self.plugin = self.model = self.optimizer = None
+        self.step = 0
+
+    # ---- process group -----------------------------------------------------------------------------------
+    def address(self) -> tuple[str, str, int]:
+        """(node id, node ip, a free port on this node): rank 0's becomes the rendezvous address."""
+        ctx = ray.get_runtime_context()
+        return ctx.get_node_id(), ray.util.get_node_ip_address(), cluster.free_port()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def setup(self, master_addr: str, master_port: int, seed: int) -> int:
+        import colossalai
+
+        from relay.learners import colossal_compat
+
+        colossal_compat.apply()
+        # Under Ray each GPU actor sees exactly its own device, so the local device index is always 0.
+        colossalai.launch(
+            rank=self.rank,
+            world_size=self.world_size,
+            host=master_addr,
+            port=master_port,
+            local_rank=0,
+            seed=seed,
+            verbose=False,
+        )
+        from colossalai.logging import get_dist_logger
+
+        get_dist_logger().set_level("WARNING")  # its INFO lines (one per checkpoint shard) drown test output
+        return os.getpid()
+
+    # ---- building --------------------------------------------------------------------------------------------
+    def build(self, spec: LearnerSpec) -> dict[str, Any]:
+        """(Re)build model, optimizer and booster from `spec`; an earlier build on these ranks is dropped."""
+        import torch
+        from colossalai.booster import Booster
+
+        from relay.learners.plugins import make_plugin, plugin_needs_hybrid_adam
+
+        self._drop()
+        self.spec, self.step = spec, 0
+        torch.manual_seed(spec.seed)
+        self.plugin = make_plugin(
+            spec.plugin,
+            spec.tp,
+            spec.pp,
+            spec.sp,
+            spec.zero_stage,
+            spec.precision,
+            spec.max_norm,
+            kind=spec.kind,
+            lora_rank=spec.lora_rank,
+            num_ranks=self.world_size,
+            **spec.plugin_kwargs,
+        )
+        self.booster = Booster(plugin=self.plugin)
+        model = self._load_model(spec)
+        if spec.grad_checkpoint:
+            # Non-reentrant checkpointing works with frozen inputs (LoRA) and DDP without extra hooks.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if spec.lora_rank > 0:
+            from peft import LoraConfig
+
+            lora = LoraConfig(
+                r=spec.lora_rank,
+                lora_alpha=spec.lora_alpha,
+                lora_dropout=spec.lora_dropout,
+                target_modules=list(spec.lora_target_modules),
+                # A critic's value head is new: it must train along with the adapters.
+                modules_to_save=["value_head"] if spec.kind == "critic" else None,
+                bias="none",
+            )
+            model = self.booster.enable_lora(model, lora_config=lora)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if plugin_needs_hybrid_adam(spec.plugin):
+            from colossalai.nn.optimizer import HybridAdam
+
+            optim = HybridAdam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+        else:
+            optim = torch.optim.AdamW(
+                params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay
+            )
+        self.model, self.optimizer, *_ = self.booster.boost(model, optim)
+        self.model.train()
+        return self.info()
+
+    def _load_model(self, spec: LearnerSpec) -> Any:
+        import torch
+
+        dtype = getattr(torch, spec.dtype)
+        if spec.kind == "critic":
+            from relay.models.heads import CriticModel
+
+            return CriticModel.from_pretrained(spec.model_path, dtype=dtype, seed=spec.seed)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
+
+    def _drop(self) -> None:
+        self.model = self.optimizer = self.booster = self.plugin = None
+        gc.collect()
+
+    def info(self) -> dict[str, Any]:
+        inner = self._inner(unwrap_peft=False)
+        trainable = [n for n, p in inner.named_parameters() if p.requires_grad]
+        return {
+            "rank": self.rank,
+            "dp_rank": self._dp_rank(),
+            "dp_size": self._dp_size(),
+            "tp_rank": self._tp_rank(),
+            "tp_size": self.spec.tp if self.spec.plugin == "3d" else 1,
+            "trainable": trainable,
+            "num_params_local": sum(p.numel() for p in inner.parameters()),
+            "step": self.step,
+        }
+
+    # ---- topology ----------------------------------------------------------------------------------------
+    def _dp_group(self) -> Any:
+        return getattr(self.plugin, "dp_group", None)  # None: the whole world (ddp/zero/gemini)
+
+    def _tp_group(self) -> Any:
+        return getattr(self.plugin, "tp_group", None) if self.spec.plugin == "3d" else None
+
+    def _dp_rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank(self._dp_group()) if self._dp_group() is not None else dist.get_rank()
+
+    def _dp_size(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size(self._dp_group()) if self._dp_group() is not None else dist.get_world_size()
+
+    def _tp_rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank(self._tp_group()) if self._tp_group() is not None else 0
+
+    def _device(self) -> Any:
+        from colossalai.accelerator import get_accelerator
+
+        return get_accelerator().get_current_device()
+
+    def _inner(self, unwrap_peft: bool = False) -> Any:
+        """The module inside the booster wrappers (a PeftModel when LoRA is on, unless unwrap_peft)."""
+        inner = self.model.unwrap(unwrap_peft=False)
+        if unwrap_peft and self.spec.lora_rank > 0:
+            inner = inner.get_base_model()
+        return inner
+
+    def _local_batch(self, batch: dict[str, Any], require_even: bool) -> dict[str, Any]:
+        """This rank's rows as tensors on the device: contiguous split by dp rank (tp peers share rows)."""
+        import numpy as np
+        import torch
+
+        # Arrays from the object store are read-only views: copy them into tensors torch may write to.
+        tensors = {k: (torch.tensor(v) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
+        rows = next(iter(tensors.values())).shape[0]
+        dp, r = self._dp_size(), self._dp_rank()
+        if require_even and rows % dp:
+            raise ValueError(f"batch of {rows} rows cannot be split evenly over {dp} data-parallel ranks")
+        bounds = [rows * i // dp for i in range(dp + 1)]
+        dev = self._device()
+        return {
+            k: (v[bounds[r] : bounds[r + 1]].to(dev) if torch.is_tensor(v) else v) for k, v in tensors.items()
+        }
+
+    def _dp_mean(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self._device())
+        dist.all_reduce(t, group=self._dp_group())
+        return (t / self._dp_size()).tolist()
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", loss_kwargs: dict | None = None):
+        """One optimizer step on the global `batch`; returns dp-averaged {'loss', metrics..., 'step'}."""
+        from relay.learners.plugins import plugin_clips_gradients
+
+        loss_fn = resolve_loss(loss)
+        local = self._local_batch(batch, require_even=True)
+        self.model.train()
+        self.optimizer.zero_grad()
+        value, metrics = _split_loss(loss_fn(self.model, local, **(loss_kwargs or {})))
+        self.booster.backward(value, self.optimizer)
+        if self.spec.max_norm > 0 and not plugin_clips_gradients(self.spec.plugin):
+            self.optimizer.clip_grad_by_norm(self.spec.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.step += 1
+        keys = sorted(metrics)
+        means = self._dp_mean([float(value.detach())] + [float(metrics[k]) for k in keys])
+        return {"loss": means[0], **dict(zip(keys, means[1:])), "step": self.step}
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def gradients(self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", loss_kwargs: dict | None = None):
+        """Full (unsharded) gradients of one forward/backward on `batch`, no optimizer step (tests/debugging).
+
+        Only where gradients live in `param.grad`: 'ddp' and '3d' with zero_stage 0 and no LoRA merge."""
+        if self.spec.plugin not in ("ddp", "3d") or self.spec.zero_stage:
+            raise ValueError("gradients() needs plugin 'ddp' or '3d' with zero_stage=0 (ZeRO shards gradients)")
+        loss_fn = resolve_loss(loss)
+        local = self._local_batch(batch, require_even=True)
+        self.model.train()
+        self.optimizer.zero_grad()
+        value, _ = _split_loss(loss_fn(self.model, local, **(loss_kwargs or {})))
+        self.booster.backward(value, self.optimizer)
+        grads = {}
+        for name, p in self._inner().named_parameters():
+            if p.grad is not None:
+                grads[name] = self._full_tensor(p.grad, p).float().cpu()
+        self.optimizer.zero_grad()
+        mean_loss = self._dp_mean([float(value.detach())])[0]  # collective: every rank must call it
+        return {"loss": mean_loss, "grads": grads} if self.rank == 0 else None
+
+    # ---- inference ---------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any], what: str = "logprobs", temperature: float = 1.0) -> Any:
+        """No-grad forward on this rank's rows: 'logprobs' (B, T-1) or 'values' (B, T), fp32 CPU tensors.
+        Returns None on tp ranks other than 0 (their rows are the same)."""
+        import torch
+
+        local = self._local_batch(batch, require_even=False)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            if local["input_ids"].shape[0] == 0:
+                out = None
+            elif what == "logprobs":
+                out = token_logprobs(causal_logits(self.model, local), local["input_ids"], temperature)
+            elif what == "values":
+                out = self.model(**model_inputs(local)).float()
+            else:
+                raise ValueError(f"forward: unknown output {what!r} (use 'logprobs' or 'values')")
+        self.model.train(was_training)
+        if self._tp_rank() != 0:
+            return None
+        return (self._dp_rank(), None if out is None else out.float().cpu())
+
+    # ---- weights -----------------------------------------------------------------------------------------
+    def _full_tensor(self, tensor: Any, param: Any) -> Any:
+        """Gather a tensor shaped like tp-sharded `param` (the param itself or its grad) to full size, and drop
+        vocabulary padding. Plain (replicated) tensors come back as they are."""
+        import torch
+        import torch.distributed as dist
+        from colossalai.tensor.d_tensor import is_distributed_tensor
+        from colossalai.tensor.d_tensor.api import get_global_shape
+        from colossalai.tensor.padded_tensor import is_padded_tensor
+
+        out = tensor.detach()
+        if is_distributed_tensor(param):
+            global_shape = get_global_shape(param)
+            dims = [d for d in range(param.dim()) if param.shape[d] != global_shape[d]]
+            if dims:
+                group = self._tp_group()
+                parts = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(parts, out.contiguous(), group=group)
+                out = torch.cat(parts, dim=dims[0])
+        if is_padded_tensor(param):
+            out = out.narrow(param._padding_dim, 0, param._origin_length)
+        return out
+
+    def full_state_dict(self, dtype: str | None = None) -> dict[str, Any] | None:
+        """Full HF-named weights on rank 0 (None elsewhere): tp shards gathered, LoRA merged, tied weights once."""
+        import torch
+
+        cast = getattr(torch, dtype) if dtype else None
+        if self.spec.plugin.startswith("gemini"):
+            # GeminiDDP gathers its chunks in its own state_dict (collective; CUDA only, not run on CPU here).
+            state = self.model.state_dict(only_rank_0=True)
+        elif self.spec.plugin != "3d" and self.rank != 0:
+            return None  # weights are complete on every rank: only tp shards need every rank to gather
+        elif self.spec.lora_rank > 0:
+            state = self._merged_lora_state()
+        else:
+            state = self._plain_state()
+        if self.rank != 0:
+            return None
+        out = {}
+        for k, v in state.items():
+            t = v.detach().to(device="cpu", dtype=cast)
+            # Own the memory: ZeRO's params can be views into flat buffers, which safetensors refuses to save.
+            out[k] = t.clone() if t.data_ptr() == v.data_ptr() else t
+        return out
+
+    def export_weights(self, path: str, dtype: str | None = None) -> str | None:
+        """Rank 0 writes the full state (as `full_state_dict`) to one safetensors file, e.g. under /dev/shm for
+        a generator's `reload_weights`, so the weights need not pass through the driver."""
+        from safetensors.torch import save_file
+
+        state = self.full_state_dict(dtype)
+        if self.rank != 0:
+            return None
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)  # readers never see a half-written file
+        return str(path)
+
+    def _plain_state(self) -> dict[str, Any]:
+        from colossalai.utils import get_non_persistent_buffers_set
+
+        inner = self._inner()
+        state: dict[str, Any] = {}
+        for name, p in inner.named_parameters():  # named_parameters() lists a tied weight once, like HF saves
+            state[name] = self._full_tensor(p, p)
+        skip = get_non_persistent_buffers_set(inner)
+        for name, buf in inner.named_buffers():
+            if name not in skip:
+                state[name] = buf.detach()
+        return state
+
+    def _merged_lora_state(self) -> dict[str, Any]:
+        """Base-model names with W + scale * B @ A folded in (peft's get_delta_weight); tp is 1 here."""
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        peft_model = self._inner()
+        adapter = peft_model.active_adapter
+        base = peft_model.get_base_model()
+        lora_layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+        state: dict[str, Any] = {}
+        seen: set[int] = set()
+        for name, p in base.named_parameters():
+            if "lora_" in name or ".original_module." in name or id(p) in seen:
+                continue
+            seen.add(id(p))
+            key = name.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")
+            state[key] = p.detach()
+        with torch.no_grad():
+            for name, layer in lora_layers.items():
+                key = f"{name}.weight"
+                if key in state and adapter in layer.lora_A:
+                    delta = layer.get_delta_weight(adapter).to(torch.float32)
+                    state[key] = (state[key].to(torch.float32) + delta).to(state[key].dtype)
+        return state
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        root = Path(path)
+        model_dir, optim_dir = root / "model", root / "optimizer"
+        if self.rank == 0:
+            for sub in (model_dir, optim_dir, root / "adapter"):
+                shutil.rmtree(sub, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        if self.spec.lora_rank > 0:
+            self.booster.save_lora_as_pretrained(self.model, str(root / "adapter"), use_safetensors=True)
+        if self._booster_model_io():
+            self.booster.save_model(self.model, str(model_dir), shard=True, use_safetensors=True)
+        else:
+            # ddp/zero `save_model` writes model.state_dict(), where a tied lm_head aliases the embedding and
+            # safetensors refuses shared tensors; write the deduplicated full state as HF's save_pretrained does.
+            state = self.full_state_dict()
+            if self.rank == 0:
+                self._write_full_folder(state, model_dir)
+        self.booster.save_optimizer(self.optimizer, str(optim_dir), shard=True)
+        dist.barrier()
+        if self.rank == 0:
+            self._write_config(model_dir)
+            self._copy_tokenizer(model_dir)
+            meta = {"step": self.step, "spec": dataclasses.asdict(self.spec)}
+            (root / "learner.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        dist.barrier()
+        return {"path": str(root), "step": self.step}
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        root = Path(path)
+        if self.spec.lora_rank > 0:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            adapter = load_file(str(root / "adapter" / "adapter_model.safetensors"))
+            set_peft_model_state_dict(self._inner(), adapter)
+            if hasattr(self.model, "update_master_params"):  # ZeRO keeps fp32 masters of the trained params
+                self.model.update_master_params()
+        elif self._booster_model_io():
+            self.booster.load_model(self.model, str(root / "model"))
+        else:
+            self._load_full_folder(root / "model")
+        self.booster.load_optimizer(self.optimizer, str(root / "optimizer"))
+        meta_file = root / "learner.json"
+        if meta_file.exists():
+            self.step = int(json.loads(meta_file.read_text()).get("step", 0))
+        dist.barrier()
+        return {"path": str(root), "step": self.step}
+
+    def _booster_model_io(self) -> bool:
+        """3d (HybridParallelCheckpointIO gathers tp shards and reshards them on load) and gemini (chunks) use
+        ColossalAI's model I/O; ddp/zero and LoRA write the full state (see save_checkpoint)."""
+        return self.spec.lora_rank == 0 and (self.spec.plugin == "3d" or self.spec.plugin.startswith("gemini"))
+
+    def _load_full_folder(self, folder: Path) -> None:
+        """Load a folder written by `_write_full_folder` into every rank's full (unsharded) model."""
+        from relay.models.heads import load_prefixed
+
+        inner = self._inner()
+        state = load_prefixed(folder, "")
+        # Keys state_dict() lists but named_parameters() does not are aliases of tied weights: not saved.
+        aliases = set(inner.state_dict()) - set(self._plain_state())
+        missing, unexpected = inner.load_state_dict(state, strict=False)
+        if set(missing) - aliases or unexpected:
+            raise ValueError(f"checkpoint {folder} does not match the model: missing {missing}, unexpected {unexpected}")
+        if hasattr(self.model, "update_master_params"):  # ZeRO: refresh its fp32 master copies
+            self.model.update_master_params()
+
+    def _write_full_folder(self, state: dict[str, Any], out: Path) -> None:
+        from huggingface_hub import save_torch_state_dict
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, out, safe_serialization=True)
+
+    def _write_config(self, out: Path) -> None:
+        """ddp/zero `save_model` writes no config.json; write the same one for every plugin."""
+        inner = self._inner(unwrap_peft=True)
+        config = getattr(inner, "config", None)
+        if self.spec.kind == "critic":
+            from relay.models.heads import write_critic_config
+
+            write_critic_config(config, out)
+            return
+        config.architectures = [type(inner).__name__]
+        config.save_pretrained(out)
+        gen = getattr(inner, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(out)
+
+    def _copy_tokenizer(self, out: Path) -> None:
+        src = Path(self.spec.model_path)
+        for f in src.iterdir():
+            if f.is_file() and f.name != "config.json" and not f.name.endswith(_NOT_TOKENIZER):
+                if not (out / f.name).exists():
+                    shutil.copy2(f, out / f.name)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        self._drop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _split_loss(out: Any) -> tuple[Any, dict[str, float]]:
+    if isinstance(out, tuple):
+        value, metrics = out
+        return value, dict(metrics or {})
+    return out, {}
