@@ -24,6 +24,16 @@ split or on which generator ran them (up to the engine's batch-dependent numeric
 
 Use from one thread; `push_weights` and `scale` may also be called from a second thread while another
 `generate` runs (all state is guarded by one lock, which is released while waiting on Ray).
+
+Usage (the PPO driver)::
+
+    pool = GeneratorPool(GeneratorConfig(model=folder), 2, PoolOptions(control_name="control"))
+    # sync: collect, update, push
+    results = pool.generate(prompt_ids, sampling, ids=[f"ep{e}-{i}" for i in ...])  # list[PromptResult]
+    pool.push_weights(actor_group_state_dict, version=e + 1)
+    # async: keep the queue fed, collect what is finished, push whenever the learner has new weights
+    pool.submit(prompt_ids, sampling, ids=...)
+    for r in pool.collect(timeout_s=1.0): ...  # r.prompt_id, r.samples, r.weight_version, r.sample_ids()
 """
 from __future__ import annotations
 
@@ -385,7 +395,8 @@ class GeneratorPool:
             members = [m for m in self._members.values() if m.state == ACTIVE]
         refs = [getattr(m.actor, method).remote() for m in members]
         out: dict[str, Any] = {}
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         with self._lock:
             for m, ref in zip(members, refs):
                 try:
@@ -394,6 +405,8 @@ class GeneratorPool:
                     if is_generator_failure(err) and m.name in self._members:
                         self._remove(m, failed=True, reason=_short(err))
                         self._reconcile()
+                    elif isinstance(err, ray.exceptions.GetTimeoutError):
+                        raise RemoteCallTimeout(f"{m.name}.{method} did not answer in {timeout_s:.0f} s") from err
                     elif not is_generator_failure(err):
                         raise
         return out

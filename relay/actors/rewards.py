@@ -119,7 +119,10 @@ class RuleReward:
         self.fn = load_rule(rule) if isinstance(rule, str) else rule
         self.batched = bool(getattr(self.fn, "relay_batched", False)) if batched is None else batched
         self.kwargs = dict(kwargs or {})
-        params = inspect.signature(self.fn).parameters
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):  # some builtins and C callables have no signature: pass no extras
+            params = {}
         self._takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self._names = set(params)
 
