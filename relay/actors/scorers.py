@@ -1,0 +1,99 @@
+"""Scorers for PPO experiences: the reference actor `relay/ref` (frozen initial policy -> per-token logprobs)
+and small dense reward rules for learning tests. Rewards come from `relay.actors.rewards`, values from the
+critic learner group.
+
+The reference is a plain Ray actor running transformers in fp32 rather than a 1-rank learner group: it never
+trains, so a ColossalAI booster and optimizer would only cost start-up time and memory. It computes logprobs
+exactly as the learners do (same position ids from the attention mask, fp32 log-softmax of raw logits).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from relay.launch.cluster import actor_options, get
+
+
+class ReferenceServer:
+    """Holds the frozen reference model; `logprobs(batch)` -> [B, S-1] fp32 like `forward_logprobs`."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 16, num_threads: int = 1):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(num_threads)  # one thread per process: fastest on small shared CPUs
+        self.micro_batch_size = micro_batch_size
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model.eval().requires_grad_(False)
+        self.calls = 0
+
+    def logprobs(self, batch: dict[str, Any]) -> Any:
+        import torch
+
+        from relay.learners.lossfn import causal_logits, token_logprobs
+
+        ids = torch.as_tensor(batch["input_ids"])
+        mask = torch.as_tensor(batch["attention_mask"])
+        outs = []
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], self.micro_batch_size):
+                part = {"input_ids": ids[start : start + self.micro_batch_size],
+                        "attention_mask": mask[start : start + self.micro_batch_size]}
+                outs.append(token_logprobs(causal_logits(self.model, part), part["input_ids"]))
+        self.calls += 1
+        return torch.cat(outs)
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "calls": self.calls,
+                "params": sum(p.numel() for p in self.model.parameters())}
+
+
+class ReferenceClient:
+    """Driver handle of `relay/ref`; every call has a timeout."""
+
+    def __init__(self, actor: Any, timeout_s: float):
+        self.actor, self.timeout_s = actor, timeout_s
+
+    def logprobs_async(self, batch: dict[str, Any]) -> Any:
+        return self.actor.logprobs.remote(batch)
+
+    def logprobs(self, batch: dict[str, Any]) -> Any:
+        return get(self.logprobs_async(batch), self.timeout_s, "relay/ref.logprobs")
+
+    def info(self) -> dict[str, Any]:
+        return get(self.actor.info.remote(), 60, "relay/ref.info")
+
+    def kill(self) -> None:
+        ray.kill(self.actor, no_restart=True)
+
+
+def start_reference(model_path: str, name: str = "ref", num_cpus: float = 0.5, dtype: str = "float32",
+                    timeout_s: float = 600.0) -> ReferenceClient:
+    """Start `relay/<name>` on `model_path` and wait until the model is loaded."""
+    actor = ray.remote(ReferenceServer).options(**actor_options(name=name, num_cpus=num_cpus)).remote(model_path, dtype)
+    client = ReferenceClient(actor, timeout_s)
+    try:
+        client.info()
+    except Exception:
+        client.kill()
+        raise
+    return client
+
+
+def ref_logprobs_async(client: ReferenceClient, input_ids: Any, attention_mask: Any) -> Any:
+    """ObjectRef of reference logprobs for a padded batch (lets the driver overlap ref/reward/critic)."""
+    return client.logprobs_async({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+# ------------------------------------------------------------------------------- rules for learning tests
+
+
+def low_token_share(prompt: str, response: str, response_ids: Sequence[int] | None = None,
+                    eos_token_ids: Sequence[int] | None = None) -> float:
+    """Share of response tokens (EOS excluded) whose id is below 512: about 0.5 for a random tiny model
+    (vocab 1024), so the signal is dense and a policy that learns it moves the mean reward clearly."""
+    ids = [int(t) for t in (response_ids or []) if int(t) not in set(map(int, eos_token_ids or ()))]
+    return sum(1 for t in ids if t < 512) / max(1, len(ids))

@@ -1,0 +1,410 @@
+"""`relay ppo`: the distributed PPO driver (see ../shared/DESIGN.md, "The PPO system").
+
+One episode = collect `num_collect_steps x experience_batch_size` prompts (n samples each) from the generator
+pool -> score them (relay/ref, relay/reward, critic group) -> advantages -> relay/buffer -> take the episode's
+experiences -> `num_update_steps` optimizer steps of actor (and critic) -> push the actor's weights to every
+generator (version = actor optimizer steps so far).
+
+- **sync**: the next episode's prompts are generated after the weight push (on-policy; the generator/learner
+  logprob difference is numerical noise, reported as `logprob_diff`).
+- **async**: the next episode's prompts are submitted *before* the update, so the generators produce them
+  while the learners train; they are trained one version later (staleness 1). `max_staleness` evicts older
+  samples; the actor loss is weighted by the truncated IS ratio min(pi_learner / pi_generator, tis_cap).
+
+In both modes the "old" logprobs of the PPO ratio are recomputed by the actor group on the episode's batch
+before its first update, so the ratio is exactly 1 (approx KL 0) at the first step of every episode.
+
+Accumulation: the seed's buffer-size identity makes one episode exactly one global batch
+(train_batch_size x accumulation_steps x dp), so each update pass is one optimizer step on all of it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from relay.config import PPOConfig, ppo_buffer_size, save_config, to_dict
+from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, learner_batch, score_rollout
+
+
+def log(msg: str) -> None:
+    print(f"[relay ppo] {msg}", file=sys.stderr, flush=True)
+
+
+def learner_options(cfg: PPOConfig, role: str) -> dict[str, Any]:
+    lc = cfg.actor_learner if role == "actor" else cfg.critic_learner
+    oc = cfg.actor_optim if role == "actor" else cfg.critic_optim
+    opts: dict[str, Any] = dict(
+        plugin=lc.plugin, tp=lc.tp, pp=lc.pp, sp=lc.sp, zero_stage=lc.zero_stage, precision=lc.mixed_precision,
+        max_norm=oc.grad_clip, lr=oc.lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas), eps=oc.eps,
+        grad_checkpoint=lc.grad_checkpoint, seed=cfg.seed,
+    )
+    if role == "actor" and cfg.lora.lora_rank > 0:
+        opts.update(lora_rank=cfg.lora.lora_rank, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
+                    lora_target_modules=tuple(cfg.lora.lora_target_modules))
+    return opts
+
+
+def dp_size(cfg: PPOConfig) -> int:
+    lc = cfg.actor_learner
+    return max(lc.num_ranks // max(lc.tp * lc.pp * lc.sp, 1), 1)
+
+
+@dataclass
+class PPOState:
+    """What a checkpoint restores besides the learners: episode, weight version, data positions, KL coef."""
+
+    episode: int = 0
+    version: int = 0
+    prompt_order: dict[str, int] = field(default_factory=dict)
+    ptx_order: dict[str, int] = field(default_factory=dict)
+    kl_coef: float = 0.0
+    reward_moments: dict[str, float] = field(default_factory=dict)
+
+
+class PPOSystem:
+    """Every actor of a PPO run plus the episode loop. `run_ppo` builds one, runs it and closes it; tests may
+    call `run_episodes` more than once (e.g. switch `cfg.algo.mode`) on one set of actors."""
+
+    def __init__(self, cfg: PPOConfig):
+        self.cfg = cfg
+        self.save_dir = Path(cfg.save_dir)
+        self.run_name = self.save_dir.name or "ppo"
+        self.pool = self.ref = self.reward = self.buffer = self.actor = self.critic = None
+        self.logger = self.gauges = None
+        self.pending: dict[str, Any] | None = None  # async: the submitted next batch {ids, t0}
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------ start-up
+    def start(self) -> "PPOSystem":
+        from relay.actors.generator import GeneratorConfig
+        from relay.actors.pool import GeneratorPool, PoolOptions
+        from relay.actors.rewards import start_reward_actor
+        from relay.actors.scorers import start_reference
+        from relay.algos.kl import make_kl_controller
+        from relay.buffer.actor import start_buffer
+        from relay.data.batches import BatchOrder
+        from relay.data.shards import load_prepared
+        from relay.launch import cluster
+        from relay.learners.group import LearnerGroup
+        from relay.models.smollm2 import resolve_model_path
+        from transformers import AutoTokenizer
+
+        cfg, a, g = self.cfg, self.cfg.algo, self.cfg.generation
+        if a.mode == "async" and a.max_staleness < 1:
+            raise ValueError("algo.max_staleness: async mode trains each batch one version after it was generated; use >= 1")
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.config_file or self.save_dir / "config.yaml")
+        torch.manual_seed(cfg.seed)
+        self.actor_path = resolve_model_path(cfg.actor.pretrain)
+        self.critic_path = resolve_model_path(cfg.critic.pretrain) if a.advantage_estimator == "gae" else None
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor.tokenizer_dir or self.actor_path)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.eos_ids = [int(tok.eos_token_id)] if tok.eos_token_id is not None else []
+
+        self.prompts = load_prepared(cfg.prompt_dataset, "prompt")
+        self.prompt_order = BatchOrder(len(self.prompts), a.num_collect_steps * a.experience_batch_size, cfg.seed)
+        self.ptx = self.ptx_order = None
+        if a.ptx_coef > 0:
+            self.ptx = load_prepared(cfg.pretrain_dataset, "ptx")
+            self.ptx_order = BatchOrder(len(self.ptx), a.ptx_batch_size * dp_size(cfg), cfg.seed + 1)
+        self.kl_ctl = make_kl_controller(a.kl_coef, a.adaptive_kl, a.target_kl, a.kl_horizon)
+
+        cluster.init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard_host=cfg.cluster.dashboard_host)
+        t0 = time.time()
+        gen_cfg = GeneratorConfig(
+            model=self.actor_path, dtype=g.dtype, max_model_len=self._max_model_len(), seed=cfg.seed,
+            tensor_parallel_size=g.tensor_parallel_size, cpu_kvcache_gib=max(1, int(round(g.kv_cache_gib))),
+            trust_remote_code=cfg.actor.trust_remote_code,
+        )
+        opts = PoolOptions(control_name=f"control-{self.run_name}", num_cpus=g.num_cpus_per_generator,
+                           num_gpus=g.num_gpus_per_generator or None)
+        # Generators start in the background (vLLM start is the slowest part) while the rest comes up.
+        self.pool = GeneratorPool(gen_cfg, g.num_generators, opts, wait=False)
+        timeout = cfg.cluster.timeout_s
+        self.ref = start_reference(self.actor_path, "ref", timeout_s=timeout)
+        self.reward = start_reward_actor(cfg.reward, self.actor_path, timeout_s=timeout)
+        limit = cfg.buffer_limit or ppo_buffer_size(cfg) * (2 if a.mode == "async" else 1)
+        self.buffer = start_buffer(limit, "buffer", pad_token_id=self.pad_id, seed=cfg.seed, timeout_s=timeout)
+        al, cl = cfg.actor_learner, cfg.critic_learner
+        self.actor = LearnerGroup.create(al.num_ranks, self.actor_path, "causal_lm", role="actor",
+                                         num_cpus=al.num_cpus_per_rank, num_gpus=al.num_gpus_per_rank or None,
+                                         timeout_s=timeout, **learner_options(cfg, "actor"))
+        if self.critic_path:
+            self.critic = LearnerGroup.create(cl.num_ranks, self.critic_path, "critic", role="critic",
+                                              num_cpus=cl.num_cpus_per_rank, num_gpus=cl.num_gpus_per_rank or None,
+                                              timeout_s=timeout, **learner_options(cfg, "critic"))
+        self.pool.wait_ready(timeout)
+        self.scorers = Scorers(self.ref, self.reward, self.critic, a, g.n_samples_per_prompt, self.eos_ids, timeout)
+        self.state = PPOState(kl_coef=self.kl_ctl.value)
+        resumed = self._maybe_resume()
+        from relay.metrics import MetricsLogger, RayGauges
+
+        lg = cfg.logging
+        self.logger = MetricsLogger(self.save_dir, lg.log_dir, lg.use_tensorboard, lg.use_wandb, lg.wandb_project,
+                                    run_name=f"ppo-{self.run_name}", config=to_dict(cfg),
+                                    resume_step=self.state.episode + 1 if resumed else None)
+        self.gauges = RayGauges("relay_ppo", {"run": self.run_name})
+        self.weights_file = Path("/dev/shm" if os.path.isdir("/dev/shm") else self.save_dir) / f"relay-{self.run_name}-{os.getpid()}" / "actor.safetensors"
+        log(f"{g.num_generators} generators, actor {al.num_ranks} ranks ({al.plugin}, tp={al.tp}), "
+            f"critic {'%d ranks (%s)' % (cl.num_ranks, cl.plugin) if self.critic else 'none'}, "
+            f"{len(self.prompts)} prompts, {ppo_buffer_size(cfg)} experiences per episode, ready in {time.time() - t0:.1f} s")
+        return self
+
+    def _max_model_len(self) -> int:
+        """generation.max_model_len, capped at the model's positions (vLLM refuses a longer one)."""
+        import json
+
+        conf = json.loads((Path(self.actor_path) / "config.json").read_text())
+        limit = conf.get("max_position_embeddings") or self.cfg.generation.max_model_len
+        return min(self.cfg.generation.max_model_len, int(limit))
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def _sampling(self, episode: int):
+        from relay.actors.sampling import SamplingConfig
+
+        g = self.cfg.generation
+        return SamplingConfig(n=g.n_samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
+                              top_k=None if g.top_k < 1 else g.top_k, max_tokens=g.max_new_tokens,
+                              seed=self.cfg.seed * 1_000_003 + episode * 7919)
+
+    def _submit(self, episode: int) -> dict[str, Any]:
+        """Queue one episode's prompts (ids carry the episode, so a resumed run never reuses one)."""
+        idx = self.prompt_order.next_batch()
+        maxlen = self.cfg.generation.max_prompt_length
+        prompts = [list(self.prompts[i]["input_ids"])[-maxlen:] for i in idx]
+        ids = [f"e{episode}-{k}" for k in range(len(prompts))]
+        self.pool.submit(prompts, self._sampling(episode), ids=ids)
+        self.pool.collect(timeout_s=0.0)  # dispatch now: generators work while the driver does other things
+        return {"ids": ids, "t0": time.monotonic(), "episode": episode}
+
+    def _wait(self, job: dict[str, Any]) -> tuple[list[Any], float]:
+        from relay.launch.cluster import RemoteCallTimeout
+
+        want, got = list(job["ids"]), {}
+        deadline = time.monotonic() + self.cfg.cluster.timeout_s
+        while len(got) < len(want):
+            if time.monotonic() > deadline:
+                raise RemoteCallTimeout(f"episode {job['episode']}: generation did not finish in time")
+            for r in self.pool.collect(timeout_s=0.2, ids=[i for i in want if i not in got]):
+                got[r.prompt_id] = r
+        return [got[i] for i in want], time.monotonic() - job["t0"]
+
+    # ------------------------------------------------------------------------------------------ updates
+    def _ptx_rows(self) -> dict[str, torch.Tensor]:
+        from relay.data.batches import collate_sft
+
+        rows = [self.ptx[i] for i in self.ptx_order.next_batch()]
+        batch = collate_sft(rows, self.pad_id)
+        return {f"ptx_{k}": v for k, v in batch.items()}
+
+    def _update(self, exp: Any) -> dict[str, float]:
+        """Recompute old logprobs, then num_update_steps optimizer steps of actor (and critic)."""
+        from relay.algos.masked import masked_mean
+        from relay.learners.ppo import ppo_actor_loss, ppo_critic_loss
+        from relay.learners.schedule import lr_at
+
+        cfg, a = self.cfg, self.cfg.algo
+        dp = dp_size(cfg)
+        keep = len(exp) - len(exp) % dp  # rows must split evenly over dp ranks (only async evictions change it)
+        batch = {k: v[:keep] for k, v in learner_batch(exp).items()}
+        mask = batch["action_mask"].float()
+        A = mask.shape[1]
+        learner_lp = self.actor.forward_logprobs({"input_ids": batch["input_ids"],
+                                                  "attention_mask": batch["attention_mask"]})[:, -A:] * mask
+        gen_lp = batch["old_logprobs"]
+        out = {"logprob_diff": float(masked_mean((learner_lp - gen_lp).abs(), mask)),
+               "logprob_diff_max": float(((learner_lp - gen_lp).abs() * mask).max())}
+        batch["old_logprobs"] = learner_lp
+        if a.mode == "async":
+            batch["is_weights"] = torch.exp(learner_lp - gen_lp).clamp(max=a.tis_cap) * mask
+            out["is_weight_mean"] = float(masked_mean(batch["is_weights"], mask))
+        total_steps = a.num_episodes * a.num_update_steps
+        kl_coef = self.kl_ctl.value
+        actor_kw = dict(clip_eps=a.eps_clip, ptx_coef=a.ptx_coef, entropy_coef=a.entropy_coef,
+                        kl_coef=0.0 if a.kl_in_reward else kl_coef, kl_estimator=a.kl_estimator)
+        for step in range(a.num_update_steps):
+            n = self.state.version
+            self.actor.set_lr(lr_at(n, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio))
+            actor_batch = dict(batch)
+            if self.ptx is not None:
+                actor_batch.update(self._ptx_rows())
+            m = self.actor.train_step(actor_batch, loss=ppo_actor_loss, **actor_kw)
+            if step == 0:
+                out["approx_kl_first"] = m["approx_kl"]
+            self.state.version += 1
+            for k in ("loss", "pg_loss", "entropy", "clip_frac", "approx_kl", "ratio", "ptx_loss", "kl_loss"):
+                if k in m:
+                    key = "actor_loss" if k == "loss" else k
+                    out[key] = out.get(key, 0.0) + m[k] / a.num_update_steps
+            if self.critic is not None:
+                self.critic.set_lr(lr_at(n, cfg.critic_optim.lr, total_steps, cfg.critic_optim.warmup_steps, cfg.critic_optim.min_lr_ratio))
+                c = self.critic.train_step(batch, loss=ppo_critic_loss, value_clip=a.value_clip)
+                out["critic_loss"] = out.get("critic_loss", 0.0) + c["loss"] / a.num_update_steps
+        out.setdefault("ptx_loss", 0.0)
+        out.setdefault("critic_loss", 0.0)
+        out["lr"] = lr_at(self.state.version - 1, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio)
+        return out
+
+    def sync_weights(self) -> float:
+        """Actor group -> safetensors (tmpfs) -> every generator at `state.version`; returns seconds."""
+        from safetensors.torch import load_file
+
+        t0 = time.monotonic()
+        path = self.actor.export_weights(self.weights_file)
+        self.pool.push_weights(load_file(path), self.state.version)
+        return time.monotonic() - t0
+
+    # ------------------------------------------------------------------------------------------ episodes
+    def run_episodes(self, until: int | None = None) -> list[dict[str, Any]]:
+        """Run episodes state.episode .. until-1 (default num_episodes); returns their metrics records."""
+        from tqdm import tqdm
+
+        from relay.buffer.experience import Experience
+
+        cfg, a = self.cfg, self.cfg.algo
+        until = a.num_episodes if until is None else until
+        records = []
+        bar = tqdm(total=until, initial=self.state.episode, desc="relay ppo", disable=not sys.stderr.isatty())
+        while self.state.episode < until:
+            ep, t_ep = self.state.episode, time.monotonic()
+            job = self.pending if (self.pending and self.pending["episode"] == ep) else self._submit(ep)
+            self.pending = None
+            results, gen_s = self._wait(job)
+            if a.mode == "async" and ep + 1 < until:
+                self.pending = self._submit(ep + 1)  # generated with the current weights while we train
+            rollout: Rollout = build_rollout(results, self.pad_id)
+            t_score = time.monotonic()
+            exp, m = score_rollout(rollout, self.scorers, self.kl_ctl.value)
+            score_s = time.monotonic() - t_score
+            self.buffer.put(exp)
+            buffer_size = self.buffer.size()
+            evicted = self.buffer.evict_stale(self.state.version, a.max_staleness) if a.mode == "async" else 0
+            taken = self.buffer.take_all()
+            exp = Experience.collate(taken, self.pad_id)
+            staleness = (self.state.version - exp.weight_version).float()
+            t_up = time.monotonic()
+            up = self._update(exp)
+            update_s = time.monotonic() - t_up
+            self.kl_ctl.update(m["kl"], len(exp))
+            self.state.kl_coef = self.kl_ctl.value
+            sync_s = self.sync_weights()
+            versions = self.pool.versions()
+            self.state.episode = ep + 1
+            episode_s = time.monotonic() - t_ep
+            rec = {
+                **m, **up, "episode": ep + 1, "weight_version": self.state.version,
+                "gen_version_min": min(versions.values()), "gen_version_max": max(versions.values()),
+                "num_generators": len(versions), "buffer_size": buffer_size, "buffer_evicted": evicted,
+                "samples": len(exp), "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
+                "kl_coef": self.kl_ctl.value, "gen_s": gen_s, "score_s": score_s, "update_s": update_s,
+                "sync_s": sync_s, "episode_s": episode_s, "rollout_tokens_per_s": rollout.num_tokens / max(gen_s, 1e-9),
+                "samples_per_s": len(exp) / max(episode_s, 1e-9), "sync_share": sync_s / max(episode_s, 1e-9),
+            }
+            self.logger.log(ep + 1, rec)
+            self.gauges.set(rec)
+            records.append(rec)
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", v=self.state.version)
+            if cfg.save_interval and (ep + 1) % cfg.save_interval == 0 and ep + 1 < a.num_episodes:
+                self.save_checkpoint()
+        bar.close()
+        self.history += records
+        return records
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """SAVE_DIR/checkpoints/step-<episode>/: actor/, critic/ (model + optimizer), trainer_state.json."""
+        from dataclasses import asdict
+
+        from relay.learners.checkpoint import atomic_dir, checkpoint_dir, save_trainer_state
+
+        self.state.prompt_order = self.prompt_order.state_dict()
+        self.state.ptx_order = self.ptx_order.state_dict() if self.ptx_order else {}
+        m = self.scorers.moments
+        self.state.reward_moments = {"mean": m.mean, "var": m.var, "count": m.count}
+        final = checkpoint_dir(self.save_dir, self.state.episode)
+        with atomic_dir(final) as tmp:
+            self.actor.save_checkpoint(tmp / "actor")
+            if self.critic is not None:
+                self.critic.save_checkpoint(tmp / "critic")
+            save_trainer_state(tmp, asdict(self.state))
+        log(f"checkpoint {final}")
+        return final
+
+    def _maybe_resume(self) -> bool:
+        from relay.learners.checkpoint import load_trainer_state, resolve_resume
+
+        path = resolve_resume(self.cfg.checkpoint_path)
+        if path is None:
+            return False
+        self.actor.load_checkpoint(path / "actor")
+        if self.critic is not None:
+            self.critic.load_checkpoint(path / "critic")
+        st = load_trainer_state(path)
+        st.pop("rng", None)
+        self.state = PPOState(**st)
+        self.prompt_order.load_state_dict(self.state.prompt_order)
+        if self.ptx_order and self.state.ptx_order:
+            self.ptx_order.load_state_dict(self.state.ptx_order)
+        self.kl_ctl.value = self.state.kl_coef
+        if self.state.reward_moments:
+            for k, v in self.state.reward_moments.items():
+                setattr(self.scorers.moments, k, v)
+        if self.state.version > 0:
+            self.sync_weights()  # generators start from the model folder: bring them to the checkpoint's weights
+        log(f"resumed from {path}: episode {self.state.episode}, weight version {self.state.version}")
+        return True
+
+    def save_final(self) -> None:
+        """The last checkpoint, plus SAVE_DIR/actor (and critic) as HF folders for `relay chat` / evaluation."""
+        ckpt = self.save_checkpoint()
+        for role in ("actor", "critic"):
+            src = ckpt / role / "model"
+            if src.exists():
+                dst = self.save_dir / role
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(src, dst)
+
+    def close(self) -> None:
+        for name in ("pool", "actor", "critic"):
+            obj = getattr(self, name)
+            if obj is not None:
+                try:
+                    obj.shutdown()
+                except Exception as err:  # keep closing the rest
+                    log(f"{name} shutdown: {err}")
+        for name in ("ref", "reward", "buffer"):
+            obj = getattr(self, name)
+            if obj is not None:
+                try:
+                    obj.kill()
+                except Exception:
+                    pass
+        if self.logger is not None:
+            self.logger.close()
+        if getattr(self, "weights_file", None) is not None:
+            shutil.rmtree(self.weights_file.parent, ignore_errors=True)
+
+
+def run_ppo(cfg: PPOConfig) -> int:
+    """Entry point of `relay ppo` (the config is already validated)."""
+    system = PPOSystem(cfg)
+    try:
+        system.start()
+        records = system.run_episodes()
+        system.save_final()
+        if records:
+            first, last = records[0], records[-1]
+            log(f"done: {len(system.history)} episodes, reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}, "
+                f"weight version {system.state.version}; metrics in {system.save_dir / 'metrics.jsonl'}")
+    finally:
+        system.close()
+    return 0

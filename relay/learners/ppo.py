@@ -1,0 +1,100 @@
+"""PPO losses for learner groups, registered by name (`train_step(batch, loss="ppo_actor")`).
+
+Batch layout (the driver builds it from `Experience`s): `input_ids` [B, S] = left-padded prompt then
+right-padded response, `attention_mask` [B, S], and response-aligned [B, A] tensors (`action_mask`,
+`old_logprobs`, `advantages`, ...) over the last A positions of `input_ids`. Logprobs of response token j come
+from the logits at position S-A+j-1; the critic's value for action j is the value of that same prefix.
+
+The learner workers import this module through `relay.learners.ppo` when the loss name is resolved, so the
+driver imports it once (registration) and passes names, not closures.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from relay.algos.kl import kl_estimate
+from relay.algos.losses import entropy_from_logits, lm_loss, policy_loss, value_loss
+from relay.algos.masked import masked_mean
+from relay.learners.lossfn import causal_logits, model_inputs, register_loss
+
+PTX_PREFIX = "ptx_"
+
+
+def response_logits(logits: torch.Tensor, num_actions: int) -> torch.Tensor:
+    """Logits that predict the A response tokens: positions S-A-1 .. S-2 of [B, S, V] -> [B, A, V]."""
+    return logits[:, -num_actions - 1 : -1]
+
+
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, num_actions: int) -> torch.Tensor:
+    """fp32 log p(response token j | prefix) [B, A], the same numbers `LearnerGroup.forward_logprobs`[:, -A:]
+    gives (and the generator reports from raw logits)."""
+    logp = torch.log_softmax(response_logits(logits, num_actions).float(), dim=-1)
+    return logp.gather(-1, input_ids[:, -num_actions:].unsqueeze(-1)).squeeze(-1)
+
+
+def response_values(values: torch.Tensor, num_actions: int) -> torch.Tensor:
+    """Per-token critic values [B, S] -> [B, A]: the value of the prefix before each response token."""
+    return values[:, -num_actions - 1 : -1]
+
+
+def _ptx_batch(batch: dict[str, Any]) -> dict[str, Any] | None:
+    ptx = {k[len(PTX_PREFIX):]: v for k, v in batch.items() if k.startswith(PTX_PREFIX)}
+    return ptx if ptx.get("input_ids") is not None and ptx["input_ids"].shape[0] > 0 else None
+
+
+@register_loss("ppo_actor")
+def ppo_actor_loss(
+    model: Any,
+    batch: dict[str, Any],
+    clip_eps: float = 0.2,
+    ptx_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped PPO surrogate (x truncated IS weights `is_weights` when present, async mode)
+    - entropy_coef x entropy + kl_coef x KL(policy || ref) (only when the KL is a loss term: `ref_logprobs`
+    present and kl_coef > 0) + ptx_coef x next-token loss on the `ptx_*` rows."""
+    mask = batch["action_mask"].float()
+    num_actions = mask.shape[1]
+    logits = causal_logits(model, batch)
+    logprobs = response_logprobs(logits, batch["input_ids"], num_actions)
+    pg_loss, stats = policy_loss(
+        logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_eps, batch.get("is_weights")
+    )
+    loss = pg_loss
+    # Entropy over the full vocabulary is [B, A, V] work: only computed with grad when it is in the loss.
+    if entropy_coef > 0:
+        entropy = masked_mean(entropy_from_logits(response_logits(logits, num_actions)), mask)
+        loss = loss - entropy_coef * entropy
+    else:
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(response_logits(logits.detach(), num_actions)), mask)
+    metrics = {
+        "pg_loss": float(pg_loss.detach()),
+        "entropy": float(entropy.detach()),
+        "clip_frac": float(stats["clip_frac"]),
+        "approx_kl": float(stats["approx_kl"]),
+        "ratio": float(stats["ratio"]),
+    }
+    if kl_coef > 0 and "ref_logprobs" in batch:
+        kl = masked_mean(kl_estimate(logprobs, batch["ref_logprobs"], kl_estimator), mask)
+        loss = loss + kl_coef * kl
+        metrics["kl_loss"] = float(kl.detach())
+    ptx = _ptx_batch(batch)
+    if ptx is not None and ptx_coef > 0:
+        ptx_loss = lm_loss(causal_logits(model, ptx), ptx["labels"])
+        loss = loss + ptx_coef * ptx_loss
+        metrics["ptx_loss"] = float(ptx_loss.detach())
+    return loss, metrics
+
+
+@register_loss("ppo_critic")
+def ppo_critic_loss(model: Any, batch: dict[str, Any], value_clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss of the critic's response values against `returns` (clip around `old_values`)."""
+    mask = batch["action_mask"].float()
+    values = response_values(model(**model_inputs(batch)).float(), mask.shape[1])
+    loss = value_loss(values, batch["old_values"], batch["returns"], mask, value_clip)
+    return loss, {"value_mean": float(masked_mean(values.detach(), mask))}
