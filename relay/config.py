@@ -129,6 +129,7 @@ class TrainConfig:
     checkpoint_path: str | None = doc("Checkpoint folder to resume from (model, optimizer, scheduler, data position, RNG).", None)
     save_dir: str = doc("Output folder: checkpoints, final model, metrics.jsonl, plots.", "outputs/run")
     save_interval: int = doc("Save a checkpoint every N optimizer steps (0: only at the end).", 0)
+    eval_interval: int = doc("Evaluate on eval_dataset every N optimizer steps (0: at each checkpoint and at the end).", 0)
     config_file: str | None = doc("Write the resolved config here as YAML (default SAVE_DIR/config.yaml).", None)
     batch_size: int = doc("Micro-batch size per data-parallel rank.", 4)
     max_epochs: int = doc("Passes over the training data.", 1)
@@ -470,7 +471,7 @@ def validate(cfg: Any, device: str | None = None) -> None:
         for name in ("batch_size", "max_epochs", "accumulation_steps", "max_length"):
             if getattr(cfg, name) < 1:
                 errors.append(f"{name}: must be >= 1, got {getattr(cfg, name)}")
-        for name in ("save_interval", "max_steps"):
+        for name in ("save_interval", "eval_interval", "max_steps"):
             if getattr(cfg, name) < 0:
                 errors.append(f"{name}: must be >= 0")
         if cfg.lora.lora_rank < 0:

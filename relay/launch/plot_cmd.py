@@ -8,8 +8,9 @@ from pathlib import Path
 CHARTS: dict[str, list[str]] = {
     "loss": ["loss", "eval/loss", "actor_loss", "critic_loss", "ptx_loss"],
     "reward": ["reward_mean", "reward_chosen", "reward_rejected", "rewards/chosen", "rewards/rejected",
-               "rewards/margins", "eval/reward_chosen", "eval/reward_rejected"],
-    "accuracy": ["train/acc", "acc", "eval/acc", "rewards/accuracy"],
+               "rewards/margins", "eval/reward_chosen", "eval/reward_rejected", "eval/rewards/chosen",
+               "eval/rewards/rejected", "eval/rewards/margins"],
+    "accuracy": ["train/acc", "acc", "eval/acc", "rewards/accuracy", "eval/rewards/accuracy"],
     "kl": ["kl", "approx_kl", "kl_coef", "clip_frac", "entropy"],
     "lr": ["lr", "actor_lr", "critic_lr"],
     "throughput": ["samples_per_s", "tokens_per_s", "rollout_tokens_per_s"],

@@ -48,6 +48,7 @@ class LearnerSpec:
     grad_checkpoint: bool = False
     dtype: str = "float32"  # dtype the weights are loaded in; bf16/fp16 plugins cast to their precision
     seed: int = 42  # same on every rank: a fresh value head / LoRA init must match across ranks
+    attn_implementation: str | None = None  # e.g. 'sdpa' or 'flash_attention_2'; None: transformers' default
     plugin_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -158,13 +159,14 @@ class LearnerWorker:
         import torch
 
         dtype = getattr(torch, spec.dtype)
+        extra = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
         if spec.kind == "critic":
             from relay.models.heads import CriticModel
 
-            return CriticModel.from_pretrained(spec.model_path, dtype=dtype, seed=spec.seed)
+            return CriticModel.from_pretrained(spec.model_path, dtype=dtype, seed=spec.seed, **extra)
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype, **extra)
 
     def _drop(self) -> None:
         self.model = self.optimizer = self.booster = self.plugin = None

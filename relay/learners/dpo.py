@@ -1,0 +1,113 @@
+"""DPO / IPO / SimPO loss, run inside the learner workers.
+
+A batch holds pairs as `chosen_{input_ids,attention_mask,labels}` and `rejected_{...}` (P, T), one padded
+length, so a data-parallel split keeps pairs together; both halves go through one forward. The frozen
+reference is either given as precomputed summed logprobs (`ref_chosen_logps`, `ref_rejected_logps`, (P,)) or
+is a second model each worker loads once (`reference_path`) and runs without gradients. SimPO needs none.
+
+Only positions that predict a label token get logits (`logits_to_keep`): prompts are often half of a pair's
+tokens and the LM head is a large share of a small model's forward.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from relay.algos.losses import IGNORE_INDEX, dpo_loss, logprobs_from_logits
+from relay.learners.lossfn import register_loss
+from relay.learners.rm import stack_pairs
+from relay.learners.sft import label_logits, mean_over_micro, prepare_step, trim_padding
+
+# One frozen reference per worker process: (path, dtype, device) -> model.
+_REFERENCE: dict[tuple[str, ...], Any] = {}
+
+
+def sequence_logprobs(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log p of each row's label tokens (B,) and their count (B,)."""
+    logits, targets = label_logits(model, batch)
+    logp = logprobs_from_logits(logits, targets)  # 0 where the target is -100
+    return logp.sum(-1), (targets != IGNORE_INDEX).sum(-1)
+
+
+def token_logprob_sums(token_logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Driver side: `forward_logprobs` output (B, T-1) and labels (B, T) -> summed label logprobs and counts."""
+    mask = labels[:, 1 : 1 + token_logprobs.shape[1]] != IGNORE_INDEX
+    return (token_logprobs.float() * mask).sum(-1), mask.sum(-1)
+
+
+def reference_model(path: str, dtype: torch.dtype, device: torch.device, attn: str | None = None) -> Any:
+    """The frozen reference, loaded once per worker (a new key replaces the old model)."""
+    key = (str(path), str(dtype), str(device), str(attn))
+    if key not in _REFERENCE:
+        from transformers import AutoModelForCausalLM
+
+        _REFERENCE.clear()
+        extra = {"attn_implementation": attn} if attn else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device)
+        model.eval()
+        model.requires_grad_(False)
+        _REFERENCE[key] = model
+    return _REFERENCE[key]
+
+
+def dpo_metrics(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+    prefix: str = "",
+) -> dict[str, float]:
+    return {
+        f"{prefix}rewards/chosen": float(chosen_rewards.mean()),
+        f"{prefix}rewards/rejected": float(rejected_rewards.mean()),
+        f"{prefix}rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
+        f"{prefix}rewards/accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
+        f"{prefix}logps/chosen": float(chosen_logps.mean()),
+        f"{prefix}logps/rejected": float(rejected_logps.mean()),
+    }
+
+
+def _dpo_micro(
+    model: Any, batch: dict[str, Any], beta: float, loss_type: str, label_smoothing: float, gamma: float,
+    reference_path: str | None, reference_attn: str | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    both = trim_padding(stack_pairs(batch, ("input_ids", "attention_mask", "labels")))
+    pairs = batch["chosen_input_ids"].shape[0]
+    logps, lengths = sequence_logprobs(model, both)
+    ref_c = ref_r = None
+    if loss_type != "simpo":
+        if "ref_chosen_logps" in batch:
+            ref_c, ref_r = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+        elif reference_path:
+            param = next(model.parameters())
+            with torch.no_grad():
+                ref, _ = sequence_logprobs(reference_model(reference_path, param.dtype, param.device, reference_attn), both)
+            ref_c, ref_r = ref[:pairs], ref[pairs:]
+        else:
+            raise ValueError(f"loss_type {loss_type!r} needs reference logprobs or a reference_path")
+    loss, chosen_rewards, rejected_rewards = dpo_loss(
+        logps[:pairs], logps[pairs:], ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        gamma=gamma, chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
+    )
+    return loss, dpo_metrics(chosen_rewards, rejected_rewards, logps[:pairs].detach(), logps[pairs:].detach())
+
+
+@register_loss("dpo")
+def dpo_train_loss(
+    model: Any,
+    batch: dict[str, Any],
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.5,
+    reference_path: str | None = None,
+    reference_attn: str | None = None,
+    micro_batches: int = 1,
+    num_threads: int | None = None,
+    step_seed: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO-family loss (`relay.algos.losses.dpo_loss`); metrics rewards/{chosen,rejected,margins,accuracy} and
+    logps/{chosen,rejected}. Reference: precomputed in the batch, else the model at `reference_path`."""
+    prepare_step(num_threads, step_seed)
+    return mean_over_micro(
+        _dpo_micro, model, batch, micro_batches, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        gamma=gamma, reference_path=reference_path, reference_attn=reference_attn,
+    )

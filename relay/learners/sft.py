@@ -1,0 +1,108 @@
+"""Stage 1 (SFT) loss, run inside the learner workers, and the batch helpers the RM and DPO losses share.
+
+Losses here follow `relay.learners.lossfn`'s protocol `fn(model, batch, **kw) -> (loss, metrics)`. The driver
+passes the functions themselves to `LearnerGroup.train_step`, so they pickle by reference to this module and
+the workers import it; they are also registered by name for callers that prefer names.
+
+`micro_batches` (the config's accumulation_steps) splits this rank's rows into that many micro-batches and
+averages their losses, which gives the same gradient as accumulating them one by one (activations of all of
+them are held at once: the learner group runs one backward per optimizer step).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from relay.algos.losses import IGNORE_INDEX
+from relay.learners.lossfn import model_inputs, register_loss
+
+
+def prepare_step(num_threads: int | None = None, step_seed: int | None = None) -> None:
+    """Per-step worker setup: the config's thread count (workers start with 1 thread), and a random state that
+    depends only on (step_seed, rank). Dropout masks then come out the same after a resume, with no worker RNG
+    state to checkpoint."""
+    if num_threads and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+    if step_seed is not None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.manual_seed(hash((step_seed, rank)) & 0x7FFF_FFFF_FFFF_FFFF)  # int hashes are not randomised
+
+
+def trim_padding(batch: dict[str, Any], mask_key: str = "attention_mask") -> dict[str, Any]:
+    """Drop trailing columns no row attends to (rows are right-padded to the global batch's longest row; this
+    rank's rows are often shorter). Every (B, T) tensor shaped like the mask is cut the same way."""
+    mask = batch[mask_key]
+    used = mask.any(dim=0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else 1
+    if length == mask.shape[1]:
+        return batch
+    return {k: (v[:, :length] if torch.is_tensor(v) and v.dim() == 2 and v.shape == mask.shape else v) for k, v in batch.items()}
+
+
+def split_micro(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """`n` near-equal row slices of a batch (fewer when there are fewer rows than `n`)."""
+    rows = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+    n = max(1, min(n, rows))
+    bounds = [rows * i // n for i in range(n + 1)]
+    return [
+        {k: (v[bounds[i] : bounds[i + 1]] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
+        for i in range(n)
+    ]
+
+
+def mean_over_micro(
+    fn: Any, model: Any, batch: dict[str, Any], micro_batches: int, **kw: Any
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Average `fn(model, micro) -> (loss, metrics)` over micro-batches (losses and metrics alike)."""
+    parts = split_micro(batch, micro_batches)
+    total, sums = None, {}
+    for part in parts:
+        loss, metrics = fn(model, part, **kw)
+        total = loss if total is None else total + loss
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return total / len(parts), {k: v / len(parts) for k, v in sums.items()}
+
+
+def first_label_column(labels: torch.Tensor) -> int:
+    """Smallest shifted position t (target = labels[:, t + 1]) any row trains on; T - 2 when none does."""
+    cols = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    return int(cols.min()) if cols.numel() else max(labels.shape[1] - 2, 0)
+
+
+def label_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits predicting targets first..T-2, targets labels[:, first+1:]) with logits computed only there."""
+    labels = batch["labels"]
+    first = first_label_column(labels)
+    keep = labels.shape[1] - first  # logits at positions first..T-1; the last one predicts nothing
+    out = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, :-1], labels[:, first + 1 :]
+
+
+def _sft_micro(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    logits, targets = label_logits(model, trim_padding(batch))
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    return loss, {"label_tokens": float((targets != IGNORE_INDEX).sum())}
+
+
+@register_loss("sft")
+def sft_loss(
+    model: Any, batch: dict[str, Any], micro_batches: int = 1, num_threads: int | None = None,
+    step_seed: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token cross entropy on assistant tokens only: `labels` (from `relay prepare sft`) are -100 on
+    system/user/template tokens and padding, so those positions do not count. Token mean per micro-batch."""
+    prepare_step(num_threads, step_seed)
+    return mean_over_micro(_sft_micro, model, batch, micro_batches)
+
+
+def masked_token_mean_nll(logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(sum of -log p, label-token count) from `forward_logprobs` output (B, T-1) and labels (B, T): the
+    driver's eval loss for SFT, over the same tokens as the training loss."""
+    mask = labels[:, 1 : 1 + logprobs.shape[1]] != IGNORE_INDEX
+    return float(-(logprobs * mask).sum()), float(mask.sum())
