@@ -144,6 +144,9 @@ class PPOSystem:
         self.pool.wait_ready(timeout)
         self.scorers = Scorers(self.ref, self.reward, self.critic, a, g.n_samples_per_prompt, self.eos_ids, timeout)
         self.state = PPOState(kl_coef=self.kl_ctl.value)
+        # Weight sync goes through tmpfs: the actor's rank 0 writes, the driver maps it and pushes.
+        shm = Path("/dev/shm") if os.path.isdir("/dev/shm") else self.save_dir
+        self.weights_file = shm / f"relay-{self.run_name}-{os.getpid()}" / "actor.safetensors"
         resumed = self._maybe_resume()
         from relay.metrics import MetricsLogger, RayGauges
 
@@ -152,7 +155,6 @@ class PPOSystem:
                                     run_name=f"ppo-{self.run_name}", config=to_dict(cfg),
                                     resume_step=self.state.episode + 1 if resumed else None)
         self.gauges = RayGauges("relay_ppo", {"run": self.run_name})
-        self.weights_file = Path("/dev/shm" if os.path.isdir("/dev/shm") else self.save_dir) / f"relay-{self.run_name}-{os.getpid()}" / "actor.safetensors"
         log(f"{g.num_generators} generators, actor {al.num_ranks} ranks ({al.plugin}, tp={al.tp}), "
             f"critic {'%d ranks (%s)' % (cl.num_ranks, cl.plugin) if self.critic else 'none'}, "
             f"{len(self.prompts)} prompts, {ppo_buffer_size(cfg)} experiences per episode, ready in {time.time() - t0:.1f} s")
@@ -388,10 +390,30 @@ class PPOSystem:
                     obj.kill()
                 except Exception:
                     pass
+        self._wait_names_free()
         if self.logger is not None:
             self.logger.close()
         if getattr(self, "weights_file", None) is not None:
             shutil.rmtree(self.weights_file.parent, ignore_errors=True)
+
+
+    def _wait_names_free(self, timeout_s: float = 30.0) -> None:
+        """ray.kill is asynchronous: wait until our actor names are released, so that a next run in the same
+        cluster (a resumed run, the next test) can take them."""
+        import ray
+
+        from relay.launch.cluster import NAMESPACE
+
+        names = ["relay/ref", "relay/reward", "relay/buffer", "relay/actor-rank0", "relay/critic-rank0",
+                 f"relay/control-{self.run_name}"]
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(name, namespace=NAMESPACE)
+                except ValueError:
+                    break
+                time.sleep(0.2)
 
 
 def run_ppo(cfg: PPOConfig) -> int:
