@@ -326,6 +326,10 @@ def run(cfg: TrainConfig, stage_name: str) -> int:
     started = not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     try:
         result = train(cfg, stage_name)
+    except FileNotFoundError as err:  # data, model or checkpoint paths: say so without a traceback
+        print(f"relay {stage_name}: error: {err}\n  prepared data comes from `relay prepare ...` or "
+              "`relay data demo outputs/data -t tiny`; under `ray job submit` give absolute paths", file=sys.stderr)
+        return 2
     finally:
         if started and ray.is_initialized():
             ray.shutdown()  # the local cluster this run started
