@@ -1,0 +1,106 @@
+"""A private Ray head node for tests that submit jobs (`ray start --head --block`, ended by signalling that
+process: `ray stop` would stop every Ray cluster on the machine, other people's included)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: `ray`, `relay`
+EXCLUDES = [".git", ".venv", "outputs", "runs", "wandb", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    # The cluster's processes inherit PATH: job entrypoints find the venv's `relay` (and its python) there.
+    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    return env
+
+
+@contextlib.contextmanager
+def start_cluster():
+    """A private head node: own temp dir (short: Unix socket paths are limited) and free ports throughout."""
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    dash = free_port()
+    ports = {flag: free_port() for flag in (
+        "--port", "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port")}
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+           str(dash), "--include-dashboard", "true", "--num-cpus", "8", "--temp-dir", temp, "--disable-usage-stats"]
+    cmd += [str(x) for kv in ports.items() for x in kv]
+    log = open(Path(temp) / "start.log", "w")
+    proc = subprocess.Popen(cmd, env=job_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray start failed: {(Path(temp) / 'start.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block: the node stops the processes it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # only this cluster's session
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit(address: str, submission_id: str, *entrypoint: str) -> None:
+    runtime_env = json.dumps({"excludes": EXCLUDES})
+    subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id, "--no-wait",
+         "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--", *entrypoint],
+        env=job_env(), check=True, timeout=120, capture_output=True,
+    )
+
+
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Module-scoped private cluster; yields the dashboard / job-submission address."""
+    with start_cluster() as address:
+        yield address
+
+
+def wait_for_job(address: str, submission_id: str, timeout_s: float) -> str:
+    """Wait until the job ends; return its logs, failing the test unless it SUCCEEDED."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(submission_id)
+        if status.is_terminal():
+            logs = client.get_job_logs(submission_id)
+            assert status == JobStatus.SUCCEEDED, f"{submission_id}: {status}\n{logs[-4000:]}"
+            return logs
+        time.sleep(2)
+    raise AssertionError(f"{submission_id} still running after {timeout_s:.0f} s:\n{client.get_job_logs(submission_id)[-3000:]}")
