@@ -15,12 +15,15 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean help
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser demo test test-fast bench bench-env clean help
 
 help:
 	@echo "make install   build $(VENV) (torch, vLLM ($(EXTRA)), ColossalAI 0.5.0 --no-deps, Ray, ...)"
 	@echo "make demo      prepare SmolLM2-135M and run the demo"
 	@echo "make test      run the test suite"
+	@echo "make bench-env build $(BENCH_VENV) (peers for benchmarks: TRL $(TRL_VERSION), never a Relay dependency)"
 
 install: $(STAMP)
 
@@ -39,10 +42,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import relay, torch, vllm, colossalai, ray, transformers; print('relay env ok: torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $(STAMP)
 
+# Headless Chromium for the dashboard test (Debian's package; the test opens the Ray dashboard in it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
 demo: install
 	$(VENV)/bin/relay demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: install
@@ -50,6 +57,26 @@ test-fast: install
 
 bench: install
 	$(PY) -m benchmarks.run_all
+
+# Side environment for peer baselines (TRL), kept out of Relay's dependencies. Same torch (local CPU wheel)
+# and the same transformers as $(VENV), so both sides run the same kernels.
+BENCH_VENV ?= .venv-bench
+TRL_VERSION ?= 1.16.0
+BENCH_STAMP := $(BENCH_VENV)/.bench-installed-$(TRL_VERSION)
+
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP):
+	@# reads the transformers version from $(VENV) but never (re)installs it: other work may be using it.
+	@test -x $(PY) || { echo "$(PY) missing: run make install first"; exit 1; }
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	@# torch first from the local wheel folder (a bare 'torch' would pull a CUDA build).
+	if [ "$(EXTRA)" = cpu ]; then $(BENCH_VENV)/bin/pip install -q torch==2.13.0; fi
+	$(BENCH_VENV)/bin/pip install -q "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')" \
+		trl==$(TRL_VERSION) accelerate datasets peft
+	$(BENCH_VENV)/bin/python -c "import torch, transformers, trl; from trl import GRPOTrainer, SFTTrainer, DPOTrainer; print('bench env ok: torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
+	touch $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache
