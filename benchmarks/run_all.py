@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["benchmarks.bench_data_prep"]
+BENCHMARKS = ["benchmarks.bench_data_prep", "benchmarks.bench_rollout"]
 
 
 def main() -> int:
