@@ -145,3 +145,12 @@ def test_config_reference_is_up_to_date():
     from relay.launch.config_docs import DOC_PATH, render
 
     assert DOC_PATH.read_text() == render(), "docs/CONFIG.md is stale: run python -m relay.launch.config_docs"
+
+
+def test_cli_prints_the_resolved_config():
+    import yaml
+
+    out = _relay("ppo", "--config", str(CONFIGS / "ppo_tiny.yaml"), "--print-config", "--set", "algo.kl_coef=0.3")
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert printed["algo"]["kl_coef"] == 0.3 and printed["actor_learner"]["tp"] == 2
