@@ -33,12 +33,22 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def build_prompts(tok, n: int) -> list[list[int]]:
+def build_prompts(tok, n: int, max_prompt_tokens: int = 96) -> list[list[int]]:
+    """The first user turns of chitchat conversations, in the chat template, at most `max_prompt_tokens` long
+    (a few first turns are whole essays: one of 1,782 tokens would make the padded HF batch 30x wider)."""
     from relay.data.demo import chitchat_conversations
 
-    convs = [c for c in chitchat_conversations() if c and c[0].strip()][:n]
-    return [list(tok.apply_chat_template([{"role": "user", "content": c[0]}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)) for c in convs]
+    out = []
+    for c in chitchat_conversations():
+        if not (c and c[0].strip()):
+            continue
+        ids = list(tok.apply_chat_template([{"role": "user", "content": c[0]}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False))
+        if len(ids) <= max_prompt_tokens:
+            out.append(ids)
+        if len(out) == n:
+            return out
+    return out
 
 
 def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int, threads: int, seed: int) -> dict:
@@ -85,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--max-prompt-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="1,2", help="thread counts to try on both sides")
     ap.add_argument("--dtypes", default="bfloat16,float32")
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = build_prompts(tok, args.prompts)
+    prompts = build_prompts(tok, args.prompts, args.max_prompt_tokens)
     max_len = max(map(len, prompts)) + args.new_tokens + 8
     init_ray(address="local", num_cpus=16, include_dashboard=False)
 
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.cpu_count()} cores, load {summary['scaling']['load']})")
 
     result = {"benchmark": "rollout", "model": "SmolLM2-135M-Instruct", "prompts": len(prompts),
+              "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
               "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": threads, "rows": rows,
               "summary": summary, "runs": runs, "cpu_count": os.cpu_count(), "platform": platform.platform(),
               "load_after": os.getloadavg()}

@@ -1,0 +1,165 @@
+"""GRPO benchmark: Relay's PPO system in GRPO mode against TRL's GRPOTrainer, samples/s, SmolLM2-135M.
+
+Matched settings on both sides: the same prompts (the demo prompt set, chat template applied; TRL gets them as
+text and re-tokenizes), `--prompts-per-step` prompts x `--generations` samples per optimizer step, at most
+`--max-new-tokens` new tokens (temperature 1), the same rule reward (share of response tokens with id < 512,
+EOS excluded: `relay.actors.scorers:low_token_share`, copied into the TRL worker), no KL term (TRL beta=0,
+Relay kl_coef=0), micro-batch `--micro-batch` with gradient accumulation to one optimizer step per batch, fp32
+training and fp32 generation, AdamW at the same learning rate, 1 thread per process.
+
+TRL runs in the peer environment (`make bench-env`) as a subprocess (`benchmarks/trl_grpo_worker.py`); its
+first step is a warm-up. Relay runs one `PPOSystem` (advantage_estimator=grpo, 1 vLLM generator, 1-rank ddp
+actor group) in sync mode, then async mode (generation of the next batch overlaps the update); the first
+episode of each block is a warm-up. The sides alternate `--repeats` times; samples/s = completions per
+optimizer step / step seconds, medians over counted steps.
+
+    make bench-env && python -m benchmarks.bench_grpo_trl [--repeats 1] [--steps 3] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+for _k, _v in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}.items():
+    os.environ.setdefault(_k, _v)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_trl(args, model_dir: Path, prompts_json: Path, out: Path) -> dict:
+    py = REPO / args.bench_venv / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"{py} missing: run `make bench-env` first")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.trl_threads))
+    cmd = [str(py), str(REPO / "benchmarks" / "trl_grpo_worker.py"), "--model", str(model_dir), "--prompts",
+           str(prompts_json), "--out", str(out), "--steps", str(args.steps), "--prompts-per-step",
+           str(args.prompts_per_step), "--generations", str(args.generations), "--max-new-tokens",
+           str(args.max_new_tokens), "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--threads",
+           str(args.trl_threads)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
+    if proc.returncode:
+        print(proc.stderr[-4000:], file=sys.stderr)
+        raise RuntimeError(f"TRL worker failed ({proc.returncode})")
+    res = json.loads(out.read_text())
+    res["process_s"] = time.perf_counter() - t
+    for s in res["steps"]:
+        print(f"  trl   step {s['step']}: {s['wall_s']:.2f} s, load {s['load']:.2f}", file=sys.stderr, flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per block and side (first = warm-up)")
+    ap.add_argument("--prompts-per-step", type=int, default=8)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-prompt-tokens", type=int, default=256, help="prompts keep their last N tokens")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--trl-threads", type=int, default=1)
+    ap.add_argument("--no-async", action="store_true", help="skip Relay's async block")
+    ap.add_argument("--bench-venv", default=".venv-bench")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra Relay config override")
+    ap.add_argument("--out", default="runs/bench_grpo_trl")
+    args = ap.parse_args(argv)
+
+    from relay.config import load_config, validate
+    from relay.data.shards import load_prepared
+    from relay.launch.cluster import init_ray
+    from relay.launch.ppo import PPOSystem
+    from relay.models.smollm2 import prepare_smollm2
+    from transformers import AutoTokenizer
+
+    from benchmarks.bench_ppo import demo_prompts
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_smollm2()
+    prompt_dir = demo_prompts(out / "data" / "demo", "smollm2")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = [tok.decode(list(r["input_ids"])[-args.max_prompt_tokens:], skip_special_tokens=False) for r in load_prepared(prompt_dir, "prompt")]
+    prompts_json = out / "prompts.json"
+    prompts_json.write_text(json.dumps(texts))
+
+    n = args.prompts_per_step * args.generations
+    sets = [f"prompt_dataset={prompt_dir}", f"save_dir={out / 'relay_run'}", "logging.use_tensorboard=false",
+            "cluster.timeout_s=1800", "actor.pretrain=smollm2", "actor_learner.plugin=ddp",
+            "actor_learner.num_ranks=1", "generation.num_generators=1", "generation.dtype=float32",
+            f"generation.max_new_tokens={args.max_new_tokens}", f"generation.n_samples_per_prompt={args.generations}",
+            "generation.temperature=1.0", f"generation.max_prompt_length={args.max_prompt_tokens}", "generation.top_p=1.0",
+            "reward.kind=rule", "reward.rule=relay.actors.scorers:low_token_share",
+            "algo.advantage_estimator=grpo", f"algo.experience_batch_size={args.prompts_per_step}",
+            f"algo.train_batch_size={args.micro_batch}", f"algo.accumulation_steps={n // args.micro_batch}",
+            "algo.num_update_steps=1", "algo.num_collect_steps=1", "algo.kl_coef=0.0", "algo.num_episodes=100000",
+            f"actor_optim.lr={args.lr}", "actor_optim.warmup_steps=0", "save_interval=0"] + args.sets
+    cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml", sets)
+    validate(cfg, "cpu")
+
+    init_ray(address="local", num_cpus=16, include_dashboard=False)
+    trl_steps: list[dict] = []
+    relay: dict[str, list[dict]] = {"sync": [], "async": []}
+    trl_runs = []
+    system = PPOSystem(cfg)
+    try:
+        t0 = time.monotonic()
+        system.start()
+        print(f"relay system up in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+        for rep in range(args.repeats):
+            res = run_trl(args, model_dir, prompts_json, out / f"trl_rep{rep}.json")
+            trl_runs.append(res)
+            trl_steps += res["steps"][1:]
+            for mode in ("sync",) + (() if args.no_async else ("async",)):
+                system.cfg.algo.mode = mode
+                block = system.run_episodes(until=system.state.episode + args.steps)
+                for i, r in enumerate(block):
+                    r["load"] = round(os.getloadavg()[0], 2)
+                    print(f"  relay {mode:5s} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
+                          f"{r['score_s']:.2f}, update {r['update_s']:.2f}, sync {r['sync_s']:.3f}), "
+                          f"{r['samples_per_s']:.3f} samples/s, load {r['load']}{' [warm-up]' if i == 0 else ''}",
+                          file=sys.stderr, flush=True)
+                    if i > 0:
+                        relay[mode].append(r)
+    finally:
+        system.close()
+
+    trl_sps = statistics.median(n / s["wall_s"] for s in trl_steps)
+    rows = [{"side": "TRL GRPOTrainer", "samples_per_s": trl_sps,
+             "step_s": statistics.median(s["wall_s"] for s in trl_steps),
+             "load": statistics.median(s["load"] for s in trl_steps), "steps": len(trl_steps)}]
+    for mode, recs in relay.items():
+        if recs:
+            rows.append({"side": f"Relay GRPO {mode}", "samples_per_s": statistics.median(r["samples_per_s"] for r in recs),
+                         "step_s": statistics.median(r["episode_s"] for r in recs),
+                         "load": statistics.median(r["load"] for r in recs), "steps": len(recs),
+                         "gen_s": statistics.median(r["gen_s"] for r in recs),
+                         "update_s": statistics.median(r["update_s"] for r in recs),
+                         "sync_share": statistics.median(r["sync_share"] for r in recs)})
+    print(f"\nGRPO, SmolLM2-135M fp32, {args.prompts_per_step} prompts x {args.generations} generations x <= "
+          f"{args.max_new_tokens} tokens per step, micro-batch {args.micro_batch}, 1 thread/process (medians)")
+    print(f"{'side':18s} {'steps':>5s} {'s/step':>8s} {'samples/s':>10s} {'vs TRL':>7s} {'load':>6s}")
+    for r in rows:
+        r["ratio"] = r["samples_per_s"] / trl_sps
+        print(f"{r['side']:18s} {r['steps']:5d} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:6.2f}x "
+              f"{r['load']:6.2f}")
+    best = max(rows[1:], key=lambda r: r["samples_per_s"])
+    print(f"Relay best ({best['side']}) / TRL: {best['ratio']:.2f}x (goal >= 3x)")
+    result = {"benchmark": "grpo_vs_trl", "model": "SmolLM2-135M-Instruct", "args": vars(args), "rows": rows,
+              "trl_runs": trl_runs, "relay_episodes": relay, "cpu_count": os.cpu_count(),
+              "platform": platform.platform()}
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
