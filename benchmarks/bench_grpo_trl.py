@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--trl-threads", type=int, default=1)
     ap.add_argument("--no-async", action="store_true", help="skip Relay's async block")
+    ap.add_argument("--trl-result", default=None, help="reuse a trl_rep*.json from an earlier run instead of running "
+                                                        "TRL (the two sides are then not interleaved: say so)")
     ap.add_argument("--bench-venv", default=".venv-bench")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra Relay config override")
     ap.add_argument("--out", default="runs/bench_grpo_trl")
@@ -115,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         system.start()
         print(f"relay system up in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
         for rep in range(args.repeats):
-            res = run_trl(args, model_dir, prompts_json, out / f"trl_rep{rep}.json")
+            if args.trl_result:
+                res = json.loads(Path(args.trl_result).read_text()) if rep == 0 else {"steps": [{}]}
+            else:
+                res = run_trl(args, model_dir, prompts_json, out / f"trl_rep{rep}.json")
             trl_runs.append(res)
             trl_steps += res["steps"][1:]
             for mode in ("sync",) + (() if args.no_async else ("async",)):

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scaling_dtype:
         g1, g2 = med(runs["gen1"]), med(runs["gen2"])
         summary["scaling"] = {"dtype": args.scaling_dtype, "gen1_tok_s": g1, "gen2_tok_s": g2, "ratio": g2 / g1,
-                              "load": med(runs["gen1"] + runs["gen2"], "load")}
+                              "load": round(med(runs["gen1"] + runs["gen2"], "load"), 2)}
         print(f"1 generator {g1:.1f} tok/s, 2 generators {g2:.1f} tok/s: {g2 / g1:.2f}x (goal >= 1.7x; "
               f"{os.cpu_count()} cores, load {summary['scaling']['load']})")
 
