@@ -294,6 +294,11 @@ class GeneratorPool:
                                                   strategy=self.options.push_strategy, timeout_s=timeout_s)
             except (weight_sync.WeightUpdateError, RemoteCallTimeout) as err:
                 report = self._recover_push(targets, version, err, previous)
+            except Exception as err:  # noqa: BLE001 - a generator that died since the last step (e.g. its
+                # `node_id` probe raises ActorDiedError) is replaced like one that fails the load itself
+                if not is_generator_failure(err):
+                    raise
+                report = self._recover_push(targets, version, err, previous)
             for m in targets:
                 if m.name in self._members:
                     m.version = version
@@ -322,6 +327,14 @@ class GeneratorPool:
             self._reconcile()
         if wait:
             self.wait_ready(timeout_s or self.options.start_timeout_s)
+
+    def poll_control(self) -> None:
+        """Apply a pending outside request (`relay scale`) now. While stepped, the pool polls its control
+        actor at most every `control_poll_s`, so a request can wait a whole short episode; drivers call this
+        at their natural boundaries (the PPO driver: before each episode)."""
+        with self._lock:
+            self._control_polled = 0.0
+            self._poll_control()
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Step the pool until it has `target` active generators at the current version and none draining."""

@@ -97,8 +97,7 @@ class PPOSystem:
         from transformers import AutoTokenizer
 
         cfg, a, g = self.cfg, self.cfg.algo, self.cfg.generation
-        if a.mode == "async" and a.max_staleness < 1:
-            raise ValueError("algo.max_staleness: async mode trains each batch one version after it was generated; use >= 1")
+        self._check_async()
         self.save_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.config_file or self.save_dir / "config.yaml")
         torch.manual_seed(cfg.seed)
@@ -160,6 +159,14 @@ class PPOSystem:
             f"{len(self.prompts)} prompts, {ppo_buffer_size(cfg)} experiences per episode, ready in {time.time() - t0:.1f} s")
         return self
 
+    def _check_async(self) -> None:
+        """Versions count optimizer steps: an async batch is trained num_update_steps versions after it was
+        generated, so a smaller max_staleness would evict every sample of every episode."""
+        a = self.cfg.algo
+        if a.mode == "async" and a.max_staleness < a.num_update_steps:
+            raise ValueError(f"algo.max_staleness={a.max_staleness}: async mode trains each batch num_update_steps="
+                             f"{a.num_update_steps} weight versions after it was generated; use >= {a.num_update_steps}")
+
     def _max_model_len(self) -> int:
         """generation.max_model_len, capped at the model's positions (vLLM refuses a longer one)."""
         import json
@@ -184,7 +191,9 @@ class PPOSystem:
         prompts = [list(self.prompts[i]["input_ids"])[-maxlen:] for i in idx]
         ids = [f"e{episode}-{k}" for k in range(len(prompts))]
         self.pool.submit(prompts, self._sampling(episode), ids=ids)
-        self.pool.collect(timeout_s=0.0)  # dispatch now: generators work while the driver does other things
+        # dispatch now (generators work while the driver does other things); ids=[]: pop nothing, since
+        # a bare collect() would hand back, and so lose, any result that finished meanwhile
+        self.pool.collect(timeout_s=0.0, ids=[])
         return {"ids": ids, "t0": time.monotonic(), "episode": episode}
 
     def _wait(self, job: dict[str, Any]) -> tuple[list[Any], float]:
@@ -273,10 +282,12 @@ class PPOSystem:
 
         cfg, a = self.cfg, self.cfg.algo
         until = a.num_episodes if until is None else until
+        self._check_async()  # the mode may have been switched since start()
         records = []
         bar = tqdm(total=until, initial=self.state.episode, desc="relay ppo", disable=not sys.stderr.isatty())
         while self.state.episode < until:
             ep, t_ep = self.state.episode, time.monotonic()
+            self.pool.poll_control()  # a `relay scale` request takes effect at the latest here
             job = self.pending if (self.pending and self.pending["episode"] == ep) else self._submit(ep)
             self.pending = None
             results, gen_s = self._wait(job)
@@ -299,6 +310,9 @@ class PPOSystem:
             self.state.kl_coef = self.kl_ctl.value
             sync_s = self.sync_weights()
             versions = self.pool.versions()
+            if not versions:  # every generator died (e.g. was killed); replacements load the weights just pushed
+                self.pool.wait_ready(cfg.cluster.timeout_s)
+                versions = self.pool.versions()
             self.state.episode = ep + 1
             episode_s = time.monotonic() - t_ep
             rec = {
