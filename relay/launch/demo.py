@@ -74,6 +74,7 @@ def main(argv: list[str]) -> int:
     console.print(f"Ray dashboard: {info.get('dashboard_url') or 'off'} (actors are named relay/...)")
     overrides = _stage_overrides(out, data, model, args.quick)
     rows: list[tuple[str, ...]] = []
+    memory: dict[str, int] = {}
     for stage in ("sft", "rm", "ppo", "dpo"):
         if stage in args.skip:
             continue
@@ -86,7 +87,9 @@ def main(argv: list[str]) -> int:
             system = PPOSystem(cfg)
             try:
                 system.start()
-                history = system.run_episodes()
+                history = system.run_episodes(until=1)
+                memory = actor_memory()  # measured while every PPO component is up and has done one episode
+                history = history + system.run_episodes()
                 system.save_final()
             finally:
                 system.close()
@@ -115,27 +118,38 @@ def main(argv: list[str]) -> int:
     console.print(f"Outputs, metrics.jsonl and plots/: {out}/{{sft,rm,ppo,dpo}}; models: sft/model, rm/model, "
                   f"ppo/actor, dpo/model. Try: relay chat --model {out / 'ppo' / 'actor'}")
     if "ppo" not in args.skip:
-        _show_answers(console, out / "ppo" / "actor")
+        mem = Table(title="Memory per PPO component (resident set size, SmolLM2-135M, CPU)")
+        mem.add_column("actor")
+        mem.add_column("RSS", justify="right")
+        for name, rss in sorted(memory.items()):
+            mem.add_row(name, f"{rss / 2**30:.2f} GiB")
+        console.print(mem)
+        from relay.launch.chat import main as chat_main
+
+        console.rule("relay chat with the PPO model (vLLM)")
+        chat_main(["--model", str(out / "ppo" / "actor"), "--temperature", "0", "--max-new-tokens", "40",
+                   "--run-dir", str(out / "chat"), *[a for p in DEMO_PROMPTS for a in ("--prompt", p)]])
     return 0
 
 
-def _show_answers(console, model_dir: Path) -> None:
-    """A few greedy answers of the PPO policy, through a vLLM generator actor."""
-    from transformers import AutoTokenizer
+def actor_memory() -> dict[str, int]:
+    """Resident memory of every live Relay actor on this node, by actor name."""
+    import psutil
+    import ray
+    from ray.util.state import list_actors
 
-    from relay.actors.generator import GeneratorConfig, start_generator
-    from relay.actors.sampling import SamplingConfig
-
-    if not (model_dir / "config.json").exists():
-        return
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
-                   add_special_tokens=False)["input_ids"] for p in DEMO_PROMPTS]
-    gen = start_generator(GeneratorConfig(model=str(model_dir), dtype="bfloat16", max_model_len=512,
-                                          run_dir=str(model_dir.parent / "chat")), name="demo-chat")
+    out: dict[str, int] = {}
+    address = ray.get_runtime_context().gcs_address  # several clusters may run on one machine
     try:
-        results = gen.generate(prompts, SamplingConfig(temperature=0.0, max_tokens=40, stop_token_ids=[tok.eos_token_id]))
-    finally:
-        gen.kill()
-    for prompt, res in zip(DEMO_PROMPTS, results):
-        console.print(f"[cyan]user>[/cyan] {prompt}\n[green]ppo model>[/green] {tok.decode(res.token_ids, skip_special_tokens=True).strip()}")
+        actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000, timeout=30)
+    except Exception as err:  # noqa: BLE001 - a memory table is a nicety; never fail the demo for it
+        print(f"[relay demo] could not list actors for the memory table: {err}")
+        return out
+    for actor in actors:
+        name = getattr(actor, "name", "") or ""
+        if name.startswith("relay/") and getattr(actor, "pid", None):
+            try:
+                out[name] = psutil.Process(actor.pid).memory_info().rss
+            except psutil.Error:
+                continue
+    return out
