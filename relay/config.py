@@ -533,6 +533,10 @@ def _check_ppo(cfg: PPOConfig) -> list[str]:
         errors.append("algo.ptx_coef: must be >= 0")
     if a.max_staleness < 0:
         errors.append("algo.max_staleness: must be >= 0")
+    elif a.mode == "async" and a.max_staleness < a.num_update_steps:
+        # versions count optimizer steps: an async batch is trained num_update_steps versions after it was made
+        errors.append(f"algo.max_staleness: async mode trains each batch {a.num_update_steps} weight versions "
+                      f"after it was generated (num_update_steps); max_staleness {a.max_staleness} would evict all of it")
     return errors
 
 

@@ -154,3 +154,9 @@ def test_cli_prints_the_resolved_config():
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert printed["algo"]["kl_coef"] == 0.3 and printed["actor_learner"]["tp"] == 2
+
+
+def test_async_staleness_must_cover_the_update_steps():
+    with pytest.raises(ConfigError, match="algo.max_staleness"):
+        load_config("ppo", CONFIGS / "ppo_tiny_grpo.yaml", ["algo.mode=async", "algo.max_staleness=1"])
+    assert load_config("ppo", CONFIGS / "ppo_tiny_grpo.yaml", ["algo.mode=async", "algo.max_staleness=2"])
