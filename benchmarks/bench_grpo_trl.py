@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 res = run_trl(args, model_dir, prompts_json, out / f"trl_rep{rep}.json")
             trl_runs.append(res)
-            trl_steps += res["steps"][1:]
+            trl_steps += [dict(s, samples=res.get("samples_per_step", n)) for s in res["steps"][1:] if s]
             for mode in ("sync",) + (() if args.no_async else ("async",)):
                 system.cfg.algo.mode = mode
                 block = system.run_episodes(until=system.state.episode + args.steps)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         system.close()
 
-    trl_sps = statistics.median(n / s["wall_s"] for s in trl_steps)
+    trl_sps = statistics.median(s["samples"] / s["wall_s"] for s in trl_steps)
     rows = [{"side": "TRL GRPOTrainer", "samples_per_s": trl_sps,
              "step_s": statistics.median(s["wall_s"] for s in trl_steps),
              "load": statistics.median(s["load"] for s in trl_steps), "steps": len(trl_steps)}]
