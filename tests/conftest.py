@@ -41,3 +41,16 @@ def tiny_qwen2_dir():
     from relay.models.tiny import TinyModelSpec, build_tiny_model
 
     return build_tiny_model(TinyModelSpec(family="qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_data(tmp_path_factory):
+    """`relay data demo OUT -t tiny` once for the suite: prepared sft/preference/prompt/ptx folders under OUT."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("tiny_demo_data")
+    subprocess.run([sys.executable, "-m", "relay.launch.cli", "data", "demo", str(out), "-t", "tiny"],
+                   check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True, timeout=300)
+    return out

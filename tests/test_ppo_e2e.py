@@ -5,8 +5,6 @@ One PPOSystem serves sync and async (switching `cfg.algo.mode` between `run_epis
 start-up (two vLLM engines, a tp=2 group, a critic) is most of the cost on a 2-core machine."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def prompt_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ppo_data")
-    subprocess.run([sys.executable, "-m", "relay.launch.cli", "data", "demo", str(out), "-t", "tiny"],
-                   check=True, cwd=REPO, capture_output=True, timeout=300)
-    return out / "prompt"
+def prompt_data(tiny_demo_data):
+    return tiny_demo_data / "prompt"
 
 
 def _cfg(prompt_data, save_dir, preset="configs/ppo_tiny.yaml", **overrides):

@@ -35,11 +35,8 @@ TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
-def prompt_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ppo_ops_data")
-    subprocess.run([sys.executable, "-m", "relay.launch.cli", "data", "demo", str(out), "-t", "tiny"],
-                   check=True, cwd=REPO, capture_output=True, timeout=300)
-    return out / "prompt"
+def prompt_data(tiny_demo_data):
+    return tiny_demo_data / "prompt"
 
 
 def _cfg(prompt_data, save_dir, **overrides):
