@@ -86,11 +86,11 @@ def test_ppo_buffer_identity_is_checked():
     cfg = load_config("ppo", CONFIGS / "ppo_tiny.yaml")
     assert ppo_buffer_size(cfg) == 8
     with pytest.raises(ConfigError, match="buffer-size identity"):
-        load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.train_batch_size=4"])
-    # 4 prompts x 2 samples = 8 = 4 x 2 accumulation x 1 dp group
+        load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.train_batch_size=8"])
+    # 4 prompts x 2 samples = 8 = 8 x 1 accumulation x 1 dp group
     ok = load_config("ppo", CONFIGS / "ppo_tiny.yaml", [
         "algo.experience_batch_size=4", "generation.n_samples_per_prompt=2",
-        "algo.train_batch_size=4", "algo.accumulation_steps=2"])
+        "algo.train_batch_size=8", "algo.accumulation_steps=1"])
     assert ppo_buffer_size(ok) == 8
 
 

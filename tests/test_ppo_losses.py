@@ -80,3 +80,16 @@ def test_running_moments_match_batch_statistics():
         rm.update(chunk)
     assert rm.mean == pytest.approx(float(data.mean()), abs=1e-3)
     assert rm.var == pytest.approx(float(data.var(unbiased=False)), rel=1e-3)
+
+
+def test_split_micro_batches_cuts_each_tensor_by_its_own_rows():
+    from relay.learners.lossfn import split_micro_batches
+
+    batch = {"input_ids": torch.arange(10).view(5, 2), "ptx_input_ids": torch.arange(6).view(3, 2), "note": "x"}
+    parts = split_micro_batches(batch, 2)
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 3]
+    assert [p["ptx_input_ids"].shape[0] for p in parts] == [1, 2]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
+    assert torch.equal(torch.cat([p["ptx_input_ids"] for p in parts]), batch["ptx_input_ids"])
+    assert all(p["note"] == "x" for p in parts)
+    assert len(split_micro_batches(batch, 9)) == 5  # never more slices than main rows

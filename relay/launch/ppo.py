@@ -15,7 +15,9 @@ In both modes the "old" logprobs of the PPO ratio are recomputed by the actor gr
 before its first update, so the ratio is exactly 1 (approx KL 0) at the first step of every episode.
 
 Accumulation: the seed's buffer-size identity makes one episode exactly one global batch
-(train_batch_size x accumulation_steps x dp), so each update pass is one optimizer step on all of it.
+(train_batch_size x accumulation_steps x dp), so each update pass is one optimizer step on all of it, run by
+each rank as micro-batches of train_batch_size rows whose gradients accumulate (one micro-batch's activations
+in memory at a time).
 """
 from __future__ import annotations
 
@@ -237,6 +239,7 @@ class PPOSystem:
         if a.mode == "async":
             batch["is_weights"] = torch.exp(learner_lp - gen_lp).clamp(max=a.tis_cap) * mask
             out["is_weight_mean"] = float(masked_mean(batch["is_weights"], mask))
+        micro = max(1, -(-keep // dp // a.train_batch_size))  # ceil: rows per rank / train_batch_size
         total_steps = a.num_episodes * a.num_update_steps
         kl_coef = self.kl_ctl.value
         actor_kw = dict(clip_eps=a.eps_clip, ptx_coef=a.ptx_coef, entropy_coef=a.entropy_coef,
@@ -247,7 +250,7 @@ class PPOSystem:
             actor_batch = dict(batch)
             if self.ptx is not None:
                 actor_batch.update(self._ptx_rows())
-            m = self.actor.train_step(actor_batch, loss=ppo_actor_loss, **actor_kw)
+            m = self.actor.train_step(actor_batch, loss=ppo_actor_loss, micro_batches=micro, **actor_kw)
             if step == 0:
                 out["approx_kl_first"] = m["approx_kl"]
             self.state.version += 1
@@ -257,7 +260,7 @@ class PPOSystem:
                     out[key] = out.get(key, 0.0) + m[k] / a.num_update_steps
             if self.critic is not None:
                 self.critic.set_lr(lr_at(n, cfg.critic_optim.lr, total_steps, cfg.critic_optim.warmup_steps, cfg.critic_optim.min_lr_ratio))
-                c = self.critic.train_step(batch, loss=ppo_critic_loss, value_clip=a.value_clip)
+                c = self.critic.train_step(batch, loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip)
                 out["critic_loss"] = out.get("critic_loss", 0.0) + c["loss"] / a.num_update_steps
         out.setdefault("ptx_loss", 0.0)
         out.setdefault("critic_loss", 0.0)

@@ -99,7 +99,7 @@ def learner_options(cfg: TrainConfig, stage: Stage, attn: str) -> dict[str, Any]
 
 
 def loss_kwargs(cfg: TrainConfig, stage: Stage, reference_path: str | None, attn: str) -> dict[str, Any]:
-    kw: dict[str, Any] = {"micro_batches": cfg.accumulation_steps, "num_threads": cfg.learner.num_threads}
+    kw: dict[str, Any] = {"num_threads": cfg.learner.num_threads}
     if isinstance(cfg, RMConfig):
         kw["loss_type"] = cfg.loss_type
     if isinstance(cfg, DPOConfig):
@@ -283,7 +283,9 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
             if train_ref is not None:
                 batch["ref_chosen_logps"], batch["ref_rejected_logps"] = train_ref[idx, 0], train_ref[idx, 1]
             t1 = time.time()
-            out = group.train_step(batch, stage.loss, **kw, step_seed=hash((cfg.seed, step)))
+            out = group.train_step(
+                batch, stage.loss, micro_batches=cfg.accumulation_steps, **kw, step_seed=hash((cfg.seed, step))
+            )
             dt = time.time() - t1
             out.pop("step", None)
             record = {"epoch": round(order.epoch + order.position / order.batches_per_epoch, 4), "lr": lr, **out,

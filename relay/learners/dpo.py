@@ -17,7 +17,7 @@ import torch
 from relay.algos.losses import IGNORE_INDEX, dpo_loss, logprobs_from_logits
 from relay.learners.lossfn import register_loss
 from relay.learners.rm import stack_pairs
-from relay.learners.sft import label_logits, mean_over_micro, prepare_step, trim_padding
+from relay.learners.sft import label_logits, prepare_step, trim_padding
 
 # One frozen reference per worker process: (path, dtype, device) -> model.
 _REFERENCE: dict[tuple[str, ...], Any] = {}
@@ -100,14 +100,13 @@ def dpo_train_loss(
     gamma: float = 0.5,
     reference_path: str | None = None,
     reference_attn: str | None = None,
-    micro_batches: int = 1,
     num_threads: int | None = None,
     step_seed: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DPO-family loss (`relay.algos.losses.dpo_loss`); metrics rewards/{chosen,rejected,margins,accuracy} and
     logps/{chosen,rejected}. Reference: precomputed in the batch, else the model at `reference_path`."""
     prepare_step(num_threads, step_seed)
-    return mean_over_micro(
-        _dpo_micro, model, batch, micro_batches, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+    return _dpo_micro(
+        model, batch, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
         gamma=gamma, reference_path=reference_path, reference_attn=reference_attn,
     )

@@ -178,13 +178,18 @@ class LearnerGroup:
         self.spec = spec
         return self.info
 
-    def train_step(self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", **loss_kwargs: Any) -> dict:
-        """One optimizer step on the global batch (rows split over dp ranks); dp-averaged loss and metrics."""
-        return self._call("train_step", batch, loss, loss_kwargs, what="train_step")[0]
+    def train_step(
+        self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", micro_batches: int = 1, **loss_kwargs: Any
+    ) -> dict:
+        """One optimizer step on the global batch (rows split over dp ranks, then each rank's rows into
+        `micro_batches` slices whose gradients accumulate); dp-averaged loss and metrics."""
+        return self._call("train_step", batch, loss, loss_kwargs, micro_batches, what="train_step")[0]
 
-    def gradients(self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", **loss_kwargs: Any) -> dict:
+    def gradients(
+        self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", micro_batches: int = 1, **loss_kwargs: Any
+    ) -> dict:
         """{'loss', 'grads': full HF-named gradients} of one forward/backward, no step ('ddp' / '3d' zero 0)."""
-        return self._call("gradients", batch, loss, loss_kwargs, what="gradients")[0]
+        return self._call("gradients", batch, loss, loss_kwargs, micro_batches, what="gradients")[0]
 
     def forward_logprobs(self, batch: dict[str, Any], temperature: float = 1.0) -> Any:
         """(B, T-1) fp32 tensor: log p(input_ids[:, t] | input_ids[:, :t]) for t = 1..T-1."""

@@ -33,6 +33,24 @@ def resolve_loss(loss: str | LossFn) -> LossFn:
     return _LOSSES[loss]
 
 
+def split_micro_batches(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """`n` near-equal row slices of a rank's batch, each tensor cut by its own row count (so `ptx_*` rows,
+    which number differently from the main rows, are spread over the micro-batches too). Fewer than `n`
+    slices when the main rows number fewer than `n`."""
+    import torch
+
+    main = batch.get("input_ids", next((v for v in batch.values() if torch.is_tensor(v)), None))
+    n = max(1, min(n, main.shape[0] if main is not None else 1))
+
+    def cut(v: Any, i: int) -> Any:
+        if not (torch.is_tensor(v) and v.dim() > 0):
+            return v
+        rows = v.shape[0]
+        return v[rows * i // n : rows * (i + 1) // n]
+
+    return [{k: cut(v, i) for k, v in batch.items()} for i in range(n)]
+
+
 def position_ids_from_mask(attention_mask: Any) -> Any:
     """Positions that skip left padding (as vLLM numbers prompt tokens): cumsum(mask) - 1, clamped at 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -14,7 +14,7 @@ import torch
 
 from relay.algos.losses import reward_model_loss
 from relay.learners.lossfn import model_inputs, register_loss
-from relay.learners.sft import mean_over_micro, prepare_step, trim_padding
+from relay.learners.sft import prepare_step, trim_padding
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -56,13 +56,13 @@ def _rm_micro(model: Any, batch: dict[str, Any], loss_type: str) -> tuple[torch.
 
 @register_loss("rm")
 def rm_loss(
-    model: Any, batch: dict[str, Any], loss_type: str = "log_sig", micro_batches: int = 1, num_threads: int | None = None,
+    model: Any, batch: dict[str, Any], loss_type: str = "log_sig", num_threads: int | None = None,
     step_seed: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Pairwise ranking loss (`log_sig` or `log_exp`) on last-token rewards; metrics train/acc, reward_chosen,
     reward_rejected, reward_margin."""
     prepare_step(num_threads, step_seed)
-    return mean_over_micro(_rm_micro, model, batch, micro_batches, loss_type=loss_type)
+    return _rm_micro(model, batch, loss_type)
 
 
 def eval_rewards(values: torch.Tensor, attention_mask: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:

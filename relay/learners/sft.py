@@ -4,9 +4,9 @@ Losses here follow `relay.learners.lossfn`'s protocol `fn(model, batch, **kw) ->
 passes the functions themselves to `LearnerGroup.train_step`, so they pickle by reference to this module and
 the workers import it; they are also registered by name for callers that prefer names.
 
-`micro_batches` (the config's accumulation_steps) splits this rank's rows into that many micro-batches and
-averages their losses, which gives the same gradient as accumulating them one by one (activations of all of
-them are held at once: the learner group runs one backward per optimizer step).
+Gradient accumulation (the config's accumulation_steps) is the learner worker's job: `train_step(...,
+micro_batches=n)` calls these losses once per micro-batch and runs a backward after each, so only one
+micro-batch's activations are alive at a time.
 """
 from __future__ import annotations
 
@@ -43,31 +43,6 @@ def trim_padding(batch: dict[str, Any], mask_key: str = "attention_mask") -> dic
     return {k: (v[:, :length] if torch.is_tensor(v) and v.dim() == 2 and v.shape == mask.shape else v) for k, v in batch.items()}
 
 
-def split_micro(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """`n` near-equal row slices of a batch (fewer when there are fewer rows than `n`)."""
-    rows = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
-    n = max(1, min(n, rows))
-    bounds = [rows * i // n for i in range(n + 1)]
-    return [
-        {k: (v[bounds[i] : bounds[i + 1]] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
-        for i in range(n)
-    ]
-
-
-def mean_over_micro(
-    fn: Any, model: Any, batch: dict[str, Any], micro_batches: int, **kw: Any
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Average `fn(model, micro) -> (loss, metrics)` over micro-batches (losses and metrics alike)."""
-    parts = split_micro(batch, micro_batches)
-    total, sums = None, {}
-    for part in parts:
-        loss, metrics = fn(model, part, **kw)
-        total = loss if total is None else total + loss
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    return total / len(parts), {k: v / len(parts) for k, v in sums.items()}
-
-
 def first_label_column(labels: torch.Tensor) -> int:
     """Smallest shifted position t (target = labels[:, t + 1]) any row trains on; T - 2 when none does."""
     cols = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
@@ -92,13 +67,12 @@ def _sft_micro(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[st
 
 @register_loss("sft")
 def sft_loss(
-    model: Any, batch: dict[str, Any], micro_batches: int = 1, num_threads: int | None = None,
-    step_seed: int | None = None,
+    model: Any, batch: dict[str, Any], num_threads: int | None = None, step_seed: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token cross entropy on assistant tokens only: `labels` (from `relay prepare sft`) are -100 on
     system/user/template tokens and padding, so those positions do not count. Token mean per micro-batch."""
     prepare_step(num_threads, step_seed)
-    return mean_over_micro(_sft_micro, model, batch, micro_batches)
+    return _sft_micro(model, batch)
 
 
 def masked_token_mean_nll(logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from relay.launch import cluster
-from relay.learners.lossfn import LossFn, causal_logits, model_inputs, resolve_loss, token_logprobs
+from relay.learners.lossfn import LossFn, causal_logits, model_inputs, resolve_loss, split_micro_batches, token_logprobs
 
 KINDS = ("causal_lm", "critic")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -246,47 +246,71 @@ class LearnerWorker:
         return (t / self._dp_size()).tolist()
 
     # ---- training ----------------------------------------------------------------------------------------
-    def train_step(self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", loss_kwargs: dict | None = None):
+    def train_step(
+        self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", loss_kwargs: dict | None = None,
+        micro_batches: int = 1,
+    ):
         """One optimizer step on the global `batch`; returns dp-averaged {'loss', metrics..., 'step'}."""
         from relay.learners.plugins import plugin_clips_gradients
 
-        loss_fn = resolve_loss(loss)
-        local = self._local_batch(batch, require_even=True)
         self.model.train()
         self.optimizer.zero_grad()
-        value, metrics = _split_loss(loss_fn(self.model, local, **(loss_kwargs or {})))
-        self.booster.backward(value, self.optimizer)
+        value, metrics = self._accumulate(batch, loss, loss_kwargs, micro_batches)
         if self.spec.max_norm > 0 and not plugin_clips_gradients(self.spec.plugin):
             self.optimizer.clip_grad_by_norm(self.spec.max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.step += 1
         keys = sorted(metrics)
-        means = self._dp_mean([float(value.detach())] + [float(metrics[k]) for k in keys])
+        means = self._dp_mean([value] + [metrics[k] for k in keys])
         return {"loss": means[0], **dict(zip(keys, means[1:])), "step": self.step}
+
+    def _accumulate(
+        self, batch: dict[str, Any], loss: str | LossFn, loss_kwargs: dict | None, micro_batches: int
+    ) -> tuple[float, dict[str, float]]:
+        """Forward + backward of this rank's rows in `micro_batches` slices, gradients summed in place (each
+        micro-batch's loss weighted 1/n): only one slice's activations are alive at a time. Returns the mean
+        loss and metrics over the slices."""
+        import contextlib
+
+        loss_fn = resolve_loss(loss)
+        parts = split_micro_batches(self._local_batch(batch, require_even=True), micro_batches)
+        total, sums = 0.0, {}
+        for i, part in enumerate(parts):
+            # Torch DDP can skip the all-reduce until the last slice; ColossalAI's ZeRO/hybrid optimizers
+            # reduce every backward (as ColossalChat accumulates), which is correct, only chattier.
+            quiet = self.spec.plugin == "ddp" and i < len(parts) - 1
+            ctx = self.booster.no_sync(self.model, self.optimizer) if quiet else contextlib.nullcontext()
+            with ctx:
+                value, metrics = _split_loss(loss_fn(self.model, part, **(loss_kwargs or {})))
+                self.booster.backward(value / len(parts), self.optimizer)
+            total += float(value.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            del value
+        return total / len(parts), {k: v / len(parts) for k, v in sums.items()}
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def gradients(self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", loss_kwargs: dict | None = None):
-        """Full (unsharded) gradients of one forward/backward on `batch`, no optimizer step (tests/debugging).
-
-        Only where gradients live in `param.grad`: 'ddp' and '3d' with zero_stage 0 and no LoRA merge."""
+    def gradients(
+        self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", loss_kwargs: dict | None = None,
+        micro_batches: int = 1,
+    ):
+        """Full (unsharded) gradients of one (accumulated) forward/backward on `batch`, no optimizer step
+        (tests/debugging). Only where gradients live in `param.grad`: 'ddp' and '3d' with zero_stage 0."""
         if self.spec.plugin not in ("ddp", "3d") or self.spec.zero_stage:
             raise ValueError("gradients() needs plugin 'ddp' or '3d' with zero_stage=0 (ZeRO shards gradients)")
-        loss_fn = resolve_loss(loss)
-        local = self._local_batch(batch, require_even=True)
         self.model.train()
         self.optimizer.zero_grad()
-        value, _ = _split_loss(loss_fn(self.model, local, **(loss_kwargs or {})))
-        self.booster.backward(value, self.optimizer)
+        value, _ = self._accumulate(batch, loss, loss_kwargs, micro_batches)
         grads = {}
         for name, p in self._inner().named_parameters():
             if p.grad is not None:
                 grads[name] = self._full_tensor(p.grad, p).float().cpu()
         self.optimizer.zero_grad()
-        mean_loss = self._dp_mean([float(value.detach())])[0]  # collective: every rank must call it
+        mean_loss = self._dp_mean([value])[0]  # collective: every rank must call it
         return {"loss": mean_loss, "grads": grads} if self.rank == 0 else None
 
     # ---- inference ---------------------------------------------------------------------------------------
