@@ -161,6 +161,11 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = doc("Conservative DPO label smoothing (sigmoid loss only).", 0.0)
     reference_model: str | None = doc("Reference model folder; default: the initial policy (model.pretrain).", None)
     precompute_ref_logprobs: bool = doc("Compute reference logprobs once before training and free the reference.", False)
+    shared_prompt_forward: bool = doc(
+        "Run each pair's shared prompt once (KV cache repeated for the chosen and rejected replies): p + 2r tokens "
+        "per pair instead of 2(p + r), same loss and gradient. Used with plugins ddp/zero2/zero2_cpu without "
+        "grad_checkpoint (the shardformer forwards of '3d' and checkpointing turn the cache off); pairs whose "
+        "prompts differ use the stacked forward.", True)
 
 
 # ------------------------------------------------------------------------------------------------------- PPO
@@ -210,7 +215,8 @@ class PPOAlgoConfig:
     lam: float = doc("GAE lambda.", 0.95)
     eps_clip: float = doc("PPO policy ratio clip.", 0.2)
     value_clip: float = doc("Value clip around old values (0 disables).", 0.2)
-    kl_coef: float = doc("KL penalty coefficient against the reference.", 0.1)
+    kl_coef: float = doc("KL penalty coefficient against the reference (0: no KL term, and no reference actor is "
+                         "started, as in verl).", 0.1)
     kl_estimator: str = doc("KL estimator: k1 (log ratio), k2 (squared), k3 (unbiased, non-negative).", "k1", choices=("k1", "k2", "k3"))
     kl_in_reward: bool = doc("Put the KL penalty into the per-token reward (seed) instead of a loss term.", True)
     adaptive_kl: bool = doc("Adapt kl_coef toward target_kl (Ziegler et al.).", False)
@@ -225,6 +231,12 @@ class PPOAlgoConfig:
     mode: str = doc("sync: collect then update; async: generators keep producing while learners update.", "sync", choices=("sync", "async"))
     max_staleness: int = doc("async: drop experiences older than this many weight versions.", 1)
     tis_cap: float = doc("async: cap of the truncated importance-sampling ratio learner/generator.", 2.0)
+    old_logprobs: str = doc(
+        "Source of the PPO ratio's old logprobs: 'learner' (the actor group recomputes them on the episode before "
+        "its first update: ratio exactly 1), 'generator' (vLLM's sampling logprobs: saves one actor forward per "
+        "episode; sync mode only) or 'auto' (generator in sync mode when generation.dtype and the actor's "
+        "mixed_precision are both fp32, where the two agree to ~1e-6; learner otherwise).",
+        "auto", choices=("auto", "learner", "generator"))
 
 
 @dataclass
@@ -496,6 +508,19 @@ def ppo_buffer_size(cfg: PPOConfig) -> int:
     return cfg.algo.num_collect_steps * cfg.algo.experience_batch_size * cfg.generation.n_samples_per_prompt
 
 
+def needs_reference(cfg: PPOConfig) -> bool:
+    """A reference policy is only worth its memory and forward passes when a KL term uses it."""
+    return cfg.algo.kl_coef > 0
+
+
+def old_logprobs_from_generator(cfg: PPOConfig) -> bool:
+    """Whether the PPO ratio uses the generators' logprobs as they are (see PPOAlgoConfig.old_logprobs)."""
+    a = cfg.algo
+    if a.old_logprobs != "auto":
+        return a.old_logprobs == "generator"
+    return a.mode == "sync" and cfg.generation.dtype == "float32" and cfg.actor_learner.mixed_precision == "fp32"
+
+
 def _check_ppo(cfg: PPOConfig) -> list[str]:
     a, g, errors = cfg.algo, cfg.generation, []
     for name in ("num_episodes", "num_collect_steps", "num_update_steps", "experience_batch_size", "train_batch_size", "accumulation_steps"):
@@ -531,6 +556,9 @@ def _check_ppo(cfg: PPOConfig) -> list[str]:
         errors.append("pretrain_dataset: ptx_coef > 0 needs a prepared ptx dataset")
     if a.ptx_coef < 0:
         errors.append("algo.ptx_coef: must be >= 0")
+    if a.mode == "async" and a.old_logprobs == "generator":
+        errors.append("algo.old_logprobs: async mode needs 'learner' (or 'auto'): its importance weights compare the "
+                      "learner's logprobs with the generator's")
     if a.max_staleness < 0:
         errors.append("algo.max_staleness: must be >= 0")
     elif a.mode == "async" and a.max_staleness < a.num_update_steps:

@@ -160,3 +160,17 @@ def test_async_staleness_must_cover_the_update_steps():
     with pytest.raises(ConfigError, match="algo.max_staleness"):
         load_config("ppo", CONFIGS / "ppo_tiny_grpo.yaml", ["algo.mode=async", "algo.max_staleness=1"])
     assert load_config("ppo", CONFIGS / "ppo_tiny_grpo.yaml", ["algo.mode=async", "algo.max_staleness=2"])
+
+
+def test_old_logprobs_source_and_reference_need():
+    from relay.config import needs_reference, old_logprobs_from_generator
+
+    cfg = load_config("ppo", CONFIGS / "ppo_tiny.yaml")
+    assert old_logprobs_from_generator(cfg) and needs_reference(cfg)  # sync, fp32 generator and learner
+    bf16 = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["generation.dtype=bfloat16"])
+    assert not old_logprobs_from_generator(bf16)
+    forced = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.old_logprobs=learner"])
+    assert not old_logprobs_from_generator(forced)
+    assert not needs_reference(load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.kl_coef=0"]))
+    with pytest.raises(ConfigError, match="algo.old_logprobs"):
+        load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.mode=async", "algo.old_logprobs=generator"])

@@ -45,7 +45,8 @@ def test_actors_page_lists_relay_actors(cluster, tmp_path):
     run = tmp_path / "ppo"
     sid = f"relay-dashboard-{os.getpid()}"
     submit(cluster, sid, "relay", "ppo", "--config", "configs/ppo_tiny_grpo.yaml",
-           "--set", f"prompt_dataset={data / 'prompt'}", "--set", f"save_dir={run}", "--set", "algo.num_episodes=6")
+           "--set", f"prompt_dataset={data / 'prompt'}", "--set", f"save_dir={run}", "--set", "algo.num_episodes=6",
+           "--set", "algo.kl_coef=0.01")  # a KL term, so relay/ref runs too
     deadline = time.monotonic() + 300
     while not set(EXPECTED) <= alive_actor_names(cluster):
         assert time.monotonic() < deadline, f"actors never came up: {alive_actor_names(cluster)}"

@@ -137,6 +137,7 @@ def _check_bookkeeping(system, spy, records, first_episode: int) -> None:
         if rec["staleness_max"] == 0:
             assert rec["logprob_diff"] < 1e-3, (ep, rec["logprob_diff"])
         assert rec["approx_kl_first"] < 1e-6
+        assert rec["kl"] == 0.0  # kl_coef 0: no reference actor, no KL
         # exactly once: each prompt id of the episode collected once, in the data order
         got = results[ep]
         assert sorted(str(r.prompt_id) for r in got) == sorted(f"e{ep}-{k}" for k in range(per_episode))
@@ -167,7 +168,13 @@ class TestOneSystem:
     """Both tests run on one PPO system (class-scoped), in this order."""
 
     def test_scale_generators_mid_run(self, ops_system):
+        import ray
+
         from relay.actors.control import control_status, request_generators
+        from relay.launch.cluster import NAMESPACE
+
+        with pytest.raises(ValueError):  # kl_coef 0 (the GRPO preset): the reference is never started
+            ray.get_actor("relay/ref", namespace=NAMESPACE)
 
         system, spy = ops_system
         nus = system.cfg.algo.num_update_steps

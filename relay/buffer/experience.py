@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-_OPTIONAL = ("values",)
+_OPTIONAL = ("values", "ref_logprobs")
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Experience:
     attention_mask: torch.Tensor  # [B, S] 1 on real (non-pad) tokens
     action_mask: torch.Tensor  # [B, A] 1 on generated response tokens
     old_logprobs: torch.Tensor  # [B, A] logprobs of the response under the policy that sampled it
-    ref_logprobs: torch.Tensor  # [B, A] logprobs under the frozen reference
+    ref_logprobs: torch.Tensor | None  # [B, A] logprobs under the frozen reference (None: no KL, no reference)
     values: torch.Tensor | None  # [B, A] critic values (None for grpo / rloo)
     rewards: torch.Tensor  # [B, A] token-level rewards (KL penalty + score on the last action token)
     scores: torch.Tensor  # [B] sequence-level reward from the reward source

@@ -11,8 +11,10 @@ generator (version = actor optimizer steps so far).
   while the learners train; they are trained one version later (staleness 1). `max_staleness` evicts older
   samples; the actor loss is weighted by the truncated IS ratio min(pi_learner / pi_generator, tis_cap).
 
-In both modes the "old" logprobs of the PPO ratio are recomputed by the actor group on the episode's batch
-before its first update, so the ratio is exactly 1 (approx KL 0) at the first step of every episode.
+The "old" logprobs of the PPO ratio (`algo.old_logprobs`) are recomputed by the actor group on the episode's
+batch before its first update (ratio exactly 1 at the first step; always so in async mode), or, in sync mode
+with fp32 generators and learners, taken from the generators as they are: there the two agree to ~1e-6, and
+the actor forward saved is a sizeable share of a small episode. With kl_coef 0 no reference actor runs.
 
 Accumulation: the seed's buffer-size identity makes one episode exactly one global batch
 (train_batch_size x accumulation_steps x dp), so each update pass is one optimizer step on all of it, run by
@@ -31,7 +33,9 @@ from typing import Any
 
 import torch
 
-from relay.config import PPOConfig, ppo_buffer_size, save_config, to_dict
+from relay.config import (
+    PPOConfig, needs_reference, old_logprobs_from_generator, ppo_buffer_size, save_config, to_dict,
+)
 from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, learner_batch, score_rollout
 
 
@@ -130,7 +134,7 @@ class PPOSystem:
         # Generators start in the background (vLLM start is the slowest part) while the rest comes up.
         self.pool = GeneratorPool(gen_cfg, g.num_generators, opts, wait=False)
         timeout = cfg.cluster.timeout_s
-        self.ref = start_reference(self.actor_path, "ref", timeout_s=timeout)
+        self.ref = start_reference(self.actor_path, "ref", timeout_s=timeout) if needs_reference(cfg) else None
         self.reward = start_reward_actor(cfg.reward, self.actor_path, timeout_s=timeout)
         limit = cfg.buffer_limit or ppo_buffer_size(cfg) * (2 if a.mode == "async" else 1)
         self.buffer = start_buffer(limit, "buffer", pad_token_id=self.pad_id, seed=cfg.seed, timeout_s=timeout)
@@ -219,8 +223,8 @@ class PPOSystem:
         return {f"ptx_{k}": v for k, v in batch.items()}
 
     def _update(self, exp: Any) -> dict[str, float]:
-        """Recompute old logprobs, then num_update_steps optimizer steps of actor (and critic)."""
-        from relay.algos.masked import masked_mean
+        """Old logprobs (recomputed or the generator's), then num_update_steps optimizer steps of actor (and
+        critic)."""
         from relay.learners.ppo import ppo_actor_loss, ppo_critic_loss
         from relay.learners.schedule import lr_at
 
@@ -229,16 +233,10 @@ class PPOSystem:
         keep = len(exp) - len(exp) % dp  # rows must split evenly over dp ranks (only async evictions change it)
         batch = {k: v[:keep] for k, v in learner_batch(exp).items()}
         mask = batch["action_mask"].float()
-        A = mask.shape[1]
-        learner_lp = self.actor.forward_logprobs({"input_ids": batch["input_ids"],
-                                                  "attention_mask": batch["attention_mask"]})[:, -A:] * mask
-        gen_lp = batch["old_logprobs"]
-        out = {"logprob_diff": float(masked_mean((learner_lp - gen_lp).abs(), mask)),
-               "logprob_diff_max": float(((learner_lp - gen_lp).abs() * mask).max())}
-        batch["old_logprobs"] = learner_lp
-        if a.mode == "async":
-            batch["is_weights"] = torch.exp(learner_lp - gen_lp).clamp(max=a.tis_cap) * mask
-            out["is_weight_mean"] = float(masked_mean(batch["is_weights"], mask))
+        out: dict[str, float] = {}
+        reuse = old_logprobs_from_generator(cfg)
+        if not reuse:
+            out.update(self._recompute_old_logprobs(batch, mask, async_mode=a.mode == "async"))
         micro = max(1, -(-keep // dp // a.train_batch_size))  # ceil: rows per rank / train_batch_size
         total_steps = a.num_episodes * a.num_update_steps
         kl_coef = self.kl_ctl.value
@@ -253,6 +251,8 @@ class PPOSystem:
             m = self.actor.train_step(actor_batch, loss=ppo_actor_loss, micro_batches=micro, **actor_kw)
             if step == 0:
                 out["approx_kl_first"] = m["approx_kl"]
+                if reuse:  # before any update the loss compares the learner with the generator's logprobs
+                    out["logprob_diff"] = m["logprob_diff"]
             self.state.version += 1
             for k in ("loss", "pg_loss", "entropy", "clip_frac", "approx_kl", "ratio", "ptx_loss", "kl_loss"):
                 if k in m:
@@ -265,6 +265,23 @@ class PPOSystem:
         out.setdefault("ptx_loss", 0.0)
         out.setdefault("critic_loss", 0.0)
         out["lr"] = lr_at(self.state.version - 1, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio)
+        return out
+
+    def _recompute_old_logprobs(self, batch: dict[str, Any], mask: torch.Tensor, async_mode: bool) -> dict[str, float]:
+        """Old logprobs from the actor group (ratio exactly 1 at the first step); async: the truncated IS
+        weights learner/generator. Returns the generator-vs-learner difference metrics."""
+        from relay.algos.masked import masked_mean
+
+        A = mask.shape[1]
+        learner_lp = self.actor.forward_logprobs({"input_ids": batch["input_ids"],
+                                                  "attention_mask": batch["attention_mask"]})[:, -A:] * mask
+        gen_lp = batch["old_logprobs"]
+        diff = (learner_lp - gen_lp).abs() * mask
+        out = {"logprob_diff": float(masked_mean(diff, mask)), "logprob_diff_max": float(diff.max())}
+        batch["old_logprobs"] = learner_lp
+        if async_mode:
+            batch["is_weights"] = torch.exp(learner_lp - gen_lp).clamp(max=self.cfg.algo.tis_cap) * mask
+            out["is_weight_mean"] = float(masked_mean(batch["is_weights"], mask))
         return out
 
     def sync_weights(self) -> float:

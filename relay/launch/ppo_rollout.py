@@ -97,7 +97,7 @@ class RunningMoments:
 class Scorers:
     """What scoring needs: the reference, reward and (optional) critic handles plus the algorithm options."""
 
-    ref: Any  # relay.actors.scorers.ReferenceClient
+    ref: Any | None  # relay.actors.scorers.ReferenceClient; None when no KL term needs it
     reward: Any  # relay.actors.rewards.RewardClient
     critic: Any | None  # LearnerGroup (gae) or None (grpo/rloo)
     algo: Any  # relay.config.PPOAlgoConfig
@@ -111,7 +111,7 @@ def score_rollout(r: Rollout, sc: Scorers, kl_coef: float) -> tuple[Experience, 
     """Reference logprobs, rewards and values for a rollout -> (Experience, metrics of this batch)."""
     A = r.action_mask.shape[1]
     inputs = {"input_ids": r.sequences, "attention_mask": r.attention_mask}
-    ref_ref = sc.ref.logprobs_async(inputs)
+    ref_ref = sc.ref.logprobs_async(inputs) if sc.ref is not None else None
     reward_ref = sc.reward.score_ids_async(r.prompt_ids, r.response_ids, finish_reasons=r.finish_reasons,
                                            eos_token_ids=sc.eos_token_ids)
     values = None
@@ -119,7 +119,7 @@ def score_rollout(r: Rollout, sc: Scorers, kl_coef: float) -> tuple[Experience, 
         from relay.learners.ppo import response_values
 
         values = response_values(sc.critic.forward_values(inputs), A) * r.action_mask
-    ref_lp = get(ref_ref, sc.timeout_s, "relay/ref.logprobs")[:, -A:] * r.action_mask
+    ref_lp = None if ref_ref is None else get(ref_ref, sc.timeout_s, "relay/ref.logprobs")[:, -A:] * r.action_mask
     raw_scores = torch.tensor(get(reward_ref, sc.timeout_s, "relay/reward.score_ids"), dtype=torch.float32)
     scores = raw_scores
     a = sc.algo
@@ -129,7 +129,7 @@ def score_rollout(r: Rollout, sc: Scorers, kl_coef: float) -> tuple[Experience, 
     if a.reward_clip > 0:
         scores = scores.clamp(-a.reward_clip, a.reward_clip)
     mask = r.action_mask.float()
-    kl = kl_estimate(r.gen_logprobs, ref_lp, a.kl_estimator) * mask
+    kl = torch.zeros_like(mask) if ref_lp is None else kl_estimate(r.gen_logprobs, ref_lp, a.kl_estimator) * mask
     adv, returns, token_rewards = compute_advantages(
         a.advantage_estimator, scores=scores, action_mask=r.action_mask, values=values, kl=kl,
         kl_coef=kl_coef if a.kl_in_reward else 0.0, gamma=a.gamma, lam=a.lam, group_size=sc.group_size,
@@ -158,9 +158,10 @@ def learner_batch(exp: Experience) -> dict[str, torch.Tensor]:
     """The tensors the PPO losses read (names as `relay.learners.ppo` expects)."""
     batch = {
         "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "action_mask": exp.action_mask,
-        "old_logprobs": exp.old_logprobs, "ref_logprobs": exp.ref_logprobs, "advantages": exp.advantages,
-        "returns": exp.returns,
+        "old_logprobs": exp.old_logprobs, "advantages": exp.advantages, "returns": exp.returns,
     }
+    if exp.ref_logprobs is not None:
+        batch["ref_logprobs"] = exp.ref_logprobs
     if exp.values is not None:
         batch["old_values"] = exp.values
     return batch

@@ -104,6 +104,8 @@ def loss_kwargs(cfg: TrainConfig, stage: Stage, reference_path: str | None, attn
         kw["loss_type"] = cfg.loss_type
     if isinstance(cfg, DPOConfig):
         kw.update(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma)
+        kw["shared_prompt"] = (cfg.shared_prompt_forward and cfg.learner.plugin in ("ddp", "zero2", "zero2_cpu")
+                               and not cfg.learner.grad_checkpoint)
         if not cfg.precompute_ref_logprobs and cfg.loss_type != "simpo":
             kw.update(reference_path=reference_path, reference_attn=attn)
     return kw

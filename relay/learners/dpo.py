@@ -6,7 +6,8 @@ reference is either given as precomputed summed logprobs (`ref_chosen_logps`, `r
 is a second model each worker loads once (`reference_path`) and runs without gradients. SimPO needs none.
 
 Only positions that predict a label token get logits (`logits_to_keep`): prompts are often half of a pair's
-tokens and the LM head is a large share of a small model's forward.
+tokens and the LM head is a large share of a small model's forward. Where the forward allows it, a pair's
+shared prompt runs once (`relay.learners.pair_forward`, config `shared_prompt_forward`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from relay.algos.losses import IGNORE_INDEX, dpo_loss, logprobs_from_logits
 from relay.learners.lossfn import register_loss
+from relay.learners.pair_forward import shared_prompt_lengths, shared_prompt_logprobs
 from relay.learners.rm import stack_pairs
 from relay.learners.sft import label_logits, prepare_step, trim_padding
 
@@ -65,13 +67,21 @@ def dpo_metrics(
     }
 
 
-def _dpo_micro(
+def pair_logprobs(model: Any, batch: dict[str, Any], shared_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label logprobs and counts of the 2P rows (chosen first): prompt once when allowed and shared
+    (`relay.learners.pair_forward`), else the stacked pairs."""
+    lengths = shared_prompt_lengths(batch) if shared_prompt else None
+    if lengths is not None:
+        return shared_prompt_logprobs(model, batch, lengths)
+    return sequence_logprobs(model, trim_padding(stack_pairs(batch, ("input_ids", "attention_mask", "labels"))))
+
+
+def _dpo_loss(
     model: Any, batch: dict[str, Any], beta: float, loss_type: str, label_smoothing: float, gamma: float,
-    reference_path: str | None, reference_attn: str | None,
+    reference_path: str | None, reference_attn: str | None, shared_prompt: bool,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    both = trim_padding(stack_pairs(batch, ("input_ids", "attention_mask", "labels")))
     pairs = batch["chosen_input_ids"].shape[0]
-    logps, lengths = sequence_logprobs(model, both)
+    logps, lengths = pair_logprobs(model, batch, shared_prompt)
     ref_c = ref_r = None
     if loss_type != "simpo":
         if "ref_chosen_logps" in batch:
@@ -79,7 +89,8 @@ def _dpo_micro(
         elif reference_path:
             param = next(model.parameters())
             with torch.no_grad():
-                ref, _ = sequence_logprobs(reference_model(reference_path, param.dtype, param.device, reference_attn), both)
+                ref_model = reference_model(reference_path, param.dtype, param.device, reference_attn)
+                ref, _ = pair_logprobs(ref_model, batch, shared_prompt)
             ref_c, ref_r = ref[:pairs], ref[pairs:]
         else:
             raise ValueError(f"loss_type {loss_type!r} needs reference logprobs or a reference_path")
@@ -100,13 +111,15 @@ def dpo_train_loss(
     gamma: float = 0.5,
     reference_path: str | None = None,
     reference_attn: str | None = None,
+    shared_prompt: bool = False,
     num_threads: int | None = None,
     step_seed: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DPO-family loss (`relay.algos.losses.dpo_loss`); metrics rewards/{chosen,rejected,margins,accuracy} and
-    logps/{chosen,rejected}. Reference: precomputed in the batch, else the model at `reference_path`."""
+    logps/{chosen,rejected}. Reference: precomputed in the batch, else the model at `reference_path`.
+    `shared_prompt`: run each pair's prompt once (only with a plain HF forward: see pair_forward)."""
     prepare_step(num_threads, step_seed)
-    return _dpo_micro(
-        model, batch, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-        gamma=gamma, reference_path=reference_path, reference_attn=reference_attn,
+    return _dpo_loss(
+        model, batch, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
+        reference_path=reference_path, reference_attn=reference_attn, shared_prompt=shared_prompt,
     )

@@ -73,6 +73,8 @@ def ppo_actor_loss(
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(response_logits(logits.detach(), num_actions)), mask)
     metrics = {
+        # at an episode's first step with generator old logprobs: the learner against its sampler
+        "logprob_diff": float(masked_mean((logprobs.detach() - batch["old_logprobs"]).abs(), mask)),
         "pg_loss": float(pg_loss.detach()),
         "entropy": float(entropy.detach()),
         "clip_frac": float(stats["clip_frac"]),
