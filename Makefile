@@ -55,7 +55,7 @@ test: install browser
 test-fast: install
 	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
 
-bench: install
+bench: install bench-env
 	$(PY) -m benchmarks.run_all
 
 # Side environment for peer baselines (TRL), kept out of Relay's dependencies. Same torch (local CPU wheel)

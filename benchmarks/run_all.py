@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["benchmarks.bench_data_prep", "benchmarks.bench_rollout", "benchmarks.bench_ppo", "benchmarks.bench_grpo_trl"]
+BENCHMARKS = ["benchmarks.bench_data_prep", "benchmarks.bench_rollout", "benchmarks.bench_ppo", "benchmarks.bench_grpo_trl",
+              "benchmarks.bench_train_trl"]
 
 
 def main() -> int:

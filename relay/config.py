@@ -231,6 +231,11 @@ class PPOAlgoConfig:
     mode: str = doc("sync: collect then update; async: generators keep producing while learners update.", "sync", choices=("sync", "async"))
     max_staleness: int = doc("async: drop experiences older than this many weight versions.", 1)
     tis_cap: float = doc("async: cap of the truncated importance-sampling ratio learner/generator.", 2.0)
+    shared_prompt_forward: bool = doc(
+        "Actor update: run each group's repeated prompt once (KV cache reused by its n samples): P + nR tokens "
+        "per group instead of n(P + R), same loss and gradient. Used when n_samples_per_prompt > 1 with actor "
+        "plugins ddp/zero2/zero2_cpu without grad_checkpoint (the shardformer forwards of '3d' have no KV cache).",
+        True)
     old_logprobs: str = doc(
         "Source of the PPO ratio's old logprobs: 'learner' (the actor group recomputes them on the episode before "
         "its first update: ratio exactly 1), 'generator' (vLLM's sampling logprobs: saves one actor forward per "
@@ -519,6 +524,17 @@ def old_logprobs_from_generator(cfg: PPOConfig) -> bool:
     if a.old_logprobs != "auto":
         return a.old_logprobs == "generator"
     return a.mode == "sync" and cfg.generation.dtype == "float32" and cfg.actor_learner.mixed_precision == "fp32"
+
+
+# Plugins whose model runs Hugging Face's own forward (with a KV cache): the shared-prompt forwards need one.
+PLAIN_FORWARD_PLUGINS = ("ddp", "zero2", "zero2_cpu")
+
+
+def actor_shares_prompts(cfg: PPOConfig) -> bool:
+    """Whether the actor update may run repeated prompts once (see PPOAlgoConfig.shared_prompt_forward)."""
+    lc = cfg.actor_learner
+    return (cfg.algo.shared_prompt_forward and cfg.generation.n_samples_per_prompt > 1
+            and lc.plugin in PLAIN_FORWARD_PLUGINS and not lc.grad_checkpoint)
 
 
 def _check_ppo(cfg: PPOConfig) -> list[str]:

@@ -93,3 +93,87 @@ def test_split_micro_batches_cuts_each_tensor_by_its_own_rows():
     assert torch.equal(torch.cat([p["ptx_input_ids"] for p in parts]), batch["ptx_input_ids"])
     assert all(p["note"] == "x" for p in parts)
     assert len(split_micro_batches(batch, 9)) == 5  # never more slices than main rows
+
+
+def test_padding_columns_are_trimmed_without_changing_the_loss(tiny_llama_dir):
+    """An episode padded wider than a micro-batch needs (2 extra left-pad and 3 extra right-pad columns):
+    the trimmed loss and gradients equal the tight batch's."""
+    from transformers import AutoModelForCausalLM
+
+    from relay.learners.ppo import trim_padding_columns
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    B, P, A = 3, 6, 4
+    ids = torch.randint(3, 1000, (B, P + A))
+    attn = torch.ones_like(ids)
+    attn[0, :2] = 0
+    act = torch.ones(B, A)
+    act[1, 2:] = 0
+    attn[1, P + 2 :] = 0
+    tight = {"input_ids": ids, "attention_mask": attn, "action_mask": act, "old_logprobs": torch.full((B, A), -2.0),
+             "advantages": torch.randn(B, A)}
+    wide = {"input_ids": torch.cat([torch.zeros(B, 2, dtype=ids.dtype), ids, torch.zeros(B, 3, dtype=ids.dtype)], 1),
+            "attention_mask": torch.cat([torch.zeros(B, 2, dtype=attn.dtype), attn, torch.zeros(B, 3, dtype=attn.dtype)], 1)}
+    for k in ("action_mask", "old_logprobs", "advantages"):
+        wide[k] = torch.cat([tight[k], torch.zeros(B, 3)], 1)
+    trimmed = trim_padding_columns(wide)
+    assert trimmed["input_ids"].shape == (B, P + A) and trimmed["advantages"].shape == (B, A)
+    assert torch.equal(trimmed["input_ids"], ids)
+    grads = []
+    for batch in (tight, wide):
+        model.zero_grad()
+        loss, m = ppo_actor_loss(model, batch, clip_eps=0.2)
+        loss.backward()
+        grads.append((float(loss), m["entropy"], [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6) and grads[0][1] == pytest.approx(grads[1][1], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][2], grads[1][2]))
+
+
+def test_shared_prompt_forward_matches_the_plain_forward(tiny_llama_dir):
+    """Two groups of 3 samples (left-padded prompts, right-padded responses) and a lone row: the actor loss
+    with each prompt computed once equals the plain forward's, value and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from relay.learners.prefix_forward import prompt_groups
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
+    B, P, A = 7, 6, 4
+    prompts = torch.randint(3, 1000, (3, P))
+    ids = torch.cat([prompts[[0, 0, 0, 1, 1, 1, 2]], torch.randint(3, 1000, (B, A))], 1)
+    attn = torch.ones_like(ids)
+    attn[3:6, :2] = 0  # group 1's prompt is shorter (left padding)
+    act = torch.ones(B, A)
+    act[1, 2:] = 0
+    attn[1, P + 2 :] = 0
+    batch = {"input_ids": ids, "attention_mask": attn, "action_mask": act, "old_logprobs": torch.full((B, A), -6.0),
+             "advantages": torch.randn(B, A)}
+    assert prompt_groups(ids, attn, A).tolist() == [0, 0, 0, 1, 1, 1, 2]
+    runs = []
+    for shared in (False, True):
+        model.zero_grad()
+        loss, m = ppo_actor_loss(model, batch, clip_eps=0.2, shared_prompt=shared)
+        loss.backward()
+        runs.append((float(loss), m, [p.grad.clone() for p in model.parameters()]))
+    (plain, mp, gp), (shared, ms, gs) = runs
+    assert shared == pytest.approx(plain, abs=1e-6) and ms["entropy"] == pytest.approx(mp["entropy"], rel=1e-5)
+    assert ms["logprob_diff"] == pytest.approx(mp["logprob_diff"], rel=1e-5)
+    assert max(float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(gs, gp)) < 1e-4
+
+
+def test_shared_prefix_logprobs_match_token_logprobs(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from relay.learners.lossfn import last_token_logprobs
+    from relay.learners.prefix_forward import shared_prefix_logprobs
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    ids = torch.cat([torch.randint(3, 1000, (2, 5)).repeat_interleave(2, 0), torch.randint(3, 1000, (4, 3))], 1)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        want = token_logprobs(causal_logits(model, batch), ids, temperature=0.7)[:, -3:]
+        torch.testing.assert_close(last_token_logprobs(model, batch, 3, temperature=0.7), want)
+        torch.testing.assert_close(shared_prefix_logprobs(model, batch, 3, temperature=0.7), want, rtol=1e-5, atol=1e-5)
+        assert shared_prefix_logprobs(model, {k: v[::2] for k, v in batch.items()}, 3) is None  # nothing repeats

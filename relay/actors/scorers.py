@@ -30,10 +30,11 @@ class ReferenceServer:
         self.model.eval().requires_grad_(False)
         self.calls = 0
 
-    def logprobs(self, batch: dict[str, Any]) -> Any:
+    def logprobs(self, batch: dict[str, Any], last: int | None = None) -> Any:
+        """[B, S-1] logprobs, or only their last `last` columns (PPO needs the response's)."""
         import torch
 
-        from relay.learners.lossfn import causal_logits, token_logprobs
+        from relay.learners.lossfn import causal_logits, last_token_logprobs, token_logprobs
 
         ids = torch.as_tensor(batch["input_ids"])
         mask = torch.as_tensor(batch["attention_mask"])
@@ -42,7 +43,10 @@ class ReferenceServer:
             for start in range(0, ids.shape[0], self.micro_batch_size):
                 part = {"input_ids": ids[start : start + self.micro_batch_size],
                         "attention_mask": mask[start : start + self.micro_batch_size]}
-                outs.append(token_logprobs(causal_logits(self.model, part), part["input_ids"]))
+                if last:
+                    outs.append(last_token_logprobs(self.model, part, last))
+                else:
+                    outs.append(token_logprobs(causal_logits(self.model, part), part["input_ids"]))
         self.calls += 1
         return torch.cat(outs)
 
@@ -57,11 +61,11 @@ class ReferenceClient:
     def __init__(self, actor: Any, timeout_s: float):
         self.actor, self.timeout_s = actor, timeout_s
 
-    def logprobs_async(self, batch: dict[str, Any]) -> Any:
-        return self.actor.logprobs.remote(batch)
+    def logprobs_async(self, batch: dict[str, Any], last: int | None = None) -> Any:
+        return self.actor.logprobs.remote(batch, last)
 
-    def logprobs(self, batch: dict[str, Any]) -> Any:
-        return get(self.logprobs_async(batch), self.timeout_s, "relay/ref.logprobs")
+    def logprobs(self, batch: dict[str, Any], last: int | None = None) -> Any:
+        return get(self.logprobs_async(batch, last), self.timeout_s, "relay/ref.logprobs")
 
     def info(self) -> dict[str, Any]:
         return get(self.actor.info.remote(), 60, "relay/ref.info")

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"])
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + reply token limit (default: the model's)")
     p.add_argument("--quantization", default=None,
-                   help="vLLM quantization method for pre-quantized checkpoints (awq / gptq: GPU; see README)")
+                   help="vLLM quantization method; default: what the folder's config.json says (e.g. the int4 "
+                        "AWQ folders `relay models quantize` writes, which load on CPU and GPU; see README)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     p.add_argument("--run-dir", default="outputs/chat", help="folder for engine sockets and caches")
     return p

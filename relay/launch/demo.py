@@ -129,6 +129,12 @@ def main(argv: list[str]) -> int:
         console.rule("relay chat with the PPO model (vLLM)")
         chat_main(["--model", str(out / "ppo" / "actor"), "--temperature", "0", "--max-new-tokens", "40",
                    "--run-dir", str(out / "chat"), *[a for p in DEMO_PROMPTS for a in ("--prompt", p)]])
+        from relay.launch.models_cmd import main as models_main
+
+        console.rule("the same model as int4 on CPU (relay models quantize: AWQ format, round-to-nearest)")
+        models_main(["quantize", str(out / "ppo" / "actor"), "--out", str(out / "ppo" / "actor-int4")])
+        chat_main(["--model", str(out / "ppo" / "actor-int4"), "--temperature", "0", "--max-new-tokens", "40",
+                   "--run-dir", str(out / "chat"), "--prompt", DEMO_PROMPTS[0]])
     return 0
 
 

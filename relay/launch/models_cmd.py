@@ -1,4 +1,5 @@
-"""`relay models prepare smollm2|tiny-llama|tiny-qwen2`: build bundled models into the local cache."""
+"""`relay models prepare smollm2|tiny-llama|tiny-qwen2`: build bundled models into the local cache.
+`relay models quantize SRC --out DST`: an int4 (AWQ format, round-to-nearest) copy that vLLM loads on CPU."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,17 @@ def main(argv: list[str]) -> int:
     prep.add_argument("--cache-dir", default=None, help="where to put it (default ~/.cache/relay or $RELAY_CACHE)")
     prep.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="SmolLM2 weight dtype")
     prep.add_argument("--force", action="store_true", help="rebuild even if cached")
+    quant = sub.add_parser("quantize", help="int4 weight-only copy of a model folder (AWQ gemm format, RTN)")
+    quant.add_argument("src", help="HF model folder (safetensors), e.g. a Relay output or `prepare` folder")
+    quant.add_argument("--out", required=True, help="folder to write")
+    quant.add_argument("--group-size", type=int, default=64, help="input channels per scale/zero point")
     args = parser.parse_args(argv)
+    if args.action == "quantize":
+        from relay.models.quantize import quantize_awq_rtn
+        from relay.models.smollm2 import resolve_model_path
+
+        print(quantize_awq_rtn(resolve_model_path(args.src), args.out, args.group_size))
+        return 0
     if args.name == "smollm2":
         from relay.models.smollm2 import prepare_smollm2
 

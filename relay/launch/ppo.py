@@ -27,16 +27,15 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from relay.config import (
-    PPOConfig, needs_reference, old_logprobs_from_generator, ppo_buffer_size, save_config, to_dict,
-)
-from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, learner_batch, score_rollout
+from relay.config import PPOConfig, needs_reference, ppo_buffer_size, save_config, to_dict
+from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, score_rollout
+from relay.launch.ppo_checkpoint import PPOCheckpoints, PPOState
+from relay.launch.ppo_update import PPOUpdates, dp_size
 
 
 def log(msg: str) -> None:
@@ -57,24 +56,7 @@ def learner_options(cfg: PPOConfig, role: str) -> dict[str, Any]:
     return opts
 
 
-def dp_size(cfg: PPOConfig) -> int:
-    lc = cfg.actor_learner
-    return max(lc.num_ranks // max(lc.tp * lc.pp * lc.sp, 1), 1)
-
-
-@dataclass
-class PPOState:
-    """What a checkpoint restores besides the learners: episode, weight version, data positions, KL coef."""
-
-    episode: int = 0
-    version: int = 0
-    prompt_order: dict[str, int] = field(default_factory=dict)
-    ptx_order: dict[str, int] = field(default_factory=dict)
-    kl_coef: float = 0.0
-    reward_moments: dict[str, float] = field(default_factory=dict)
-
-
-class PPOSystem:
+class PPOSystem(PPOUpdates, PPOCheckpoints):
     """Every actor of a PPO run plus the episode loop. `run_ppo` builds one, runs it and closes it; tests may
     call `run_episodes` more than once (e.g. switch `cfg.algo.mode`) on one set of actors."""
 
@@ -214,76 +196,6 @@ class PPOSystem:
                 got[r.prompt_id] = r
         return [got[i] for i in want], time.monotonic() - job["t0"]
 
-    # ------------------------------------------------------------------------------------------ updates
-    def _ptx_rows(self) -> dict[str, torch.Tensor]:
-        from relay.data.batches import collate_sft
-
-        rows = [self.ptx[i] for i in self.ptx_order.next_batch()]
-        batch = collate_sft(rows, self.pad_id)
-        return {f"ptx_{k}": v for k, v in batch.items()}
-
-    def _update(self, exp: Any) -> dict[str, float]:
-        """Old logprobs (recomputed or the generator's), then num_update_steps optimizer steps of actor (and
-        critic)."""
-        from relay.learners.ppo import ppo_actor_loss, ppo_critic_loss
-        from relay.learners.schedule import lr_at
-
-        cfg, a = self.cfg, self.cfg.algo
-        dp = dp_size(cfg)
-        keep = len(exp) - len(exp) % dp  # rows must split evenly over dp ranks (only async evictions change it)
-        batch = {k: v[:keep] for k, v in learner_batch(exp).items()}
-        mask = batch["action_mask"].float()
-        out: dict[str, float] = {}
-        reuse = old_logprobs_from_generator(cfg)
-        if not reuse:
-            out.update(self._recompute_old_logprobs(batch, mask, async_mode=a.mode == "async"))
-        micro = max(1, -(-keep // dp // a.train_batch_size))  # ceil: rows per rank / train_batch_size
-        total_steps = a.num_episodes * a.num_update_steps
-        kl_coef = self.kl_ctl.value
-        actor_kw = dict(clip_eps=a.eps_clip, ptx_coef=a.ptx_coef, entropy_coef=a.entropy_coef,
-                        kl_coef=0.0 if a.kl_in_reward else kl_coef, kl_estimator=a.kl_estimator)
-        for step in range(a.num_update_steps):
-            n = self.state.version
-            self.actor.set_lr(lr_at(n, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio))
-            actor_batch = dict(batch)
-            if self.ptx is not None:
-                actor_batch.update(self._ptx_rows())
-            m = self.actor.train_step(actor_batch, loss=ppo_actor_loss, micro_batches=micro, **actor_kw)
-            if step == 0:
-                out["approx_kl_first"] = m["approx_kl"]
-                if reuse:  # before any update the loss compares the learner with the generator's logprobs
-                    out["logprob_diff"] = m["logprob_diff"]
-            self.state.version += 1
-            for k in ("loss", "pg_loss", "entropy", "clip_frac", "approx_kl", "ratio", "ptx_loss", "kl_loss"):
-                if k in m:
-                    key = "actor_loss" if k == "loss" else k
-                    out[key] = out.get(key, 0.0) + m[k] / a.num_update_steps
-            if self.critic is not None:
-                self.critic.set_lr(lr_at(n, cfg.critic_optim.lr, total_steps, cfg.critic_optim.warmup_steps, cfg.critic_optim.min_lr_ratio))
-                c = self.critic.train_step(batch, loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip)
-                out["critic_loss"] = out.get("critic_loss", 0.0) + c["loss"] / a.num_update_steps
-        out.setdefault("ptx_loss", 0.0)
-        out.setdefault("critic_loss", 0.0)
-        out["lr"] = lr_at(self.state.version - 1, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio)
-        return out
-
-    def _recompute_old_logprobs(self, batch: dict[str, Any], mask: torch.Tensor, async_mode: bool) -> dict[str, float]:
-        """Old logprobs from the actor group (ratio exactly 1 at the first step); async: the truncated IS
-        weights learner/generator. Returns the generator-vs-learner difference metrics."""
-        from relay.algos.masked import masked_mean
-
-        A = mask.shape[1]
-        learner_lp = self.actor.forward_logprobs({"input_ids": batch["input_ids"],
-                                                  "attention_mask": batch["attention_mask"]})[:, -A:] * mask
-        gen_lp = batch["old_logprobs"]
-        diff = (learner_lp - gen_lp).abs() * mask
-        out = {"logprob_diff": float(masked_mean(diff, mask)), "logprob_diff_max": float(diff.max())}
-        batch["old_logprobs"] = learner_lp
-        if async_mode:
-            batch["is_weights"] = torch.exp(learner_lp - gen_lp).clamp(max=self.cfg.algo.tis_cap) * mask
-            out["is_weight_mean"] = float(masked_mean(batch["is_weights"], mask))
-        return out
-
     def sync_weights(self) -> float:
         """Actor group -> safetensors (tmpfs) -> every generator at `state.version`; returns seconds."""
         from safetensors.torch import load_file
@@ -354,60 +266,6 @@ class PPOSystem:
         bar.close()
         self.history += records
         return records
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
-        """SAVE_DIR/checkpoints/step-<episode>/: actor/, critic/ (model + optimizer), trainer_state.json."""
-        from dataclasses import asdict
-
-        from relay.learners.checkpoint import atomic_dir, checkpoint_dir, save_trainer_state
-
-        self.state.prompt_order = self.prompt_order.state_dict()
-        self.state.ptx_order = self.ptx_order.state_dict() if self.ptx_order else {}
-        m = self.scorers.moments
-        self.state.reward_moments = {"mean": m.mean, "var": m.var, "count": m.count}
-        final = checkpoint_dir(self.save_dir, self.state.episode)
-        with atomic_dir(final) as tmp:
-            self.actor.save_checkpoint(tmp / "actor")
-            if self.critic is not None:
-                self.critic.save_checkpoint(tmp / "critic")
-            save_trainer_state(tmp, asdict(self.state))
-        log(f"checkpoint {final}")
-        return final
-
-    def _maybe_resume(self) -> bool:
-        from relay.learners.checkpoint import load_trainer_state, resolve_resume
-
-        path = resolve_resume(self.cfg.checkpoint_path)
-        if path is None:
-            return False
-        self.actor.load_checkpoint(path / "actor")
-        if self.critic is not None:
-            self.critic.load_checkpoint(path / "critic")
-        st = load_trainer_state(path)
-        st.pop("rng", None)
-        self.state = PPOState(**st)
-        self.prompt_order.load_state_dict(self.state.prompt_order)
-        if self.ptx_order and self.state.ptx_order:
-            self.ptx_order.load_state_dict(self.state.ptx_order)
-        self.kl_ctl.value = self.state.kl_coef
-        if self.state.reward_moments:
-            for k, v in self.state.reward_moments.items():
-                setattr(self.scorers.moments, k, v)
-        if self.state.version > 0:
-            self.sync_weights()  # generators start from the model folder: bring them to the checkpoint's weights
-        log(f"resumed from {path}: episode {self.state.episode}, weight version {self.state.version}")
-        return True
-
-    def save_final(self) -> None:
-        """The last checkpoint, plus SAVE_DIR/actor (and critic) as HF folders for `relay chat` / evaluation."""
-        ckpt = self.save_checkpoint()
-        for role in ("actor", "critic"):
-            src = ckpt / role / "model"
-            if src.exists():
-                dst = self.save_dir / role
-                shutil.rmtree(dst, ignore_errors=True)
-                shutil.copytree(src, dst)
 
     def close(self) -> None:
         for name in ("pool", "actor", "critic"):

@@ -111,7 +111,7 @@ def score_rollout(r: Rollout, sc: Scorers, kl_coef: float) -> tuple[Experience, 
     """Reference logprobs, rewards and values for a rollout -> (Experience, metrics of this batch)."""
     A = r.action_mask.shape[1]
     inputs = {"input_ids": r.sequences, "attention_mask": r.attention_mask}
-    ref_ref = sc.ref.logprobs_async(inputs) if sc.ref is not None else None
+    ref_ref = sc.ref.logprobs_async(inputs, last=A) if sc.ref is not None else None
     reward_ref = sc.reward.score_ids_async(r.prompt_ids, r.response_ids, finish_reasons=r.finish_reasons,
                                            eos_token_ids=sc.eos_token_ids)
     values = None

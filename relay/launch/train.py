@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from relay.config import DPOConfig, RMConfig, SFTConfig, TrainConfig, save_config, to_dict
+from relay.config import PLAIN_FORWARD_PLUGINS, DPOConfig, RMConfig, SFTConfig, TrainConfig, save_config, to_dict
 from relay.launch.train_data import collate, evaluate, load_samples, reference_logps, token_count
 from relay.learners import checkpoint as ckpt
 from relay.learners.dpo import dpo_train_loss
@@ -104,7 +104,7 @@ def loss_kwargs(cfg: TrainConfig, stage: Stage, reference_path: str | None, attn
         kw["loss_type"] = cfg.loss_type
     if isinstance(cfg, DPOConfig):
         kw.update(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma)
-        kw["shared_prompt"] = (cfg.shared_prompt_forward and cfg.learner.plugin in ("ddp", "zero2", "zero2_cpu")
+        kw["shared_prompt"] = (cfg.shared_prompt_forward and cfg.learner.plugin in PLAIN_FORWARD_PLUGINS
                                and not cfg.learner.grad_checkpoint)
         if not cfg.precompute_ref_logprobs and cfg.loss_type != "simpo":
             kw.update(reference_path=reference_path, reference_attn=attn)

@@ -191,9 +191,11 @@ class LearnerGroup:
         """{'loss', 'grads': full HF-named gradients} of one forward/backward, no step ('ddp' / '3d' zero 0)."""
         return self._call("gradients", batch, loss, loss_kwargs, micro_batches, what="gradients")[0]
 
-    def forward_logprobs(self, batch: dict[str, Any], temperature: float = 1.0) -> Any:
-        """(B, T-1) fp32 tensor: log p(input_ids[:, t] | input_ids[:, :t]) for t = 1..T-1."""
-        return self._gather_rows(self._call("forward", batch, "logprobs", temperature, what="forward_logprobs"))
+    def forward_logprobs(self, batch: dict[str, Any], temperature: float = 1.0, last: int | None = None) -> Any:
+        """(B, T-1) fp32 tensor: log p(input_ids[:, t] | input_ids[:, :t]) for t = 1..T-1; with `last`, only the
+        last `last` columns (B, last), computed without the LM head over the rest."""
+        return self._gather_rows(
+            self._call("forward", batch, "logprobs", temperature, last, what="forward_logprobs"))
 
     def forward_values(self, batch: dict[str, Any]) -> Any:
         """(B, T) fp32 tensor of per-token values (critic groups)."""

@@ -68,10 +68,20 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
-def causal_logits(model: Any, batch: dict[str, Any]) -> Any:
-    """(B, T, V) logits of a causal LM (full vocabulary also under tp: the policies gather them)."""
-    out = model(**model_inputs(batch), use_cache=False)
-    return out.logits if hasattr(out, "logits") else out[0]
+def causal_logits(model: Any, batch: dict[str, Any], keep: int = 0) -> Any:
+    """(B, T, V) logits of a causal LM (full vocabulary also under tp: the policies gather them); with `keep`
+    only the last `keep` positions (B, keep, V): the LM head and its softmax skip the prompt, a large share of a
+    small model's forward."""
+    extra = {"logits_to_keep": keep} if keep > 0 else {}
+    out = model(**model_inputs(batch), use_cache=False, **extra)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, -keep:] if keep > 0 else logits  # a forward that ignores logits_to_keep still fits
+
+
+def last_token_logprobs(model: Any, batch: dict[str, Any], last: int, temperature: float = 1.0) -> Any:
+    """The last `last` columns of `token_logprobs` (B, last), with logits computed only where needed."""
+    logits = causal_logits(model, batch, keep=last + 1)
+    return token_logprobs(logits, batch["input_ids"][:, -(last + 1):], temperature)
 
 
 def token_logprobs(logits: Any, input_ids: Any, temperature: float = 1.0) -> Any:

@@ -18,6 +18,7 @@ from relay.algos.kl import kl_estimate
 from relay.algos.losses import entropy_from_logits, lm_loss, policy_loss, value_loss
 from relay.algos.masked import masked_mean
 from relay.learners.lossfn import causal_logits, model_inputs, register_loss
+from relay.learners.prefix_forward import shared_prefix_response_logits
 
 PTX_PREFIX = "ptx_"
 
@@ -27,16 +28,47 @@ def response_logits(logits: torch.Tensor, num_actions: int) -> torch.Tensor:
     return logits[:, -num_actions - 1 : -1]
 
 
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 log_softmax(logits)[token]: [B, A, V] and [B, A] -> [B, A]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, num_actions: int) -> torch.Tensor:
     """fp32 log p(response token j | prefix) [B, A], the same numbers `LearnerGroup.forward_logprobs`[:, -A:]
     gives (and the generator reports from raw logits)."""
-    logp = torch.log_softmax(response_logits(logits, num_actions).float(), dim=-1)
-    return logp.gather(-1, input_ids[:, -num_actions:].unsqueeze(-1)).squeeze(-1)
+    return gather_logprobs(response_logits(logits, num_actions), input_ids[:, -num_actions:])
 
 
 def response_values(values: torch.Tensor, num_actions: int) -> torch.Tensor:
     """Per-token critic values [B, S] -> [B, A]: the value of the prefix before each response token."""
     return values[:, -num_actions - 1 : -1]
+
+
+def trim_padding_columns(batch: dict[str, Any]) -> dict[str, Any]:
+    """Drop the columns no row of this micro-batch uses: left padding before the longest prompt and right
+    padding after the longest response. The driver pads an episode to its longest prompt and response; a
+    micro-batch of a few prompts needs much less, and padding costs as much compute as real tokens."""
+    mask, actions = batch["attention_mask"], batch["action_mask"]
+    S, A = mask.shape[1], actions.shape[1]
+    used = mask[:, : S - A].any(dim=0).nonzero()
+    left = int(used.min()) if used.numel() else S - A
+    acted = actions.any(dim=0).nonzero()
+    keep_a = int(acted.max()) + 1 if acted.numel() else 1
+    if left == 0 and keep_a == A:
+        return batch
+    cut = A - keep_a
+    out = {}
+    for k, v in batch.items():
+        if k.startswith(PTX_PREFIX) or not torch.is_tensor(v) or v.dim() != 2:
+            out[k] = v
+        elif v.shape[1] == S:
+            out[k] = v[:, left : S - cut]
+        elif v.shape[1] == A:
+            out[k] = v[:, :keep_a]
+        else:
+            out[k] = v
+    return out
 
 
 def _ptx_batch(batch: dict[str, Any]) -> dict[str, Any] | None:
@@ -53,25 +85,30 @@ def ppo_actor_loss(
     entropy_coef: float = 0.0,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    shared_prompt: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped PPO surrogate (x truncated IS weights `is_weights` when present, async mode)
     - entropy_coef x entropy + kl_coef x KL(policy || ref) (only when the KL is a loss term: `ref_logprobs`
-    present and kl_coef > 0) + ptx_coef x next-token loss on the `ptx_*` rows."""
+    present and kl_coef > 0) + ptx_coef x next-token loss on the `ptx_*` rows. `shared_prompt`: run repeated
+    prompts once (`relay.learners.prefix_forward`; plain HF forwards only)."""
+    batch = trim_padding_columns(batch)
     mask = batch["action_mask"].float()
     num_actions = mask.shape[1]
-    logits = causal_logits(model, batch)
-    logprobs = response_logprobs(logits, batch["input_ids"], num_actions)
+    resp_logits = shared_prefix_response_logits(model, batch, num_actions) if shared_prompt else None
+    if resp_logits is None:
+        resp_logits = response_logits(causal_logits(model, batch, keep=num_actions + 1), num_actions)
+    logprobs = gather_logprobs(resp_logits, batch["input_ids"][:, -num_actions:])
     pg_loss, stats = policy_loss(
         logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_eps, batch.get("is_weights")
     )
     loss = pg_loss
     # Entropy over the full vocabulary is [B, A, V] work: only computed with grad when it is in the loss.
     if entropy_coef > 0:
-        entropy = masked_mean(entropy_from_logits(response_logits(logits, num_actions)), mask)
+        entropy = masked_mean(entropy_from_logits(resp_logits), mask)
         loss = loss - entropy_coef * entropy
     else:
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(response_logits(logits.detach(), num_actions)), mask)
+            entropy = masked_mean(entropy_from_logits(resp_logits.detach()), mask)
     metrics = {
         # at an episode's first step with generator old logprobs: the learner against its sampler
         "logprob_diff": float(masked_mean((logprobs.detach() - batch["old_logprobs"]).abs(), mask)),
@@ -96,6 +133,7 @@ def ppo_actor_loss(
 @register_loss("ppo_critic")
 def ppo_critic_loss(model: Any, batch: dict[str, Any], value_clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss of the critic's response values against `returns` (clip around `old_values`)."""
+    batch = trim_padding_columns(batch)
     mask = batch["action_mask"].float()
     values = response_values(model(**model_inputs(batch)).float(), mask.shape[1])
     loss = value_loss(values, batch["old_values"], batch["returns"], mask, value_clip)

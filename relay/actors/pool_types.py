@@ -1,0 +1,132 @@
+"""The plain data of `GeneratorPool` (`relay.actors.pool`): its options, results and error, the records it keeps
+per generator and per submission, the weights it keeps for late joiners, and how it tells a dead generator
+from a failed request."""
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from relay.actors import weight_sync
+from relay.actors.generator import GeneratorBroken
+from relay.actors.sampling import GenerationResult, SamplingConfig
+
+STARTING, LOADING, ACTIVE, DRAINING = "starting", "loading", "active", "draining"
+
+
+class PoolError(RuntimeError):
+    """The pool cannot finish: prompts failed `max_attempts` times, or generators keep dying."""
+
+
+@dataclass
+class PoolOptions:
+    """How a `GeneratorPool` starts, feeds and watches its generators."""
+
+    name_prefix: str = "generator"
+    """Actors are named `relay/<name_prefix>-<i>`."""
+    num_cpus: float | None = None
+    """Logical CPUs per generator; None = what `start_generator` would reserve (cpu_threads)."""
+    num_gpus: float | None = None
+    """GPUs per generator; None = tensor_parallel_size when the cluster has GPUs, else 0."""
+    max_chunk_size: int | None = None
+    """Most prompts per generate call. None = split the queue evenly over idle generators (best throughput);
+    a small value lets newly added generators share a long batch and shortens the tail."""
+    start_timeout_s: float = 300.0
+    generate_timeout_s: float = 600.0
+    """Per chunk: a generator that takes longer is killed and replaced; its prompts are re-dispatched."""
+    weight_timeout_s: float = 600.0
+    max_attempts: int = 3
+    """Dispatches per prompt before the pool gives up on it (PoolError)."""
+    max_failures: int = 16
+    """Generator failures (died, broken, hung, failed start) the pool absorbs by replacing them before it
+    gives up with PoolError."""
+    keep_weights: str = "memory"
+    """How the current weights are kept for late joiners: "memory" keeps a reference to the pushed state dict
+    (no extra work per push; do not modify its tensors in place afterwards), "object_store" serializes them
+    into the Ray object store at every push (driver memory freed; costs a serialization per push)."""
+    push_strategy: str = "auto"
+    """weight_sync strategy: auto, shm or object_store."""
+    control_name: str | None = None
+    """Create and poll this control actor (e.g. "control" -> relay/control); None = no outside control."""
+    control_poll_s: float = 1.0
+    health_interval_s: float = 5.0
+    """Idle generators are health-checked this often, so one that died while idle is replaced early."""
+
+    def __post_init__(self) -> None:
+        if self.keep_weights not in ("memory", "object_store"):
+            raise ValueError(f"PoolOptions.keep_weights must be memory or object_store, not {self.keep_weights!r}")
+        if self.max_chunk_size is not None and self.max_chunk_size < 1:
+            raise ValueError("PoolOptions.max_chunk_size must be >= 1 or None")
+
+
+@dataclass
+class PromptResult:
+    """All `n` samples of one prompt, from one generate call on one generator."""
+
+    prompt_id: Hashable
+    samples: list[GenerationResult]
+    """In sample_index order; each sample's `prompt_index` is the prompt's position in its submission."""
+    weight_version: int
+    generator: str
+    attempts: int
+    """Dispatches it took (1 unless a generator died, hung or was removed while holding it)."""
+
+    def sample_ids(self) -> list[str]:
+        """Stable unique ids for the samples (use them as `Experience.sample_ids`)."""
+        return [f"{self.prompt_id}/{s.sample_index}" for s in self.samples]
+
+
+@dataclass
+class _Member:
+    index: int
+    name: str
+    actor: Any
+    state: str = STARTING
+    since: float = field(default_factory=time.monotonic)
+    pid: int | None = None
+    version: int = 0
+    chunk_id: int | None = None
+    chunk_sent: float = 0.0
+    last_health: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Job:
+    sampling: SamplingConfig
+    prompts: dict[Hashable, list[int]]
+    remaining: int
+
+
+class _Weights:
+    """The last pushed weights, kept so that late joiners load exactly them."""
+
+    def __init__(self, version: int, state_dict: Mapping[str, Any], keep: str):
+        self.version = version
+        self._state_dict: Mapping[str, Any] | None = state_dict
+        self._blobs: list[Any] | None = None
+        if keep == "object_store":
+            self.blob_refs()
+            self._state_dict = None
+
+    def blob_refs(self) -> list[Any]:
+        """Safetensors buckets in the object store (made on first use, then shared by every joiner)."""
+        if self._blobs is None:
+            meta = {"relay_version": str(self.version)}
+            self._blobs = [ray.put(b) for b in weight_sync.iter_serialized_buckets(self._state_dict, metadata=meta)]
+        return self._blobs
+
+
+def is_generator_failure(err: BaseException) -> bool:
+    """True when the generator itself is gone or unusable (replace it), False for an error in the request."""
+    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, GeneratorBroken)):
+        return True
+    cause = getattr(err, "cause", None)
+    return isinstance(cause, GeneratorBroken)
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1][:300] if text else ''}"

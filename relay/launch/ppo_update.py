@@ -1,0 +1,93 @@
+"""The update phase of a PPO episode: old logprobs (the generators' or recomputed by the actor group), then
+`num_update_steps` optimizer steps of actor (PPO loss + ptx) and critic (value loss), micro-batched.
+
+A mixin of `relay.launch.ppo.PPOSystem`: it uses the system's `cfg`, `state`, `actor`, `critic`, `kl_ctl`,
+`ptx` and `ptx_order`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from relay.config import PPOConfig, actor_shares_prompts, old_logprobs_from_generator
+from relay.launch.ppo_rollout import learner_batch
+
+
+def dp_size(cfg: PPOConfig) -> int:
+    lc = cfg.actor_learner
+    return max(lc.num_ranks // max(lc.tp * lc.pp * lc.sp, 1), 1)
+
+
+class PPOUpdates:
+    """`_update(exp)` for `PPOSystem`."""
+
+    def _ptx_rows(self) -> dict[str, torch.Tensor]:
+        from relay.data.batches import collate_sft
+
+        rows = [self.ptx[i] for i in self.ptx_order.next_batch()]
+        batch = collate_sft(rows, self.pad_id)
+        return {f"ptx_{k}": v for k, v in batch.items()}
+
+    def _update(self, exp: Any) -> dict[str, float]:
+        """Old logprobs (recomputed or the generator's), then num_update_steps optimizer steps of actor (and
+        critic)."""
+        from relay.learners.ppo import ppo_actor_loss, ppo_critic_loss
+        from relay.learners.schedule import lr_at
+
+        cfg, a = self.cfg, self.cfg.algo
+        dp = dp_size(cfg)
+        keep = len(exp) - len(exp) % dp  # rows must split evenly over dp ranks (only async evictions change it)
+        batch = {k: v[:keep] for k, v in learner_batch(exp).items()}
+        mask = batch["action_mask"].float()
+        out: dict[str, float] = {}
+        reuse = old_logprobs_from_generator(cfg)
+        if not reuse:
+            out.update(self._recompute_old_logprobs(batch, mask, async_mode=a.mode == "async"))
+        micro = max(1, -(-keep // dp // a.train_batch_size))  # ceil: rows per rank / train_batch_size
+        total_steps = a.num_episodes * a.num_update_steps
+        kl_coef = self.kl_ctl.value
+        actor_kw = dict(clip_eps=a.eps_clip, ptx_coef=a.ptx_coef, entropy_coef=a.entropy_coef,
+                        kl_coef=0.0 if a.kl_in_reward else kl_coef, kl_estimator=a.kl_estimator,
+                        shared_prompt=actor_shares_prompts(cfg))
+        for step in range(a.num_update_steps):
+            n = self.state.version
+            self.actor.set_lr(lr_at(n, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio))
+            actor_batch = dict(batch)
+            if self.ptx is not None:
+                actor_batch.update(self._ptx_rows())
+            m = self.actor.train_step(actor_batch, loss=ppo_actor_loss, micro_batches=micro, **actor_kw)
+            if step == 0:
+                out["approx_kl_first"] = m["approx_kl"]
+                if reuse:  # before any update the loss compares the learner with the generator's logprobs
+                    out["logprob_diff"] = m["logprob_diff"]
+            self.state.version += 1
+            for k in ("loss", "pg_loss", "entropy", "clip_frac", "approx_kl", "ratio", "ptx_loss", "kl_loss"):
+                if k in m:
+                    key = "actor_loss" if k == "loss" else k
+                    out[key] = out.get(key, 0.0) + m[k] / a.num_update_steps
+            if self.critic is not None:
+                self.critic.set_lr(lr_at(n, cfg.critic_optim.lr, total_steps, cfg.critic_optim.warmup_steps, cfg.critic_optim.min_lr_ratio))
+                c = self.critic.train_step(batch, loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip)
+                out["critic_loss"] = out.get("critic_loss", 0.0) + c["loss"] / a.num_update_steps
+        out.setdefault("ptx_loss", 0.0)
+        out.setdefault("critic_loss", 0.0)
+        out["lr"] = lr_at(self.state.version - 1, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio)
+        return out
+
+    def _recompute_old_logprobs(self, batch: dict[str, Any], mask: torch.Tensor, async_mode: bool) -> dict[str, float]:
+        """Old logprobs from the actor group (ratio exactly 1 at the first step); async: the truncated IS
+        weights learner/generator. Returns the generator-vs-learner difference metrics."""
+        from relay.algos.masked import masked_mean
+
+        A = mask.shape[1]
+        learner_lp = self.actor.forward_logprobs({"input_ids": batch["input_ids"],
+                                                  "attention_mask": batch["attention_mask"]}, last=A) * mask
+        gen_lp = batch["old_logprobs"]
+        diff = (learner_lp - gen_lp).abs() * mask
+        out = {"logprob_diff": float(masked_mean(diff, mask)), "logprob_diff_max": float(diff.max())}
+        batch["old_logprobs"] = learner_lp
+        if async_mode:
+            batch["is_weights"] = torch.exp(learner_lp - gen_lp).clamp(max=self.cfg.algo.tis_cap) * mask
+            out["is_weight_mean"] = float(masked_mean(batch["is_weights"], mask))
+        return out
