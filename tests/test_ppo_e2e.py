@@ -5,6 +5,7 @@ One PPOSystem serves sync and async (switching `cfg.algo.mode` between `run_epis
 start-up (two vLLM engines, a tp=2 group, a critic) is most of the cost on a 2-core machine."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,11 +47,16 @@ def e2e_run(ray_session, prompt_data, tmp_path_factory):
         versions_after_sync = system.pool.versions()
         system.cfg.algo.mode = "async"
         asyn = system.run_episodes(until=4)
+        # Between async episodes the next prompts are already drawn and generating: a checkpoint taken then
+        # must rewind the data position to before them (else a resumed run would skip them).
+        order_before = system.prompt_order.state_dict()
+        system.pending = system._submit(system.state.episode)
         ckpt = system.save_checkpoint()
+        system.pending = None
         final_versions = system.pool.versions()
     finally:
         system.close()  # before the other tests: they start actors with the same names
-    return {"cfg": cfg, "sync": sync, "async": asyn, "names": names, "ckpt": ckpt,
+    return {"cfg": cfg, "sync": sync, "async": asyn, "names": names, "ckpt": ckpt, "order_before": order_before,
             "versions": versions_after_sync, "final_versions": final_versions, "save_dir": save_dir}
 
 
@@ -117,7 +123,8 @@ def test_metrics_file_and_checkpoint(e2e_run):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     ckpt = e2e_run["ckpt"]
     assert (ckpt / "COMPLETE").exists() and (ckpt / "actor" / "model").is_dir() and (ckpt / "critic" / "optimizer").exists()
-    assert (ckpt / "trainer_state.json").exists()
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["prompt_order"] == e2e_run["order_before"] and state["episode"] == 4
 
 
 def test_resume_from_checkpoint(e2e_run, prompt_data, tmp_path):

@@ -125,7 +125,7 @@ def test_padding_columns_are_trimmed_without_changing_the_loss(tiny_llama_dir):
         model.zero_grad()
         loss, m = ppo_actor_loss(model, batch, clip_eps=0.2)
         loss.backward()
-        grads.append((float(loss), m["entropy"], [p.grad.clone() for p in model.parameters()]))
+        grads.append((float(loss.detach()), m["entropy"], [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6) and grads[0][1] == pytest.approx(grads[1][1], rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][2], grads[1][2]))
 
@@ -155,7 +155,7 @@ def test_shared_prompt_forward_matches_the_plain_forward(tiny_llama_dir):
         model.zero_grad()
         loss, m = ppo_actor_loss(model, batch, clip_eps=0.2, shared_prompt=shared)
         loss.backward()
-        runs.append((float(loss), m, [p.grad.clone() for p in model.parameters()]))
+        runs.append((float(loss.detach()), m, [p.grad.clone() for p in model.parameters()]))
     (plain, mp, gp), (shared, ms, gs) = runs
     assert shared == pytest.approx(plain, abs=1e-6) and ms["entropy"] == pytest.approx(mp["entropy"], rel=1e-5)
     assert ms["logprob_diff"] == pytest.approx(mp["logprob_diff"], rel=1e-5)

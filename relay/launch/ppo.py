@@ -174,6 +174,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints):
 
     def _submit(self, episode: int) -> dict[str, Any]:
         """Queue one episode's prompts (ids carry the episode, so a resumed run never reuses one)."""
+        order_before = self.prompt_order.state_dict()  # a checkpoint taken while this job is pending rewinds here
         idx = self.prompt_order.next_batch()
         maxlen = self.cfg.generation.max_prompt_length
         prompts = [list(self.prompts[i]["input_ids"])[-maxlen:] for i in idx]
@@ -182,7 +183,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints):
         # dispatch now (generators work while the driver does other things); ids=[]: pop nothing, since
         # a bare collect() would hand back, and so lose, any result that finished meanwhile
         self.pool.collect(timeout_s=0.0, ids=[])
-        return {"ids": ids, "t0": time.monotonic(), "episode": episode}
+        return {"ids": ids, "t0": time.monotonic(), "episode": episode, "order_before": order_before}
 
     def _wait(self, job: dict[str, Any]) -> tuple[list[Any], float]:
         from relay.launch.cluster import RemoteCallTimeout
