@@ -62,7 +62,9 @@ bench: install bench-env
 # and the same transformers as $(VENV), so both sides run the same kernels.
 BENCH_VENV ?= .venv-bench
 TRL_VERSION ?= 1.16.0
-BENCH_STAMP := $(BENCH_VENV)/.bench-installed-$(TRL_VERSION)
+# TRL dropped PPOTrainer after 1.12 (trl.experimental.ppo); bench_ppo_trl puts this copy first on its path.
+TRL_PPO_VERSION ?= 1.12.0
+BENCH_STAMP := $(BENCH_VENV)/.bench-installed-$(TRL_VERSION)-$(TRL_PPO_VERSION)
 
 bench-env: $(BENCH_STAMP)
 
@@ -75,7 +77,9 @@ $(BENCH_STAMP):
 	if [ "$(EXTRA)" = cpu ]; then $(BENCH_VENV)/bin/pip install -q torch==2.13.0; fi
 	$(BENCH_VENV)/bin/pip install -q "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')" \
 		trl==$(TRL_VERSION) accelerate datasets peft
+	$(BENCH_VENV)/bin/pip install -q --no-deps --upgrade --target $(BENCH_VENV)/trl-ppo trl==$(TRL_PPO_VERSION)
 	$(BENCH_VENV)/bin/python -c "import torch, transformers, trl; from trl import GRPOTrainer, SFTTrainer, DPOTrainer; print('bench env ok: torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
+	PYTHONPATH=$(BENCH_VENV)/trl-ppo TRL_EXPERIMENTAL_SILENCE=1 $(BENCH_VENV)/bin/python -c "from trl.experimental.ppo import PPOTrainer"
 	touch $(BENCH_STAMP)
 
 clean:

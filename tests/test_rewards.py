@@ -221,6 +221,8 @@ def test_model_reward_scores_last_token(tiny_llama_dir):
     one = rm.score([""], [""], prompt_ids=ids["prompt_ids"][1:2], response_ids=ids["response_ids"][1:2])
     assert len(got) == 3 and got[1] == pytest.approx(one[0], abs=1e-5)  # padding does not change a score
     assert rm.score(["hello"], [" world"]) == rm.score(["hello"], [" world"])  # text path tokenizes
+    # a bundled name resolves as everywhere else (reward.model=tiny-llama, smollm2), no hub lookup
+    assert ModelReward("tiny-llama", batch_size=2).folder == str(tiny_llama_dir)
 
 
 # ------------------------------------------------------------------------------------------ actor
