@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-for _k, _v in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}.items():
-    os.environ.setdefault(_k, _v)
+from benchmarks.common import set_bench_env, write_results
+
+set_bench_env()
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,11 +157,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['load']:6.2f}")
     best = max(rows[1:], key=lambda r: r["samples_per_s"])
     print(f"Relay best ({best['side']}) / TRL: {best['ratio']:.2f}x (goal >= 3x)")
-    result = {"benchmark": "grpo_vs_trl", "model": "SmolLM2-135M-Instruct", "args": vars(args), "rows": rows,
-              "trl_runs": trl_runs, "relay_episodes": relay, "cpu_count": os.cpu_count(),
-              "platform": platform.platform()}
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"results: {out / 'results.json'}")
+    write_results(out, {"benchmark": "grpo_vs_trl", "model": "SmolLM2-135M-Instruct", "args": vars(args),
+                        "rows": rows, "trl_runs": trl_runs, "relay_episodes": relay})
     return 0
 
 

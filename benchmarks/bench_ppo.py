@@ -15,18 +15,16 @@ Reported: median samples/s and episode seconds per mode, their ratio (goal >= 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-for _k, _v in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}.items():
-    os.environ.setdefault(_k, _v)
+from benchmarks.common import set_bench_env, write_results
+
+set_bench_env()
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,10 +124,8 @@ def main(argv: list[str] | None = None) -> int:
               "advantage_estimator": al.advantage_estimator, "num_generators": g.num_generators,
               "experience_batch_size": al.experience_batch_size, "n_samples_per_prompt": g.n_samples_per_prompt,
               "max_new_tokens": g.max_new_tokens, "start_s": start_s, "sync": s, "async": a,
-              "async_over_sync": ratio, "episodes": recs, "cpu_count": os.cpu_count(),
-              "platform": platform.platform()}
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"results: {out / 'results.json'}")
+              "async_over_sync": ratio, "episodes": recs}
+    write_results(out, result)
     return 0
 
 

@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-for _k, _v in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}.items():
-    os.environ.setdefault(_k, _v)
+from benchmarks.common import set_bench_env, write_results
+
+set_bench_env()
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["ratio"] = r["samples_per_s"] / rows[0]["samples_per_s"]
         print(f"{r['side']:20s} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:6.2f}x")
-    (out / "results.json").write_text(json.dumps(
-        {"benchmark": "ppo_vs_trl", "args": vars(args), "rows": rows, "trl": trl, "relay_episodes": records,
-         "platform": platform.platform(), "cpu_count": os.cpu_count()}, indent=1, default=str))
-    print(f"results: {out / 'results.json'}")
+    write_results(out, {"benchmark": "ppo_vs_trl", "args": vars(args), "rows": rows, "trl": trl,
+                        "relay_episodes": records})
     return 0
 
 

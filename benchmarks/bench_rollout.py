@@ -16,17 +16,15 @@ alternating, in `--scaling-dtype`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-for _k, _v in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}.items():
-    os.environ.setdefault(_k, _v)
+from benchmarks.common import set_bench_env, write_results
+
+set_bench_env()
 
 
 def load() -> float:
@@ -192,10 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "rollout", "model": "SmolLM2-135M-Instruct", "prompts": len(prompts),
               "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
               "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": threads, "rows": rows,
-              "summary": summary, "runs": runs, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-              "load_after": os.getloadavg()}
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-    print(f"results: {out_dir / 'results.json'}")
+              "summary": summary, "runs": runs, "load_after": os.getloadavg()}
+    write_results(out_dir, result)
     return 0
 
 

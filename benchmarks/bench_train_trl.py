@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-for _k, _v in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}.items():
-    os.environ.setdefault(_k, _v)
+from benchmarks.common import set_bench_env, write_results
+
+set_bench_env()
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stage:5s} {r:12.2f} {t:11.2f} {row['relay_per_s']:9.3f} {row['trl_per_s']:8.3f} {row['ratio']:5.2f}x "
               f"{ld:6.2f}")
     print("(SFT: samples/s; DPO: pairs/s; DPO goal >= 1.5x)")
-    (out / "results.json").write_text(json.dumps({"benchmark": "train_vs_trl", "args": vars(args), "rows": rows,
-                                                  "steps": times, "platform": platform.platform(),
-                                                  "cpu_count": os.cpu_count()}, indent=1))
-    print(f"results: {out / 'results.json'}")
+    write_results(out, {"benchmark": "train_vs_trl", "args": vars(args), "rows": rows, "steps": times})
     return 0
 
 

@@ -15,10 +15,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from trl_common import set_worker_env, step_timer  # sibling module: this script's folder is on sys.path
+
+set_worker_env()
 
 
 def main() -> int:
@@ -38,7 +37,7 @@ def main() -> int:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(args.threads)
@@ -78,23 +77,7 @@ def main() -> int:
     )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.t = None
-            self.steps = []
-
-        def on_step_begin(self, a, state, control, **kw):
-            if self.t is None:
-                self.t = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            now = time.perf_counter()
-            self.steps.append({"step": state.global_step, "wall_s": now - self.t, "load": os.getloadavg()[0]})
-            print(f"trl step {state.global_step}: {now - self.t:.2f} s (load {os.getloadavg()[0]:.2f})",
-                  file=sys.stderr, flush=True)
-            self.t = now
-
-    timer = Timer()
+    timer = step_timer("grpo", chained=True)
     trainer = GRPOTrainer(model=model, reward_funcs=[low_token_share], args=cfg, train_dataset=ds,
                           processing_class=tok, callbacks=[timer])
     t0 = time.perf_counter()

@@ -15,11 +15,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+from trl_common import set_worker_env, step_timer  # sibling module: this script's folder is on sys.path
+
+set_worker_env()
 
 
 def main() -> int:
@@ -40,7 +38,7 @@ def main() -> int:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     torch.set_num_threads(args.threads)
@@ -63,20 +61,7 @@ def main() -> int:
         dataloader_num_workers=0, gradient_checkpointing=False,
     )
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.t, self.steps = None, []
-
-        def on_train_begin(self, a, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            now = time.perf_counter()
-            self.steps.append({"step": state.global_step, "wall_s": now - self.t, "load": os.getloadavg()[0]})
-            print(f"trl ppo step {state.global_step}: {now - self.t:.2f} s", file=sys.stderr, flush=True)
-            self.t = now
-
-    timer = Timer()
+    timer = step_timer("ppo", chained=True)
     trainer = PPOTrainer(
         args=cfg, processing_class=tok, model=load(AutoModelForCausalLM, args.model),
         ref_model=load(AutoModelForCausalLM, args.model), reward_model=load(AutoModelForSequenceClassification, args.reward),

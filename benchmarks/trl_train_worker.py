@@ -15,10 +15,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from trl_common import set_worker_env, step_timer  # sibling module: this script's folder is on sys.path
+
+set_worker_env()
 
 
 def main() -> int:
@@ -37,7 +36,7 @@ def main() -> int:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -49,19 +48,7 @@ def main() -> int:
                   save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False,
                   dataloader_num_workers=0, seed=0, disable_tqdm=True, max_length=args.max_length)
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.t, self.steps = None, []
-
-        def on_step_begin(self, a, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            dt = time.perf_counter() - self.t
-            self.steps.append({"step": state.global_step, "wall_s": dt, "load": os.getloadavg()[0]})
-            print(f"trl {args.stage} step {state.global_step}: {dt:.2f} s", file=sys.stderr, flush=True)
-
-    timer = Timer()
+    timer = step_timer(args.stage, chained=False)
     if args.stage == "sft":
         from trl import SFTConfig, SFTTrainer
 

@@ -36,8 +36,7 @@ class PPOCheckpoints:
 
         # Async mode has already drawn the next episode's prompts: save the data position before them, so a
         # resumed run generates and trains them instead of skipping them.
-        pending = getattr(self, "pending", None)
-        self.state.prompt_order = pending["order_before"] if pending else self.prompt_order.state_dict()
+        self.state.prompt_order = self.pending["order_before"] if self.pending else self.prompt_order.state_dict()
         self.state.ptx_order = self.ptx_order.state_dict() if self.ptx_order else {}
         m = self.scorers.moments
         self.state.reward_moments = {"mean": m.mean, "var": m.var, "count": m.count}

@@ -1,10 +1,9 @@
 """Preference pairs through one forward with the prompt computed once (DPO's policy and reference passes).
 
 A chosen and a rejected reply usually share their prompt, and prompts are most of a pair's tokens (the demo
-data: ~75%). The plain way (`stack_pairs`) runs 2P full rows. Here the P prompts run once with the KV cache on,
-the cache is repeated for the two replies, and the 2P replies run on top of it: p + 2r tokens per pair instead
-of 2(p + r). Gradients flow through the cache into the prompt's activations, so the loss and its gradient are
-those of the stacked forward (a test checks both).
+data: ~75%). The plain way (`stack_pairs`) runs 2P full rows. Here the pairs go through
+`relay.learners.prefix_forward` (the P prompts once with the KV cache on, the 2P replies on top): p + 2r tokens
+per pair instead of 2(p + r), with the loss and gradient of the stacked forward (a test checks both).
 
 Needs a plain Hugging Face forward with a KV cache: not under gradient checkpointing (which turns the cache
 off) nor ColossalAI's shardformer forwards (tp). Callers fall back to the stacked forward there, and whenever a
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from relay.algos.losses import IGNORE_INDEX, logprobs_from_logits
-from relay.learners.lossfn import position_ids_from_mask
+from relay.learners.prefix_forward import shared_prefix_response_logits
 
 
 def shared_prompt_lengths(batch: dict[str, Any]) -> torch.Tensor | None:
@@ -55,34 +54,26 @@ def shared_prompt_logprobs(
     model: Any, batch: dict[str, Any], prompt_lengths: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed label logprobs (2P,), label counts (2P,)), chosen rows first, as `sequence_logprobs` of the
-    stacked pairs gives them. `prompt_lengths` from `shared_prompt_lengths`."""
+    stacked pairs gives them. `prompt_lengths` from `shared_prompt_lengths`.
+
+    The pairs are laid out as the PPO rollouts are (left-padded prompt, right-padded reply; the two rows of a
+    pair next to each other), so `shared_prefix_response_logits` runs each prompt once."""
     pairs = prompt_lengths.shape[0]
     prompts, replies, labels = [], [], []
     for i in range(pairs):
         p = int(prompt_lengths[i])
-        prompts.append(batch["chosen_input_ids"][i, :p])
-        for side in ("chosen", "rejected"):  # interleaved: row 2i chosen, 2i+1 rejected (repeat_interleave order)
+        for side in ("chosen", "rejected"):  # interleaved: row 2i chosen, 2i+1 rejected
             n = int(batch[f"{side}_attention_mask"][i].sum())
+            prompts.append(batch[f"{side}_input_ids"][i, :p])
             replies.append(batch[f"{side}_input_ids"][i, p:n])
             labels.append(batch[f"{side}_labels"][i, p:n])
-    prompt_ids = _left_pad(prompts, 0)
-    prompt_mask = _left_pad([torch.ones_like(p) for p in prompts], 0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                use_cache=True, logits_to_keep=1)
-    first_logits = out.logits[:, -1:].repeat_interleave(2, dim=0)  # predicts each reply's first token
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(2)
-
-    reply_ids = _right_pad(replies, 0)
-    reply_mask = _right_pad([torch.ones_like(r) for r in replies], 0)
-    reply_labels = _right_pad(labels, IGNORE_INDEX)
-    starts = prompt_lengths.repeat_interleave(2).to(reply_ids.device)
-    positions = starts[:, None] + torch.arange(reply_ids.shape[1], device=reply_ids.device)[None, :]
-    mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), reply_mask], dim=1)
-    width = reply_ids.shape[1]
-    out2 = model(input_ids=reply_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=False, logits_to_keep=width)  # the last position predicts nothing but keeps shapes simple
-    logits = torch.cat([first_logits, out2.logits[:, : width - 1]], dim=1)
+    reply_ids, reply_labels = _right_pad(replies, 0), _right_pad(labels, IGNORE_INDEX)
+    rows = {
+        "input_ids": torch.cat([_left_pad(prompts, 0), reply_ids], dim=1),
+        "attention_mask": torch.cat([_left_pad([torch.ones_like(p) for p in prompts], 0),
+                                     _right_pad([torch.ones_like(r) for r in replies], 0)], dim=1),
+    }
+    logits = shared_prefix_response_logits(model, rows, reply_ids.shape[1])
     logp = logprobs_from_logits(logits, reply_labels).sum(-1)
     counts = (reply_labels != IGNORE_INDEX).sum(-1)
     order = torch.cat([torch.arange(0, 2 * pairs, 2), torch.arange(1, 2 * pairs, 2)]).to(logp.device)
