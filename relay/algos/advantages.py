@@ -110,16 +110,24 @@ def compute_advantages(
     group_size: int = 1,
     whiten: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One entry point for every estimator: returns (advantages, returns, token rewards), all [B, T]."""
+    """One entry point for every estimator: returns (advantages, returns, token rewards), all [B, T].
+
+    `whiten` normalises GAE advantages to mean 0, std 1 over the batch's action tokens. It does not touch grpo /
+    rloo: their advantages are already relative to the sample's group, and re-centring them across groups with a
+    token-weighted mean can flip a sample's sign (a long, good answer in one group pushes the batch mean above a
+    weaker group's positive advantages). Peers do the same: verl's GRPO/RLOO outcome advantages, OpenRLHF
+    (normalises only gae / reinforce / reinforce_baseline, not group_norm / rloo) and TRL's GRPO (per-group
+    scaling only) apply no batch-level whitening to group advantages.
+    """
     rewards = token_level_rewards(scores, action_mask, kl, kl_coef)
     if estimator == "gae":
         if values is None:
             raise ValueError("gae needs critic values")
         advantages, returns = gae_advantages(rewards, values, action_mask, gamma=gamma, lam=lam)
-    else:
-        # group estimators: the KL penalty (if any) is folded into the sequence score
-        seq_scores = (rewards * action_mask.float()).sum(dim=1)
-        advantages, returns = get_estimator(estimator)(scores=seq_scores, action_mask=action_mask, group_size=group_size)
-    if whiten:
-        advantages = masked_whiten(advantages, action_mask)
+        if whiten:
+            advantages = masked_whiten(advantages, action_mask)
+        return advantages, returns, rewards
+    # group estimators: the KL penalty (if any) is folded into the sequence score; no batch whitening (see above)
+    seq_scores = (rewards * action_mask.float()).sum(dim=1)
+    advantages, returns = get_estimator(estimator)(scores=seq_scores, action_mask=action_mask, group_size=group_size)
     return advantages, returns, rewards

@@ -1,7 +1,8 @@
 """KL estimators between the policy and the reference, and KL coefficient controllers.
 
 With r = log pi(a) - log pi_ref(a) for a sampled from pi (Schulman, "Approximating KL divergence"):
-k1 = r (unbiased, can be negative), k2 = r^2 / 2 (biased, low variance), k3 = exp(-r) - 1 + r (unbiased, >= 0).
+k1 = r (unbiased, can be negative), k2 = r^2 / 2 (biased, low variance), k3 = exp(-r) - 1 + r (unbiased, >= 0;
+clamped to [0, 10] per token, as verl and OpenRLHF do).
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+K3_LOG_RATIO_CLAMP = 20.0
+K3_CLAMP = 10.0
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -19,8 +23,11 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     if estimator == "k2":
         return 0.5 * log_ratio.pow(2)
     if estimator == "k3":
-        # clamp: exp(-r) overflows for very negative r with an untrained policy
-        return torch.exp((-log_ratio).clamp(max=20.0)) - 1.0 + log_ratio
+        # Clamped as verl's low_var_kl does: the log-ratio to [-20, 20] so exp cannot overflow, and the estimate
+        # to [-10, 10] (OpenRLHF clamps the same way). A log-ratio clamp alone still let one token reach
+        # exp(20) ~ 4.85e8 and swamp the batch's KL; past the clamps that token's KL gradient is 0, as in the peers.
+        r = log_ratio.clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+        return (torch.exp(-r) - 1.0 + r).clamp(-K3_CLAMP, K3_CLAMP)
     raise ValueError(f"kl_estimator: unknown estimator {estimator!r} (use k1, k2 or k3)")
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from relay.algos.kl import approx_kl
-from relay.algos.masked import masked_mean
+from relay.algos.masked import masked_mean, masked_token_mean
 
 IGNORE_INDEX = -100
 
@@ -25,16 +25,31 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def lm_token_count(labels: torch.Tensor) -> int:
+    """Number of tokens `lm_loss` averages over: shifted labels that are not -100 ([B, T] -> int)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, token_normalizer: float | None = None) -> torch.Tensor:
     """Next-token cross entropy averaged over tokens whose label is not -100 (SFT, ptx).
 
-    logits [B, T, V] and labels [B, T] are aligned with the input ids; the shift happens here.
+    logits [B, T, V] and labels [B, T] are aligned with the input ids; the shift happens here. With
+    `token_normalizer` the summed cross entropy is divided by it instead (pass the whole batch's
+    `lm_token_count` to every micro-batch and sum: the big-batch mean). A batch with no labelled token gives 0
+    (F.cross_entropy's mean would give nan and poison the step).
     """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
+    if token_normalizer is None:
+        # a tensor count (no host sync on an accelerator)
+        return total / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+    if token_normalizer <= 0:
+        raise ValueError(f"token_normalizer must be > 0, got {token_normalizer}")
+    return total / token_normalizer
 
 
 def policy_loss(
@@ -44,18 +59,24 @@ def policy_loss(
     action_mask: torch.Tensor,
     clip_eps: float = 0.2,
     is_weights: torch.Tensor | None = None,
+    token_normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate. All inputs [B, T] over response tokens; `is_weights` is the (truncated) importance
-    weight generator -> learner used in asynchronous mode. Returns the loss and detached stats."""
+    weight generator -> learner used in asynchronous mode, a constant factor on each token's clipped loss (as
+    verl's TIS). Token mean over `action_mask`, or the masked sum / `token_normalizer` when given (micro-batch
+    accumulation: see `masked_token_mean`). Returns the loss and detached stats (per micro-batch means)."""
     ratio = torch.exp(logprobs.float() - old_logprobs.float())
     surr1 = ratio * advantages
     surr2 = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
     per_token = -torch.min(surr1, surr2)
     if is_weights is not None:
-        per_token = per_token * is_weights
-    loss = masked_mean(per_token, action_mask)
+        per_token = per_token * is_weights.detach()
+    loss = masked_token_mean(per_token, action_mask, token_normalizer)
     with torch.no_grad():
-        clipped = ((ratio - 1.0).abs() > clip_eps).float()
+        # tokens where the clipped term is the active one (strictly larger loss), either advantage sign: verl's
+        # pg_clipfrac = mean(pg_losses2 > pg_losses1). A ratio outside the range whose unclipped term is the
+        # smaller objective (e.g. A < 0 and ratio > 1 + eps) still gets a gradient and is not counted.
+        clipped = (surr2 < surr1).float()
         stats = {
             "clip_frac": masked_mean(clipped, action_mask),
             "approx_kl": masked_mean(approx_kl(logprobs.detach(), old_logprobs), action_mask),
@@ -70,8 +91,10 @@ def value_loss(
     returns: torch.Tensor,
     action_mask: torch.Tensor,
     clip_eps: float = 0.2,
+    token_normalizer: float | None = None,
 ) -> torch.Tensor:
-    """Clipped value loss, 0.5 * max((v - R)^2, (clip(v) - R)^2), over action tokens [B, T] (clip 0 = plain MSE)."""
+    """Clipped value loss, 0.5 * max((v - R)^2, (clip(v) - R)^2), over action tokens [B, T] (clip 0 = plain MSE).
+    Token mean, or masked sum / `token_normalizer` when given (micro-batch accumulation)."""
     values = values.float()
     unclipped = (values - returns) ** 2
     if clip_eps > 0:
@@ -79,7 +102,7 @@ def value_loss(
         per_token = torch.max(unclipped, (clipped_values - returns) ** 2)
     else:
         per_token = unclipped
-    return 0.5 * masked_mean(per_token, action_mask)
+    return 0.5 * masked_token_mean(per_token, action_mask, token_normalizer)
 
 
 def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, loss_type: str = "log_sig") -> torch.Tensor:
@@ -110,8 +133,8 @@ def dpo_loss(
     """DPO-family loss on summed response logprobs [B]. Returns (loss, chosen_rewards, rejected_rewards).
 
     sigmoid: Rafailov et al. (with optional conservative label smoothing); ipo: Azar et al., squared distance of
-    the log-ratio margin to 1/(2 beta), length-normalised; simpo: Meng et al., reference-free, average logprob
-    per token, target margin gamma.
+    the log-ratio margin to 1/(2 beta), length-normalised when lengths are given (as TRL's ipo, rewards too);
+    simpo: Meng et al., reference-free, average logprob per token, target margin gamma.
     """
     if loss_type == "simpo":
         if chosen_lengths is None or rejected_lengths is None:
@@ -131,7 +154,11 @@ def dpo_loss(
         ).mean()
     elif loss_type == "ipo":
         if chosen_lengths is not None and rejected_lengths is not None:
-            margin = chosen_logratio / chosen_lengths.clamp(min=1) - rejected_logratio / rejected_lengths.clamp(min=1)
+            # TRL's ipo averages logprobs over the response; its implicit rewards use the same averages, so the
+            # reward metrics (accuracy, margins) describe the margin this loss optimises
+            chosen_logratio = chosen_logratio / chosen_lengths.clamp(min=1)
+            rejected_logratio = rejected_logratio / rejected_lengths.clamp(min=1)
+            margin = chosen_logratio - rejected_logratio
         loss = ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
     else:
         raise ValueError(f"loss_type: unknown DPO loss {loss_type!r} (use sigmoid, ipo or simpo)")

@@ -28,3 +28,17 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     if not shift_mean:
         out = out + mean
     return out * mask.to(x.dtype)
+
+
+def masked_token_mean(x: torch.Tensor, mask: torch.Tensor, token_normalizer: float | None = None) -> torch.Tensor:
+    """masked_mean over all positions, or, with `token_normalizer`, the masked sum divided by it.
+
+    Gradient accumulation over micro-batches of unequal token counts: pass every micro-batch the total number of
+    tokens of the whole (global) batch and sum the results; that equals one token mean over the whole batch,
+    where a mean of per-micro-batch means would weight a short micro-batch's tokens more.
+    """
+    if token_normalizer is None:
+        return masked_mean(x, mask)
+    if token_normalizer <= 0:
+        raise ValueError(f"token_normalizer must be > 0, got {token_normalizer}")
+    return masked_sum(x, mask.to(x.dtype)) / token_normalizer
