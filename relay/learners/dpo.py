@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from relay.algos.losses import IGNORE_INDEX, dpo_loss, logprobs_from_logits
-from relay.learners.lossfn import register_loss
+from relay.learners.lossfn import denominators_or_counts, normalized, register_loss
 from relay.learners.pair_forward import shared_prompt_lengths, shared_prompt_logprobs
-from relay.learners.rm import stack_pairs
+from relay.learners.rm import pair_counts, stack_pairs
 from relay.learners.sft import label_logits, prepare_step, trim_padding
 
 # One frozen reference per worker process: (path, dtype, device) -> model.
@@ -78,7 +78,7 @@ def pair_logprobs(model: Any, batch: dict[str, Any], shared_prompt: bool) -> tup
 
 def _dpo_loss(
     model: Any, batch: dict[str, Any], beta: float, loss_type: str, label_smoothing: float, gamma: float,
-    reference_path: str | None, reference_attn: str | None, shared_prompt: bool,
+    reference_path: str | None, reference_attn: str | None, shared_prompt: bool, pairs_den: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     pairs = batch["chosen_input_ids"].shape[0]
     logps, lengths = pair_logprobs(model, batch, shared_prompt)
@@ -98,10 +98,12 @@ def _dpo_loss(
         logps[:pairs], logps[pairs:], ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
         gamma=gamma, chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
     )
+    loss = loss * (pairs / pairs_den)  # mean over these pairs -> their share of the step's mean
     return loss, dpo_metrics(chosen_rewards, rejected_rewards, logps[:pairs].detach(), logps[pairs:].detach())
 
 
 @register_loss("dpo")
+@normalized(pair_counts)
 def dpo_train_loss(
     model: Any,
     batch: dict[str, Any],
@@ -114,12 +116,16 @@ def dpo_train_loss(
     shared_prompt: bool = False,
     num_threads: int | None = None,
     step_seed: int | None = None,
+    denominators: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """DPO-family loss (`relay.algos.losses.dpo_loss`); metrics rewards/{chosen,rejected,margins,accuracy} and
-    logps/{chosen,rejected}. Reference: precomputed in the batch, else the model at `reference_path`.
-    `shared_prompt`: run each pair's prompt once (only with a plain HF forward: see pair_forward)."""
+    """DPO-family loss (`relay.algos.losses.dpo_loss`), a mean over the optimizer step's pairs; metrics
+    rewards/{chosen,rejected,margins,accuracy} and logps/{chosen,rejected}. Reference: precomputed in the
+    batch, else the model at `reference_path`. `shared_prompt`: run each pair's prompt once (only with a plain
+    HF forward: see pair_forward)."""
     prepare_step(num_threads, step_seed)
+    den = denominators_or_counts(denominators, pair_counts, batch)
     return _dpo_loss(
         model, batch, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
         reference_path=reference_path, reference_attn=reference_attn, shared_prompt=shared_prompt,
+        pairs_den=den["pairs"],
     )

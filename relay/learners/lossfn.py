@@ -4,13 +4,23 @@ A loss is `fn(model, batch, **kwargs) -> loss | (loss, metrics)`: `model` is the
 the HF causal LM or `relay.models.heads.CriticModel`), `batch` one rank's rows as tensors on its device,
 `metrics` a dict of floats. PPO/DPO/RM losses live in `relay.algos` and plug in by name (`register_loss`) or as
 callables. Nothing here imports ColossalAI or Ray, so the same functions run on an unwrapped model in tests.
+
+A loss that averages over units (tokens, pairs) declares them with `@normalized(counts)`: the worker then
+counts the units of the whole optimizer step (all micro-batches, all data-parallel ranks) and passes
+`denominators`, so that accumulated micro-batches of any sizes give the gradient of one big batch's mean.
+Losses without it are weighted 1/n per micro-batch (exact only for equal micro-batches).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 LossFn = Callable[..., Any]
+Counts = Callable[[dict[str, Any]], dict[str, float]]
 _LOSSES: dict[str, LossFn] = {}
+IGNORE_INDEX = -100
+# Tensors whose name starts with one of these form their own rows (e.g. ptx rows beside PPO experiences): they
+# are split over data-parallel ranks and micro-batches by their own row count.
+ROW_GROUP_PREFIXES = ("ptx_",)
 
 
 def register_loss(name: str) -> Callable[[LossFn], LossFn]:
@@ -25,6 +35,28 @@ def register_loss(name: str) -> Callable[[LossFn], LossFn]:
     return deco
 
 
+def normalized(counts: Counts, summed: tuple[str, ...] = ()) -> Callable[[LossFn], LossFn]:
+    """Decorator for a loss that is a mean over units counted by `counts(batch) -> {unit: count}` (the first
+    unit is the primary one). The loss takes `denominators={unit: n}` and divides its sums by them; when it is
+    called without them it divides by its own batch's counts (a plain mean over `batch`). Metrics named in
+    `summed` are computed the same way (contributions that add up over micro-batches); the others are means
+    that the worker weights by each micro-batch's primary count."""
+
+    def deco(fn: LossFn) -> LossFn:
+        fn.loss_counts = counts
+        fn.summed_metrics = frozenset(summed)
+        return fn
+
+    return deco
+
+
+def denominators_or_counts(denominators: dict[str, float] | None, counts: Counts, batch: dict[str, Any]) -> dict[str, float]:
+    """The worker's step-wide denominators, or this batch's own counts (at least 1 each) when there are none."""
+    if denominators is not None:
+        return denominators
+    return {k: max(float(v), 1.0) for k, v in counts(batch).items()}
+
+
 def resolve_loss(loss: str | LossFn) -> LossFn:
     if callable(loss):
         return loss
@@ -33,22 +65,39 @@ def resolve_loss(loss: str | LossFn) -> LossFn:
     return _LOSSES[loss]
 
 
+def row_group(key: str) -> str:
+    """The row group of a batch entry: its `ROW_GROUP_PREFIXES` prefix, or '' for the main rows."""
+    return next((p for p in ROW_GROUP_PREFIXES if key.startswith(p)), "")
+
+
+def split_rows(batch: dict[str, Any], i: int, n: int) -> dict[str, Any]:
+    """Slice i of n of every row group: each group is cut by its own row count into near-equal parts (a group
+    with fewer rows than n leaves some slices empty). Non-tensors and scalars are kept as they are."""
+    import torch
+
+    rows: dict[str, int] = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() > 0:
+            rows.setdefault(row_group(k), v.shape[0])
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() > 0:
+            r = rows[row_group(k)]
+            out[k] = v[r * i // n : r * (i + 1) // n]
+        else:
+            out[k] = v
+    return out
+
+
 def split_micro_batches(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """`n` near-equal row slices of a rank's batch, each tensor cut by its own row count (so `ptx_*` rows,
+    """`n` near-equal row slices of a rank's batch, each row group cut by its own row count (so `ptx_*` rows,
     which number differently from the main rows, are spread over the micro-batches too). Fewer than `n`
     slices when the main rows number fewer than `n`."""
     import torch
 
     main = batch.get("input_ids", next((v for v in batch.values() if torch.is_tensor(v)), None))
     n = max(1, min(n, main.shape[0] if main is not None else 1))
-
-    def cut(v: Any, i: int) -> Any:
-        if not (torch.is_tensor(v) and v.dim() > 0):
-            return v
-        rows = v.shape[0]
-        return v[rows * i // n : rows * (i + 1) // n]
-
-    return [{k: cut(v, i) for k, v in batch.items()} for i in range(n)]
+    return [split_rows(batch, i, n) for i in range(n)]
 
 
 def position_ids_from_mask(attention_mask: Any) -> Any:
@@ -95,34 +144,61 @@ def token_logprobs(logits: Any, input_ids: Any, temperature: float = 1.0) -> Any
     return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-@register_loss("causal_lm")
-def causal_lm_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-    """Token-mean next-token cross-entropy. `labels` (-100 ignored) default to input_ids where attention_mask."""
-    import torch.nn.functional as F
-
-    logits = causal_logits(model, batch)
+def lm_labels(batch: dict[str, Any]) -> Any:
+    """`labels`, or input_ids where attention_mask (-100 elsewhere) when the batch has none."""
     labels = batch.get("labels")
     if labels is None:
         labels = batch["input_ids"].clone()
         if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = -100
+            labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    return labels
+
+
+def label_token_counts(batch: dict[str, Any]) -> dict[str, float]:
+    """Tokens a next-token loss trains on: labels[:, 1:] that are not -100."""
+    return {"label_tokens": float((lm_labels(batch)[:, 1:] != IGNORE_INDEX).sum())}
+
+
+def _value_mask(batch: dict[str, Any], values: Any) -> Any:
+    import torch
+
+    mask = batch.get("loss_mask", batch.get("attention_mask"))
+    return torch.ones_like(values) if mask is None else mask.float()
+
+
+def value_token_counts(batch: dict[str, Any]) -> dict[str, float]:
+    mask = batch.get("loss_mask", batch.get("attention_mask"))
+    return {"tokens": float(mask.sum()) if mask is not None else float(batch["targets"].numel())}
+
+
+@register_loss("causal_lm")
+@normalized(label_token_counts)
+def causal_lm_loss(
+    model: Any, batch: dict[str, Any], denominators: dict[str, float] | None = None
+) -> tuple[Any, dict[str, float]]:
+    """Token-mean next-token cross-entropy. `labels` (-100 ignored) default to input_ids where attention_mask."""
+    import torch.nn.functional as F
+
+    den = denominators_or_counts(denominators, label_token_counts, batch)
+    logits = causal_logits(model, batch)
     shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100
+    shift_labels = lm_labels(batch)[:, 1:]
+    loss_sum = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
-    return loss, {"label_tokens": float((shift_labels != -100).sum())}
+    return loss_sum / den["label_tokens"], {}
 
 
 @register_loss("value_mse")
-def value_mse_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+@normalized(value_token_counts)
+def value_mse_loss(
+    model: Any, batch: dict[str, Any], denominators: dict[str, float] | None = None
+) -> tuple[Any, dict[str, float]]:
     """Masked mean of (value - targets)^2 for a critic; mask = `loss_mask`, else `attention_mask`, else all."""
-    import torch
-
+    den = denominators_or_counts(denominators, value_token_counts, batch)
     values = model(**model_inputs(batch)).float()
-    targets = batch["targets"].float()
-    mask = batch.get("loss_mask", batch.get("attention_mask"))
-    mask = torch.ones_like(values) if mask is None else mask.float()
-    loss = ((values - targets) ** 2 * mask).sum() / mask.sum().clamp(min=1.0)
+    mask = _value_mask(batch, values)
+    loss = ((values - batch["targets"].float()) ** 2 * mask).sum() / den["tokens"]
     value_mean = (values.detach() * mask).sum() / mask.sum().clamp(min=1.0)
     return loss, {"value_mean": float(value_mean)}

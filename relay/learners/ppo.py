@@ -16,8 +16,10 @@ import torch
 
 from relay.algos.kl import kl_estimate
 from relay.algos.losses import entropy_from_logits, lm_loss, policy_loss, value_loss
-from relay.algos.masked import masked_mean
-from relay.learners.lossfn import causal_logits, model_inputs, register_loss
+from relay.algos.masked import masked_mean, masked_token_mean
+from relay.learners.lossfn import (
+    IGNORE_INDEX, causal_logits, denominators_or_counts, model_inputs, normalized, register_loss,
+)
 from relay.learners.prefix_forward import shared_prefix_response_logits
 
 PTX_PREFIX = "ptx_"
@@ -76,7 +78,19 @@ def _ptx_batch(batch: dict[str, Any]) -> dict[str, Any] | None:
     return ptx if ptx.get("input_ids") is not None and ptx["input_ids"].shape[0] > 0 else None
 
 
+def actor_counts(batch: dict[str, Any]) -> dict[str, float]:
+    """Units the actor loss averages over: action tokens (primary) and ptx label tokens."""
+    ptx = _ptx_batch(batch)
+    ptx_tokens = float((ptx["labels"][:, 1:] != IGNORE_INDEX).sum()) if ptx is not None else 0.0
+    return {"actions": float(batch["action_mask"].sum()), "ptx_tokens": ptx_tokens}
+
+
+def action_counts(batch: dict[str, Any]) -> dict[str, float]:
+    return {"actions": float(batch["action_mask"].sum())}
+
+
 @register_loss("ppo_actor")
+@normalized(actor_counts, summed=("pg_loss", "entropy", "kl_loss", "ptx_loss"))
 def ppo_actor_loss(
     model: Any,
     batch: dict[str, Any],
@@ -86,29 +100,37 @@ def ppo_actor_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     shared_prompt: bool = False,
+    temperature: float = 1.0,
+    denominators: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped PPO surrogate (x truncated IS weights `is_weights` when present, async mode)
     - entropy_coef x entropy + kl_coef x KL(policy || ref) (only when the KL is a loss term: `ref_logprobs`
-    present and kl_coef > 0) + ptx_coef x next-token loss on the `ptx_*` rows. `shared_prompt`: run repeated
-    prompts once (`relay.learners.prefix_forward`; plain HF forwards only)."""
+    present and kl_coef > 0), each a mean over the step's action tokens, + ptx_coef x next-token loss, a mean
+    over the step's ptx label tokens (`ptx_*` rows). Logprobs and entropy come from logits / `temperature`
+    (the sampling temperature, as the generator sampled). `shared_prompt`: run repeated prompts once
+    (`relay.learners.prefix_forward`; plain HF forwards only). `denominators`: see `lossfn.normalized`."""
+    den = denominators_or_counts(denominators, actor_counts, batch)
     batch = trim_padding_columns(batch)
     mask = batch["action_mask"].float()
     num_actions = mask.shape[1]
     resp_logits = shared_prefix_response_logits(model, batch, num_actions) if shared_prompt else None
     if resp_logits is None:
         resp_logits = response_logits(causal_logits(model, batch, keep=num_actions + 1), num_actions)
+    if temperature != 1.0:
+        resp_logits = resp_logits.float() / temperature
     logprobs = gather_logprobs(resp_logits, batch["input_ids"][:, -num_actions:])
+    n = den["actions"]
     pg_loss, stats = policy_loss(
-        logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_eps, batch.get("is_weights")
+        logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_eps, batch.get("is_weights"), token_normalizer=n
     )
     loss = pg_loss
     # Entropy over the full vocabulary is [B, A, V] work: only computed with grad when it is in the loss.
     if entropy_coef > 0:
-        entropy = masked_mean(entropy_from_logits(resp_logits), mask)
+        entropy = masked_token_mean(entropy_from_logits(resp_logits), mask, n)
         loss = loss - entropy_coef * entropy
     else:
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(resp_logits.detach()), mask)
+            entropy = masked_token_mean(entropy_from_logits(resp_logits.detach()), mask, n)
     metrics = {
         # at an episode's first step with generator old logprobs: the learner against its sampler
         "logprob_diff": float(masked_mean((logprobs.detach() - batch["old_logprobs"]).abs(), mask)),
@@ -119,22 +141,30 @@ def ppo_actor_loss(
         "ratio": float(stats["ratio"]),
     }
     if kl_coef > 0 and "ref_logprobs" in batch:
-        kl = masked_mean(kl_estimate(logprobs, batch["ref_logprobs"], kl_estimator), mask)
+        kl = masked_token_mean(kl_estimate(logprobs, batch["ref_logprobs"], kl_estimator), mask, n)
         loss = loss + kl_coef * kl
         metrics["kl_loss"] = float(kl.detach())
-    ptx = _ptx_batch(batch)
-    if ptx is not None and ptx_coef > 0:
-        ptx_loss = lm_loss(causal_logits(model, ptx), ptx["labels"])
-        loss = loss + ptx_coef * ptx_loss
-        metrics["ptx_loss"] = float(ptx_loss.detach())
+    if ptx_coef > 0:
+        ptx = _ptx_batch(batch)
+        ptx_loss = 0.0  # reported by every micro-batch: ranks must report the same metric names
+        if ptx is not None:
+            ptx_loss = lm_loss(causal_logits(model, ptx), ptx["labels"], token_normalizer=den["ptx_tokens"])
+            loss = loss + ptx_coef * ptx_loss
+            ptx_loss = float(ptx_loss.detach())
+        metrics["ptx_loss"] = ptx_loss
     return loss, metrics
 
 
 @register_loss("ppo_critic")
-def ppo_critic_loss(model: Any, batch: dict[str, Any], value_clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss of the critic's response values against `returns` (clip around `old_values`)."""
+@normalized(action_counts)
+def ppo_critic_loss(
+    model: Any, batch: dict[str, Any], value_clip: float = 0.2, denominators: dict[str, float] | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss of the critic's response values against `returns` (clip around `old_values`), a
+    mean over the step's action tokens."""
+    den = denominators_or_counts(denominators, action_counts, batch)
     batch = trim_padding_columns(batch)
     mask = batch["action_mask"].float()
     values = response_values(model(**model_inputs(batch)).float(), mask.shape[1])
-    loss = value_loss(values, batch["old_values"], batch["returns"], mask, value_clip)
+    loss = value_loss(values, batch["old_values"], batch["returns"], mask, value_clip, token_normalizer=den["actions"])
     return loss, {"value_mean": float(masked_mean(values.detach(), mask))}

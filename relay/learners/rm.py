@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from relay.algos.losses import reward_model_loss
-from relay.learners.lossfn import model_inputs, register_loss
+from relay.learners.lossfn import denominators_or_counts, model_inputs, normalized, register_loss
 from relay.learners.sft import prepare_step, trim_padding
 
 
@@ -45,24 +45,31 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, prefix: str = "")
     }
 
 
-def _rm_micro(model: Any, batch: dict[str, Any], loss_type: str) -> tuple[torch.Tensor, dict[str, float]]:
+def pair_counts(batch: dict[str, Any]) -> dict[str, float]:
+    """Units the pairwise losses (RM, DPO) average over: pairs."""
+    return {"pairs": float(batch["chosen_input_ids"].shape[0])}
+
+
+def _rm_micro(model: Any, batch: dict[str, Any], loss_type: str, pairs_den: float) -> tuple[torch.Tensor, dict[str, float]]:
     both = trim_padding(stack_pairs(batch))
     pairs = batch["chosen_input_ids"].shape[0]
     rewards = last_token_values(model(**model_inputs(both)), both["attention_mask"])
     chosen, rejected = rewards[:pairs], rewards[pairs:]
-    loss = reward_model_loss(chosen, rejected, loss_type)
+    loss = reward_model_loss(chosen, rejected, loss_type) * (pairs / pairs_den)  # mean -> share of the step's
     return loss, pair_metrics(chosen.detach(), rejected.detach())
 
 
 @register_loss("rm")
+@normalized(pair_counts)
 def rm_loss(
     model: Any, batch: dict[str, Any], loss_type: str = "log_sig", num_threads: int | None = None,
-    step_seed: int | None = None,
+    step_seed: int | None = None, denominators: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Pairwise ranking loss (`log_sig` or `log_exp`) on last-token rewards; metrics train/acc, reward_chosen,
-    reward_rejected, reward_margin."""
+    """Pairwise ranking loss (`log_sig` or `log_exp`) on last-token rewards, a mean over the optimizer step's
+    pairs; metrics train/acc, reward_chosen, reward_rejected, reward_margin."""
     prepare_step(num_threads, step_seed)
-    return _rm_micro(model, batch, loss_type)
+    den = denominators_or_counts(denominators, pair_counts, batch)
+    return _rm_micro(model, batch, loss_type, den["pairs"])
 
 
 def eval_rewards(values: torch.Tensor, attention_mask: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from relay.algos.losses import IGNORE_INDEX
-from relay.learners.lossfn import model_inputs, register_loss
+from relay.learners.lossfn import (
+    denominators_or_counts, label_token_counts, model_inputs, normalized, register_loss,
+)
 
 
 def prepare_step(num_threads: int | None = None, step_seed: int | None = None) -> None:
@@ -59,20 +61,25 @@ def label_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch
     return logits[:, :-1], labels[:, first + 1 :]
 
 
-def _sft_micro(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+def _sft_micro(model: Any, batch: dict[str, Any], label_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
     logits, targets = label_logits(model, trim_padding(batch))
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-    return loss, {"label_tokens": float((targets != IGNORE_INDEX).sum())}
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss / label_tokens, {}
 
 
 @register_loss("sft")
+@normalized(label_token_counts)
 def sft_loss(
     model: Any, batch: dict[str, Any], num_threads: int | None = None, step_seed: int | None = None,
+    denominators: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token cross entropy on assistant tokens only: `labels` (from `relay prepare sft`) are -100 on
-    system/user/template tokens and padding, so those positions do not count. Token mean per micro-batch."""
+    system/user/template tokens and padding, so those positions do not count. A mean over the optimizer step's
+    label tokens (all micro-batches and ranks; over `batch` when called without `denominators`)."""
     prepare_step(num_threads, step_seed)
-    return _sft_micro(model, batch)
+    den = denominators_or_counts(denominators, label_token_counts, batch)
+    return _sft_micro(model, batch, den["label_tokens"])
 
 
 def masked_token_mean_nll(logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

@@ -13,8 +13,10 @@ import ray
 
 from relay.config import PLAIN_FORWARD_PLUGINS
 from relay.launch import cluster
+from relay.learners.accumulate import StepStats
 from relay.learners.lossfn import (
-    LossFn, causal_logits, last_token_logprobs, model_inputs, resolve_loss, split_micro_batches, token_logprobs,
+    LossFn, causal_logits, last_token_logprobs, model_inputs, resolve_loss, row_group, split_micro_batches,
+    split_rows, token_logprobs,
 )
 from relay.learners.prefix_forward import shared_prefix_logprobs
 from relay.learners.worker_state import WeightsAndCheckpoints
@@ -222,74 +224,115 @@ class LearnerWorker(WeightsAndCheckpoints):
         return inner
 
     def _local_batch(self, batch: dict[str, Any], require_even: bool) -> dict[str, Any]:
-        """This rank's rows as tensors on the device: contiguous split by dp rank (tp peers share rows)."""
+        """This rank's rows as tensors on the device: a contiguous split by dp rank (tp peers share rows), each
+        row group (main rows, `ptx_*` rows) cut by its own row count; only the main rows must split evenly."""
         import numpy as np
         import torch
 
         # Arrays from the object store are read-only views: copy them into tensors torch may write to.
         tensors = {k: (torch.tensor(v) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
-        rows = next(iter(tensors.values())).shape[0]
+        main = [v for k, v in tensors.items() if torch.is_tensor(v) and v.dim() > 0 and not row_group(k)]
+        rows = main[0].shape[0] if main else 0
         dp, r = self._dp_size(), self._dp_rank()
         if require_even and rows % dp:
             raise ValueError(f"batch of {rows} rows cannot be split evenly over {dp} data-parallel ranks")
-        bounds = [rows * i // dp for i in range(dp + 1)]
         dev = self._device()
-        return {
-            k: (v[bounds[r] : bounds[r + 1]].to(dev) if torch.is_tensor(v) else v) for k, v in tensors.items()
-        }
+        return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in split_rows(tensors, r, dp).items()}
 
-    def _dp_mean(self, values: list[float]) -> list[float]:
+    def _dp_sum(self, values: list[float]) -> list[float]:
         import torch
         import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.float64, device=self._device())
         dist.all_reduce(t, group=self._dp_group())
-        return (t / self._dp_size()).tolist()
+        return t.tolist()
 
     # ---- training ----------------------------------------------------------------------------------------
     def train_step(
         self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", loss_kwargs: dict | None = None,
         micro_batches: int = 1,
     ):
-        """One optimizer step on the global `batch`; returns dp-averaged {'loss', metrics..., 'step'}."""
+        """One optimizer step on the global `batch`; returns dp-averaged {'loss', metrics..., 'nonfinite_skipped',
+        'step'}. A non-finite loss or gradient on any rank skips the step on every rank (gradients dropped,
+        weights and optimizer state untouched) and reports nonfinite_skipped = 1."""
         from relay.learners.plugins import plugin_clips_gradients
 
         self.model.train()
         self.optimizer.zero_grad()
-        value, metrics = self._accumulate(batch, loss, loss_kwargs, micro_batches)
-        if self.spec.max_norm > 0 and not plugin_clips_gradients(self.spec.plugin):
-            self.optimizer.clip_grad_by_norm(self.spec.max_norm)
-        self.optimizer.step()
+        stats = self._accumulate(batch, loss, loss_kwargs, micro_batches)
+        skip = self._nonfinite(stats.loss)
+        if not skip:
+            if self.spec.max_norm > 0 and not plugin_clips_gradients(self.spec.plugin):
+                self.optimizer.clip_grad_by_norm(self.spec.max_norm)
+            self.optimizer.step()
+            self.step += 1
         self.optimizer.zero_grad()
-        self.step += 1
-        keys = sorted(metrics)
-        means = self._dp_mean([value] + [metrics[k] for k in keys])
-        return {"loss": means[0], **dict(zip(keys, means[1:])), "step": self.step}
+        out = stats.reduce(self._dp_sum, self._dp_size())
+        return {**out, "nonfinite_skipped": float(skip), "step": self.step}
 
     def _accumulate(
         self, batch: dict[str, Any], loss: str | LossFn, loss_kwargs: dict | None, micro_batches: int
-    ) -> tuple[float, dict[str, float]]:
-        """Forward + backward of this rank's rows in `micro_batches` slices, gradients summed in place (each
-        micro-batch's loss weighted 1/n): only one slice's activations are alive at a time. Returns the mean
-        loss and metrics over the slices."""
+    ) -> StepStats:
+        """Forward + backward of this rank's rows in `micro_batches` slices, gradients summed in place: only one
+        slice's activations are alive at a time. A `normalized` loss gets the step's unit counts over all dp
+        ranks (per rank: global count / dp, since DDP/ZeRO average gradients over ranks), so the accumulated
+        gradient is the big batch's whatever the slice sizes; other losses weigh each slice 1/n."""
         import contextlib
 
         loss_fn = resolve_loss(loss)
-        parts = split_micro_batches(self._local_batch(batch, require_even=True), micro_batches)
-        total, sums = 0.0, {}
+        local = self._local_batch(batch, require_even=True)
+        parts = split_micro_batches(local, micro_batches)
+        kwargs = dict(loss_kwargs or {})
+        counts = getattr(loss_fn, "loss_counts", None)
+        stats = StepStats(getattr(loss_fn, "summed_metrics", frozenset()))
+        if counts is not None:
+            local_counts = counts(local)
+            totals = self._dp_sum(list(local_counts.values()))
+            kwargs["denominators"] = {u: max(t, 1.0) / self._dp_size() for u, t in zip(local_counts, totals)}
         for i, part in enumerate(parts):
             # Torch DDP can skip the all-reduce until the last slice; ColossalAI's ZeRO/hybrid optimizers
             # reduce every backward (as ColossalChat accumulates), which is correct, only chattier.
             quiet = self.spec.plugin == "ddp" and i < len(parts) - 1
             ctx = self.booster.no_sync(self.model, self.optimizer) if quiet else contextlib.nullcontext()
             with ctx:
-                value, metrics = _split_loss(loss_fn(self.model, part, **(loss_kwargs or {})))
-                self.booster.backward(value / len(parts), self.optimizer)
-            total += float(value.detach())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                value, metrics = _split_loss(loss_fn(self.model, part, **kwargs))
+                if counts is None:
+                    value = value / len(parts)
+                self.booster.backward(value, self.optimizer)
+            weight = next(iter(counts(part).values())) if counts is not None else 1.0
+            stats.add(float(value.detach()), metrics, weight)
             del value
-        return total / len(parts), {k: v / len(parts) for k, v in sums.items()}
+        return stats
+
+    def _nonfinite(self, loss: float) -> bool:
+        """Whether the loss or any gradient is non-finite on any rank (collective over the whole group)."""
+        import math
+
+        import torch
+        import torch.distributed as dist
+
+        bad = not math.isfinite(loss)
+        if not bad:
+            grads = list(self._local_grads())
+            if grads:
+                norms = torch._foreach_norm([g.detach() for g in grads])
+                bad = not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+        flag = torch.tensor([1.0 if bad else 0.0], device=self._device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _local_grads(self):
+        """This rank's gradients: ZeRO optimizers keep the reduced (partitioned) ones in their grad stores, the
+        other plugins in `param.grad` (Gemini's chunks are not visited: its loss is still checked)."""
+        stores = getattr(self.optimizer, "pg_to_grad_store", None)
+        if stores:
+            for store in stores.values():
+                for group_id in range(self.optimizer.num_param_groups):
+                    yield from store.get_working_grads_by_group_id(group_id)
+            return
+        for p in self.model.parameters():
+            if p.grad is not None:
+                yield p.grad
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -305,14 +348,14 @@ class LearnerWorker(WeightsAndCheckpoints):
             raise ValueError("gradients() needs plugin 'ddp' or '3d' with zero_stage=0 (ZeRO shards gradients)")
         self.model.train()
         self.optimizer.zero_grad()
-        value, _ = self._accumulate(batch, loss, loss_kwargs, micro_batches)
+        stats = self._accumulate(batch, loss, loss_kwargs, micro_batches)
         grads = {}
         for name, p in self._inner().named_parameters():
             if p.grad is not None:
                 grads[name] = self._full_tensor(p.grad, p).float().cpu()
         self.optimizer.zero_grad()
-        mean_loss = self._dp_mean([value])[0]  # collective: every rank must call it
-        return {"loss": mean_loss, "grads": grads} if self.rank == 0 else None
+        out = stats.reduce(self._dp_sum, self._dp_size())  # collective: every rank must call it
+        return {**out, "grads": grads} if self.rank == 0 else None
 
     # ---- inference ---------------------------------------------------------------------------------------
     def forward(

@@ -66,11 +66,26 @@ class WeightsAndCheckpoints:
             out[k] = t.clone() if t.data_ptr() == v.data_ptr() else t
         return out
 
+    def check_finite_weights(self, what: str) -> None:
+        """Raise FloatingPointError on every rank when any rank holds a non-finite weight (collective), so no
+        such weights reach a generator or a checkpoint. Train steps skip non-finite updates; this is the last
+        guard."""
+        import torch
+        import torch.distributed as dist
+
+        bad = any(not bool(torch.isfinite(p.detach()).all()) for p in self._inner().parameters())
+        flag = torch.tensor([1.0 if bad else 0.0], device=self._device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            raise FloatingPointError(f"{what}: the model holds non-finite weights; refusing to write them")
+
     def export_weights(self, path: str, dtype: str | None = None) -> str | None:
         """Rank 0 writes the full state (as `full_state_dict`) to one safetensors file, e.g. under /dev/shm for
-        a generator's `reload_weights`, so the weights need not pass through the driver."""
+        a generator's `reload_weights`, so the weights need not pass through the driver. Non-finite weights
+        raise instead (`check_finite_weights`)."""
         from safetensors.torch import save_file
 
+        self.check_finite_weights("export_weights")
         state = self.full_state_dict(dtype)
         if self.rank != 0:
             return None
@@ -122,6 +137,7 @@ class WeightsAndCheckpoints:
     def save_checkpoint(self, path: str) -> dict[str, Any]:
         import torch.distributed as dist
 
+        self.check_finite_weights("save_checkpoint")
         root = Path(path)
         model_dir, optim_dir = root / "model", root / "optimizer"
         if self.rank == 0:
