@@ -137,6 +137,9 @@ class TrainConfig:
     accumulation_steps: int = doc("Micro-batches per optimizer step.", 1)
     max_length: int = doc("Truncate samples to this many tokens.", 512)
     seed: int = doc("Random seed (data order, init of new heads, dropout).", 42)
+    max_nonfinite_steps: int = doc(
+        "Optimizer steps whose loss or gradient is non-finite are skipped (weights and optimizer state untouched, "
+        "counted as nonfinite_skipped in the metrics); after this many in a row the run stops with an error.", 3)
 
 
 @dataclass
@@ -181,7 +184,10 @@ class GenerationConfig:
     kv_cache_gib: float = doc("KV-cache size per engine on CPU, GiB.", 1.0)
     max_model_len: int = doc("Longest prompt + response an engine accepts.", 1024)
     n_samples_per_prompt: int = doc("Responses sampled per prompt (group size for grpo/rloo).", 1)
-    temperature: float = doc("Sampling temperature.", 1.0)
+    temperature: float = doc(
+        "Sampling temperature. The learners and the reference compute logprobs (PPO ratio, KL, entropy) from "
+        "logits / temperature, the distribution the samples came from, as OpenRLHF and verl do; 0 (greedy) "
+        "leaves them on raw logits.", 1.0)
     top_p: float = doc("Nucleus sampling threshold.", 1.0)
     top_k: int = doc("Top-k sampling (-1: off).", -1)
     max_new_tokens: int = doc("Longest response.", 64)
@@ -217,7 +223,10 @@ class PPOAlgoConfig:
     value_clip: float = doc("Value clip around old values (0 disables).", 0.2)
     kl_coef: float = doc("KL penalty coefficient against the reference (0: no KL term, and no reference actor is "
                          "started, as in verl).", 0.1)
-    kl_estimator: str = doc("KL estimator: k1 (log ratio), k2 (squared), k3 (unbiased, non-negative).", "k1", choices=("k1", "k2", "k3"))
+    kl_estimator: str = doc(
+        "KL estimator: k1 (log ratio), k2 (squared), k3 (unbiased, non-negative). As a loss term "
+        "(kl_in_reward false) use k3 or k2: k1's gradient is zero in expectation (verl's advice: low_var_kl, i.e. "
+        "k3, for the loss); k1 is then rejected.", "k1", choices=("k1", "k2", "k3"))
     kl_in_reward: bool = doc("Put the KL penalty into the per-token reward (seed) instead of a loss term.", True)
     adaptive_kl: bool = doc("Adapt kl_coef toward target_kl (Ziegler et al.).", False)
     target_kl: float = doc("Target KL per sequence for adaptive_kl.", 6.0)
@@ -227,7 +236,9 @@ class PPOAlgoConfig:
     normalize_reward: bool = doc("Running mean/std normalisation of rewards.", False)
     entropy_coef: float = doc("Entropy bonus coefficient (0: metric only).", 0.0)
     ptx_coef: float = doc("Weight of the pretraining (ptx) loss mixed into the actor loss.", 0.0)
-    ptx_batch_size: int = doc("Micro-batch size of the ptx data.", 1)
+    ptx_batch_size: int = doc(
+        "ptx rows per actor micro-batch per data-parallel rank (ptx_batch_size x micro-batches x dp rows per "
+        "update step); the ptx term is ptx_coef x the mean next-token loss over all of a step's ptx tokens.", 1)
     mode: str = doc("sync: collect then update; async: generators keep producing while learners update.", "sync", choices=("sync", "async"))
     max_staleness: int = doc("async: drop experiences older than this many weight versions.", 1)
     tis_cap: float = doc("async: cap of the truncated importance-sampling ratio learner/generator.", 2.0)
@@ -239,9 +250,14 @@ class PPOAlgoConfig:
     old_logprobs: str = doc(
         "Source of the PPO ratio's old logprobs: 'learner' (the actor group recomputes them on the episode before "
         "its first update: ratio exactly 1), 'generator' (vLLM's sampling logprobs: saves one actor forward per "
-        "episode; sync mode only) or 'auto' (generator in sync mode when generation.dtype and the actor's "
-        "mixed_precision are both fp32, where the two agree to ~1e-6; learner otherwise).",
+        "episode; sync mode and generation.temperature 1 only: vLLM reports logprobs of the raw logits) or "
+        "'auto' (generator in sync mode when generation.dtype and the actor's mixed_precision are both fp32 "
+        "and the temperature is 1, where the two agree to ~1e-6; learner otherwise).",
         "auto", choices=("auto", "learner", "generator"))
+    max_nonfinite_steps: int = doc(
+        "An actor or critic optimizer step with a non-finite loss or gradient is skipped (weights untouched, "
+        "counted as nonfinite_skipped); after this many update steps in a row with a skip the run stops with "
+        "an error naming the episode.", 3)
 
 
 @dataclass
@@ -262,7 +278,10 @@ class PPOConfig:
     cluster: ClusterConfig = doc("Ray cluster.", factory=ClusterConfig)
     prompt_dataset: list[str] = doc("Prepared prompt folders (`relay prepare prompt`).", factory=list)
     pretrain_dataset: list[str] = doc("Prepared ptx folders (`relay prepare ptx`), used when ptx_coef > 0.", factory=list)
-    conversation_template_config: str | None = doc("Template JSON (stop ids); default the tokenizer's.", None)
+    conversation_template_config: str | None = doc(
+        "Conversation template JSON (`relay prepare` format): its stop_ids end generation and count as EOS for "
+        "rewards, and the prompt folders must have been prepared with the same template. Default: the template "
+        "the prompt folders were prepared with (prepared.json), else the tokenizer's eos.", None)
     buffer_limit: int = doc("ExperienceBuffer capacity in experiences (0: exactly one episode's worth).", 0)
     checkpoint_path: str | None = doc("Checkpoint folder to resume from.", None)
     save_dir: str = doc("Output folder.", "outputs/ppo")
@@ -491,6 +510,8 @@ def validate(cfg: Any, device: str | None = None) -> None:
         for name in ("save_interval", "eval_interval", "max_steps"):
             if getattr(cfg, name) < 0:
                 errors.append(f"{name}: must be >= 0")
+        if cfg.max_nonfinite_steps < 1:
+            errors.append(f"max_nonfinite_steps: must be >= 1, got {cfg.max_nonfinite_steps}")
         if cfg.lora.lora_rank < 0:
             errors.append("lora.lora_rank: must be >= 0")
     if isinstance(cfg, DPOConfig):
@@ -518,12 +539,19 @@ def needs_reference(cfg: PPOConfig) -> bool:
     return cfg.algo.kl_coef > 0
 
 
+def learner_temperature(cfg: PPOConfig) -> float:
+    """The temperature learners and the reference divide logits by: the sampling temperature (1 for greedy)."""
+    t = cfg.generation.temperature
+    return t if t > 0 else 1.0
+
+
 def old_logprobs_from_generator(cfg: PPOConfig) -> bool:
     """Whether the PPO ratio uses the generators' logprobs as they are (see PPOAlgoConfig.old_logprobs)."""
     a = cfg.algo
     if a.old_logprobs != "auto":
         return a.old_logprobs == "generator"
-    return a.mode == "sync" and cfg.generation.dtype == "float32" and cfg.actor_learner.mixed_precision == "fp32"
+    return (a.mode == "sync" and cfg.generation.dtype == "float32" and cfg.actor_learner.mixed_precision == "fp32"
+            and learner_temperature(cfg) == 1.0)
 
 
 # Plugins whose model runs Hugging Face's own forward (with a KV cache): the shared-prompt forwards need one.
@@ -575,12 +603,34 @@ def _check_ppo(cfg: PPOConfig) -> list[str]:
     if a.mode == "async" and a.old_logprobs == "generator":
         errors.append("algo.old_logprobs: async mode needs 'learner' (or 'auto'): its importance weights compare the "
                       "learner's logprobs with the generator's")
+    errors += _check_ppo_logprobs(cfg)
+    if a.max_nonfinite_steps < 1:
+        errors.append(f"algo.max_nonfinite_steps: must be >= 1, got {a.max_nonfinite_steps}")
+    if cfg.conversation_template_config and not Path(cfg.conversation_template_config).is_file():
+        errors.append(f"conversation_template_config: {cfg.conversation_template_config} is not a file")
     if a.max_staleness < 0:
         errors.append("algo.max_staleness: must be >= 0")
     elif a.mode == "async" and a.max_staleness < a.num_update_steps:
         # versions count optimizer steps: an async batch is trained num_update_steps versions after it was made
         errors.append(f"algo.max_staleness: async mode trains each batch {a.num_update_steps} weight versions "
                       f"after it was generated (num_update_steps); max_staleness {a.max_staleness} would evict all of it")
+    return errors
+
+
+def _check_ppo_logprobs(cfg: PPOConfig) -> list[str]:
+    """Temperature and KL rules: logprobs must describe the distribution the samples came from, and a KL loss
+    term needs an estimator whose gradient is the KL's."""
+    a, errors = cfg.algo, []
+    t = cfg.generation.temperature
+    if learner_temperature(cfg) != 1.0 and a.old_logprobs == "generator":
+        errors.append(f"algo.old_logprobs: 'generator' needs generation.temperature 1 (got {t}): vLLM reports "
+                      "logprobs of the raw logits, the learners those of logits / temperature; use 'learner' or 'auto'")
+    if learner_temperature(cfg) != 1.0 and a.mode == "async":
+        errors.append(f"algo.mode: async needs generation.temperature 1 (got {t}): its importance weights compare "
+                      "the learner's logprobs (logits / temperature) with vLLM's (raw logits); use sync mode")
+    if not a.kl_in_reward and a.kl_coef > 0 and a.kl_estimator == "k1":
+        errors.append("algo.kl_estimator: k1 as a loss term (kl_in_reward false) has zero gradient in expectation, "
+                      "so the KL penalty would not act; use k3 (low variance, unbiased) or k2")
     return errors
 
 

@@ -174,3 +174,37 @@ def test_old_logprobs_source_and_reference_need():
     assert not needs_reference(load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.kl_coef=0"]))
     with pytest.raises(ConfigError, match="algo.old_logprobs"):
         load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.mode=async", "algo.old_logprobs=generator"])
+
+
+def test_k1_kl_as_a_loss_term_is_rejected():
+    """k1's expected gradient is zero: as a loss term (kl_in_reward false) the penalty would not act."""
+    with pytest.raises(ConfigError, match=r"algo.kl_estimator: k1 as a loss term .* use k3 .* or k2"):
+        load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.kl_in_reward=false", "algo.kl_estimator=k1"])
+    for ok in (["algo.kl_in_reward=false", "algo.kl_estimator=k3"], ["algo.kl_in_reward=false", "algo.kl_estimator=k2"],
+               ["algo.kl_in_reward=true", "algo.kl_estimator=k1"], ["algo.kl_in_reward=false", "algo.kl_coef=0"]):
+        load_config("ppo", CONFIGS / "ppo_tiny.yaml", ok)
+
+
+def test_temperature_makes_old_logprobs_the_learners():
+    """The generators report raw-logit logprobs: with T != 1 'auto' resolves to the learner, 'generator' and
+    async mode (its importance weights) are rejected."""
+    from relay.config import learner_temperature, old_logprobs_from_generator
+
+    hot = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["generation.temperature=0.7"])
+    assert learner_temperature(hot) == 0.7 and not old_logprobs_from_generator(hot)
+    greedy = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["generation.temperature=0"])
+    assert learner_temperature(greedy) == 1.0 and old_logprobs_from_generator(greedy)
+    with pytest.raises(ConfigError, match="algo.old_logprobs: 'generator' needs generation.temperature 1"):
+        load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["generation.temperature=0.7", "algo.old_logprobs=generator"])
+    with pytest.raises(ConfigError, match="algo.mode: async needs generation.temperature 1"):
+        load_config("ppo", CONFIGS / "ppo_tiny_grpo.yaml", ["generation.temperature=0.7", "algo.mode=async",
+                                                            "algo.max_staleness=2"])
+
+
+def test_nonfinite_limit_and_template_file_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="algo.max_nonfinite_steps: must be >= 1"):
+        load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.max_nonfinite_steps=0"])
+    with pytest.raises(ConfigError, match="max_nonfinite_steps: must be >= 1"):
+        load_config("sft", overrides=["max_nonfinite_steps=0"])
+    with pytest.raises(ConfigError, match="conversation_template_config: .* is not a file"):
+        load_config("ppo", CONFIGS / "ppo_tiny.yaml", [f"conversation_template_config={tmp_path / 'none.json'}"])

@@ -4,7 +4,8 @@ critic learner group.
 
 The reference is a plain Ray actor running transformers in fp32 rather than a 1-rank learner group: it never
 trains, so a ColossalAI booster and optimizer would only cost start-up time and memory. It computes logprobs
-exactly as the learners do (same position ids from the attention mask, fp32 log-softmax of raw logits).
+exactly as the learners do (same position ids from the attention mask, fp32 log-softmax of logits / the
+sampling temperature).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ class ReferenceServer:
         self.model.eval().requires_grad_(False)
         self.calls = 0
 
-    def logprobs(self, batch: dict[str, Any], last: int | None = None) -> Any:
-        """[B, S-1] logprobs, or only their last `last` columns (PPO needs the response's)."""
+    def logprobs(self, batch: dict[str, Any], last: int | None = None, temperature: float = 1.0) -> Any:
+        """[B, S-1] logprobs of logits / `temperature`, or only their last `last` columns (PPO needs the
+        response's)."""
         import torch
 
         from relay.learners.lossfn import causal_logits, last_token_logprobs, token_logprobs
@@ -44,9 +46,9 @@ class ReferenceServer:
                 part = {"input_ids": ids[start : start + self.micro_batch_size],
                         "attention_mask": mask[start : start + self.micro_batch_size]}
                 if last:
-                    outs.append(last_token_logprobs(self.model, part, last))
+                    outs.append(last_token_logprobs(self.model, part, last, temperature))
                 else:
-                    outs.append(token_logprobs(causal_logits(self.model, part), part["input_ids"]))
+                    outs.append(token_logprobs(causal_logits(self.model, part), part["input_ids"], temperature))
         self.calls += 1
         return torch.cat(outs)
 
@@ -61,11 +63,11 @@ class ReferenceClient:
     def __init__(self, actor: Any, timeout_s: float):
         self.actor, self.timeout_s = actor, timeout_s
 
-    def logprobs_async(self, batch: dict[str, Any], last: int | None = None) -> Any:
-        return self.actor.logprobs.remote(batch, last)
+    def logprobs_async(self, batch: dict[str, Any], last: int | None = None, temperature: float = 1.0) -> Any:
+        return self.actor.logprobs.remote(batch, last, temperature)
 
-    def logprobs(self, batch: dict[str, Any], last: int | None = None) -> Any:
-        return get(self.logprobs_async(batch, last), self.timeout_s, "relay/ref.logprobs")
+    def logprobs(self, batch: dict[str, Any], last: int | None = None, temperature: float = 1.0) -> Any:
+        return get(self.logprobs_async(batch, last, temperature), self.timeout_s, "relay/ref.logprobs")
 
     def info(self) -> dict[str, Any]:
         return get(self.actor.info.remote(), 60, "relay/ref.info")

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from relay.config import PPOConfig, needs_reference, ppo_buffer_size, save_config, to_dict
-from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, score_rollout
+from relay.config import PPOConfig, learner_temperature, needs_reference, ppo_buffer_size, save_config, to_dict
+from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, sampling_config, score_rollout
 from relay.launch.ppo_checkpoint import PPOCheckpoints, PPOState
 from relay.launch.ppo_update import PPOUpdates, dp_size
 
@@ -94,7 +94,12 @@ class PPOSystem(PPOUpdates, PPOCheckpoints):
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor.tokenizer_dir or self.actor_path)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.eos_ids = [int(tok.eos_token_id)] if tok.eos_token_id is not None else []
+        # stop ids: the conversation template's (generation stops there; rewards count them as EOS)
+        from relay.launch.ppo_template import resolve_stop_ids
+
+        stops = resolve_stop_ids(cfg, tok)
+        self.stop_ids, self.eos_ids = stops.stop_ids, stops.eos_ids
+        log(f"stop ids {self.stop_ids} (from {stops.source}), EOS ids for rewards {self.eos_ids}")
 
         self.prompts = load_prepared(cfg.prompt_dataset, "prompt")
         self.prompt_order = BatchOrder(len(self.prompts), a.num_collect_steps * a.experience_batch_size, cfg.seed)
@@ -129,7 +134,8 @@ class PPOSystem(PPOUpdates, PPOCheckpoints):
                                               num_cpus=cl.num_cpus_per_rank, num_gpus=cl.num_gpus_per_rank or None,
                                               timeout_s=timeout, **learner_options(cfg, "critic"))
         self.pool.wait_ready(timeout)
-        self.scorers = Scorers(self.ref, self.reward, self.critic, a, g.n_samples_per_prompt, self.eos_ids, timeout)
+        self.scorers = Scorers(self.ref, self.reward, self.critic, a, g.n_samples_per_prompt, self.eos_ids, timeout,
+                               temperature=learner_temperature(cfg), actor=self.actor)
         self.state = PPOState(kl_coef=self.kl_ctl.value)
         # Weight sync goes through tmpfs: the actor's rank 0 writes, the driver maps it and pushes.
         shm = Path("/dev/shm") if os.path.isdir("/dev/shm") else self.save_dir
@@ -165,12 +171,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints):
 
     # ------------------------------------------------------------------------------------------ rollouts
     def _sampling(self, episode: int):
-        from relay.actors.sampling import SamplingConfig
-
-        g = self.cfg.generation
-        return SamplingConfig(n=g.n_samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
-                              top_k=None if g.top_k < 1 else g.top_k, max_tokens=g.max_new_tokens,
-                              seed=self.cfg.seed * 1_000_003 + episode * 7919)
+        return sampling_config(self.cfg, episode, self.stop_ids)
 
     def _submit(self, episode: int) -> dict[str, Any]:
         """Queue one episode's prompts (ids carry the episode, so a resumed run never reuses one)."""

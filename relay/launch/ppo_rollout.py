@@ -105,13 +105,15 @@ class Scorers:
     eos_token_ids: list[int]
     timeout_s: float = 1800.0
     moments: RunningMoments = field(default_factory=RunningMoments)
+    temperature: float = 1.0  # learners' and reference's logits / temperature (`relay.config.learner_temperature`)
+    actor: Any | None = None  # actor LearnerGroup: the KL's policy logprobs when temperature != 1
 
 
 def score_rollout(r: Rollout, sc: Scorers, kl_coef: float) -> tuple[Experience, dict[str, float]]:
     """Reference logprobs, rewards and values for a rollout -> (Experience, metrics of this batch)."""
     A = r.action_mask.shape[1]
     inputs = {"input_ids": r.sequences, "attention_mask": r.attention_mask}
-    ref_ref = sc.ref.logprobs_async(inputs, last=A) if sc.ref is not None else None
+    ref_ref = sc.ref.logprobs_async(inputs, last=A, temperature=sc.temperature) if sc.ref is not None else None
     reward_ref = sc.reward.score_ids_async(r.prompt_ids, r.response_ids, finish_reasons=r.finish_reasons,
                                            eos_token_ids=sc.eos_token_ids)
     values = None
@@ -129,7 +131,9 @@ def score_rollout(r: Rollout, sc: Scorers, kl_coef: float) -> tuple[Experience, 
     if a.reward_clip > 0:
         scores = scores.clamp(-a.reward_clip, a.reward_clip)
     mask = r.action_mask.float()
-    kl = torch.zeros_like(mask) if ref_lp is None else kl_estimate(r.gen_logprobs, ref_lp, a.kl_estimator) * mask
+    kl = torch.zeros_like(mask)
+    if ref_lp is not None:
+        kl = kl_estimate(policy_logprobs(r, sc, inputs), ref_lp, a.kl_estimator) * mask
     adv, returns, token_rewards = compute_advantages(
         a.advantage_estimator, scores=scores, action_mask=r.action_mask, values=values, kl=kl,
         kl_coef=kl_coef if a.kl_in_reward else 0.0, gamma=a.gamma, lam=a.lam, group_size=sc.group_size,
@@ -152,6 +156,26 @@ def score_rollout(r: Rollout, sc: Scorers, kl_coef: float) -> tuple[Experience, 
     if values is not None:
         metrics["value_mean"] = float(masked_mean(values, mask))
     return exp, metrics
+
+
+def policy_logprobs(r: Rollout, sc: Scorers, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sampling policy's logprobs for the KL against the reference: the generator's (raw logits) at
+    temperature 1; else the actor group's of logits / temperature (vLLM reports raw-logit logprobs only), the
+    weights that sampled this batch in sync mode."""
+    if sc.temperature == 1.0 or sc.actor is None:
+        return r.gen_logprobs
+    A = r.action_mask.shape[1]
+    return sc.actor.forward_logprobs(inputs, temperature=sc.temperature, last=A) * r.action_mask
+
+
+def sampling_config(cfg: Any, episode: int, stop_ids: Sequence[int] = ()) -> Any:
+    """The episode's `SamplingConfig`: generation settings, the template's stop ids, a per-episode seed."""
+    from relay.actors.sampling import SamplingConfig
+
+    g = cfg.generation
+    return SamplingConfig(n=g.n_samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
+                          top_k=None if g.top_k < 1 else g.top_k, max_tokens=g.max_new_tokens,
+                          stop_token_ids=tuple(stop_ids), seed=cfg.seed * 1_000_003 + episode * 7919)
 
 
 def learner_batch(exp: Experience) -> dict[str, torch.Tensor]:

@@ -1,6 +1,10 @@
 """The update phase of a PPO episode: old logprobs (the generators' or recomputed by the actor group), then
 `num_update_steps` optimizer steps of actor (PPO loss + ptx) and critic (value loss), micro-batched.
 
+Logprobs (old and new) are those of logits / generation.temperature (`learner_temperature`). A step the
+learners skip for a non-finite loss or gradient is counted (`nonfinite_skipped`); `algo.max_nonfinite_steps`
+update steps in a row with a skip stop the run.
+
 A mixin of `relay.launch.ppo.PPOSystem`: it uses the system's `cfg`, `state`, `actor`, `critic`, `kl_ctl`,
 `ptx` and `ptx_order`.
 """
@@ -10,8 +14,9 @@ from typing import Any
 
 import torch
 
-from relay.config import PPOConfig, actor_shares_prompts, old_logprobs_from_generator
+from relay.config import PPOConfig, actor_shares_prompts, learner_temperature, old_logprobs_from_generator
 from relay.launch.ppo_rollout import learner_batch
+from relay.learners.accumulate import NonfiniteGuard
 
 
 def dp_size(cfg: PPOConfig) -> int:
@@ -22,10 +27,11 @@ def dp_size(cfg: PPOConfig) -> int:
 class PPOUpdates:
     """`_update(exp)` for `PPOSystem`."""
 
-    def _ptx_rows(self) -> dict[str, torch.Tensor]:
+    def _ptx_rows(self, micro_batches: int) -> dict[str, torch.Tensor]:
+        """ptx_batch_size rows per micro-batch per dp rank (the order's batches hold ptx_batch_size x dp)."""
         from relay.data.batches import collate_sft
 
-        rows = [self.ptx[i] for i in self.ptx_order.next_batch()]
+        rows = [self.ptx[i] for _ in range(micro_batches) for i in self.ptx_order.next_batch()]
         batch = collate_sft(rows, self.pad_id)
         return {f"ptx_{k}": v for k, v in batch.items()}
 
@@ -49,14 +55,17 @@ class PPOUpdates:
         kl_coef = self.kl_ctl.value
         actor_kw = dict(clip_eps=a.eps_clip, ptx_coef=a.ptx_coef, entropy_coef=a.entropy_coef,
                         kl_coef=0.0 if a.kl_in_reward else kl_coef, kl_estimator=a.kl_estimator,
-                        shared_prompt=actor_shares_prompts(cfg))
+                        shared_prompt=actor_shares_prompts(cfg), temperature=learner_temperature(cfg))
+        guard = self._nonfinite_guard()
+        out["nonfinite_skipped"] = 0.0
         for step in range(a.num_update_steps):
             n = self.state.version
             self.actor.set_lr(lr_at(n, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio))
             actor_batch = dict(batch)
             if self.ptx is not None:
-                actor_batch.update(self._ptx_rows())
+                actor_batch.update(self._ptx_rows(micro))
             m = self.actor.train_step(actor_batch, loss=ppo_actor_loss, micro_batches=micro, **actor_kw)
+            skipped = m.get("nonfinite_skipped", 0.0)
             if step == 0:
                 out["approx_kl_first"] = m["approx_kl"]
                 if reuse:  # before any update the loss compares the learner with the generator's logprobs
@@ -70,10 +79,19 @@ class PPOUpdates:
                 self.critic.set_lr(lr_at(n, cfg.critic_optim.lr, total_steps, cfg.critic_optim.warmup_steps, cfg.critic_optim.min_lr_ratio))
                 c = self.critic.train_step(batch, loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip)
                 out["critic_loss"] = out.get("critic_loss", 0.0) + c["loss"] / a.num_update_steps
+                skipped += c.get("nonfinite_skipped", 0.0)
+            out["nonfinite_skipped"] += skipped
+            guard.update(skipped > 0, f"episode {self.state.episode + 1}, update step {step + 1}")
         out.setdefault("ptx_loss", 0.0)
         out.setdefault("critic_loss", 0.0)
         out["lr"] = lr_at(self.state.version - 1, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio)
         return out
+
+    def _nonfinite_guard(self) -> NonfiniteGuard:
+        """One guard for the run: the streak of update steps with a skip carries over episodes."""
+        if getattr(self, "nonfinite", None) is None:
+            self.nonfinite = NonfiniteGuard(self.cfg.algo.max_nonfinite_steps, "algo.max_nonfinite_steps")
+        return self.nonfinite
 
     def _recompute_old_logprobs(self, batch: dict[str, Any], mask: torch.Tensor, async_mode: bool) -> dict[str, float]:
         """Old logprobs from the actor group (ratio exactly 1 at the first step); async: the truncated IS
@@ -82,7 +100,8 @@ class PPOUpdates:
 
         A = mask.shape[1]
         learner_lp = self.actor.forward_logprobs({"input_ids": batch["input_ids"],
-                                                  "attention_mask": batch["attention_mask"]}, last=A) * mask
+                                                  "attention_mask": batch["attention_mask"]},
+                                                 temperature=learner_temperature(self.cfg), last=A) * mask
         gen_lp = batch["old_logprobs"]
         diff = (learner_lp - gen_lp).abs() * mask
         out = {"logprob_diff": float(masked_mean(diff, mask)), "logprob_diff_max": float(diff.max())}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import shutil
 import sys
@@ -31,6 +30,7 @@ from typing import Any, Callable
 from relay.config import PLAIN_FORWARD_PLUGINS, DPOConfig, RMConfig, SFTConfig, TrainConfig, save_config, to_dict
 from relay.launch.train_data import collate, evaluate, load_samples, reference_logps, token_count
 from relay.learners import checkpoint as ckpt
+from relay.learners.accumulate import NonfiniteGuard
 from relay.learners.dpo import dpo_train_loss
 from relay.learners.rm import rm_loss
 from relay.learners.schedule import lr_at
@@ -276,6 +276,7 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
         def state(step: int) -> dict[str, Any]:
             return {"step": step, "stage": stage.name, "total_steps": total, "data": order.state_dict()}
 
+        guard = NonfiniteGuard(cfg.max_nonfinite_steps, "max_nonfinite_steps")
         bar = tqdm(total=total, initial=start, desc=f"relay {stage.name}", disable=not sys.stderr.isatty())
         for step in range(start, total):
             lr = lr_at(step, cfg.optim.lr, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
@@ -301,8 +302,8 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
             if cfg.logging.log_interval and (done % cfg.logging.log_interval == 0 or done == total):
                 shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "lr", "eval/loss", "train/acc", "rewards/accuracy", "samples_per_s"))
                 log(stage.name, f"step {done}/{total} epoch {record['epoch']:.2f} {shown}")
-            if not math.isfinite(out["loss"]):
-                raise FloatingPointError(f"step {done}: loss is {out['loss']}; lower optim.lr or check the data")
+            # A non-finite step was skipped by the learners (weights untouched); stop after too many in a row.
+            guard.update(out.get("nonfinite_skipped", 0.0) > 0, f"step {done} (loss {out['loss']})")
             if (cfg.save_interval and done % cfg.save_interval == 0) or done == total:
                 last_saved = save_checkpoint(group, save_dir, done, state(done))
                 log(stage.name, f"checkpoint {last_saved}")
