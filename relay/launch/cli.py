@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("relay.launch.prepare_cmd", "data_main", "build demo data sets (relay data demo OUT)"),
     "models": ("relay.launch.models_cmd", "main", "prepare bundled models (relay models prepare smollm2)"),
     "chat": ("relay.launch.chat", "main", "talk to a trained model through vLLM (interactive or batch)"),
+    "eval": ("relay.launch.eval_cmd", "main", "score model folders on held-out data side by side (JSON + PNG)"),
     "plot": ("relay.launch.plot_cmd", "main", "draw a run's metrics.jsonl as PNG charts"),
     "scale": ("relay.launch.scale_cmd", "main", "resize a running run's generator pool (relay scale --generators N)"),
     "demo": ("relay.launch.demo", "main", "the quickstart demo on SmolLM2-135M"),

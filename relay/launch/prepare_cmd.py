@@ -358,31 +358,71 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_data_parser() -> argparse.ArgumentParser:
+    from relay.data.demo import REJECTED_STYLES, DemoSizes
+
     p = argparse.ArgumentParser(prog="relay data", description="Demo data sets.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="build SFT, preference, prompt and ptx data from the chitchat-dataset package")
+    d = sub.add_parser("demo", help="build SFT, preference, prompt and ptx data (+ held-out splits) from chitchat-dataset")
     d.add_argument("output", help="output folder: raw/<kind>.jsonl, and <kind>/ prepared shards with --tokenizer")
-    d.add_argument("--sft", type=int, default=512, help="SFT conversations (default 512)")
-    d.add_argument("--preference", type=int, default=512, help="preference pairs (default 512)")
-    d.add_argument("--prompt", type=int, default=256, help="prompts (default 256)")
-    d.add_argument("--ptx", type=int, default=128, help="ptx texts (default 128)")
-    d.add_argument("--max-turns", type=int, default=8, help="turns kept per conversation (default 8)")
+    dflt = DemoSizes()
+    for kind, what in (("sft", "SFT conversations"), ("preference", "preference pairs"), ("prompt", "prompts"),
+                       ("ptx", "ptx texts")):
+        d.add_argument(f"--{kind}", type=int, default=getattr(dflt, kind), help=f"{what} (default %(default)s)")
+    for kind in ("sft", "preference", "prompt"):
+        d.add_argument(f"--{kind}-heldout", type=int, default=getattr(dflt, f"{kind}_heldout"),
+                       help=f"held-out {kind} records, from conversations no training split uses (default %(default)s)")
+    d.add_argument("--rejected", choices=REJECTED_STYLES, default=dflt.rejected,
+                   help="how rejected replies are made: garbled (the chosen reply's words shuffled), off-topic (a "
+                        "reply from another conversation of similar length) or mixed (default %(default)s)")
+    d.add_argument("--max-turns", type=int, default=dflt.max_turns, help="turns kept per conversation (default %(default)s)")
+    d.add_argument("--context-turns", type=int, default=dflt.context_turns,
+                   help="turns of context before a reply in prompts and pairs (default %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="seed for splitting and pairing (default 0)")
-    d.add_argument("-t", "--tokenizer", default=None, help="also prepare each kind with this tokenizer")
-    d.add_argument("--max-length", type=int, default=512, help="with --tokenizer: maximum tokens (default 512)")
-    d.add_argument("--num-proc", type=int, default=1, help="with --tokenizer: worker processes (default 1)")
+    _prepare_options(d)
+    t = sub.add_parser("task", help="prompts of a verifiable task (relay/tasks/NAME.py): train and held-out splits")
+    t.add_argument("name", help="task name, e.g. arithmetic")
+    t.add_argument("output", help="output folder: raw/<split>.jsonl, and prompt/ + prompt_heldout/ with --tokenizer")
+    t.add_argument("--train", type=int, default=1024, help="training prompts (default %(default)s)")
+    t.add_argument("--heldout", type=int, default=128, help="held-out prompts (default %(default)s)")
+    t.add_argument("--seed", type=int, default=0)
+    _prepare_options(t)
     return p
+
+
+def _prepare_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-t", "--tokenizer", default=None, help="also prepare each kind with this tokenizer")
+    p.add_argument("--max-length", type=int, default=512, help="with --tokenizer: maximum tokens (default 512)")
+    p.add_argument("--num-proc", type=int, default=1, help="with --tokenizer: worker processes (default 1)")
 
 
 def data_main(argv: list[str] | None = None) -> int:
     args = build_data_parser().parse_args(argv)
-    from relay.data.demo import DemoSizes, write_demo
+    from relay.data.demo import DemoSizes, base_kind, write_demo, write_jsonl
 
     out = Path(args.output)
-    sizes = DemoSizes(args.sft, args.preference, args.prompt, args.ptx, args.max_turns)
-    files = write_demo(out / "raw", sizes, seed=args.seed)
+    if args.command == "task":
+        from relay.tasks import find_task
+
+        try:
+            task = find_task(args.name)
+        except ValueError as err:
+            print(f"relay data task: {err}", file=sys.stderr)
+            return 2
+        files = {"prompt": write_jsonl(task.make_records(args.train, "train", args.seed), out / "raw" / "prompt.jsonl"),
+                 "prompt_heldout": write_jsonl(task.make_records(args.heldout, "heldout", args.seed),
+                                               out / "raw" / "prompt_heldout.jsonl")}
+    else:
+        sizes = DemoSizes(sft=args.sft, preference=args.preference, prompt=args.prompt, ptx=args.ptx,
+                          max_turns=args.max_turns, sft_heldout=args.sft_heldout,
+                          preference_heldout=args.preference_heldout, prompt_heldout=args.prompt_heldout,
+                          context_turns=args.context_turns, rejected=args.rejected)
+        try:
+            files = write_demo(out / "raw", sizes, seed=args.seed)
+        except ValueError as err:
+            print(f"relay data demo: {err}", file=sys.stderr)
+            return 2
     for kind, path in files.items():
-        print(f"relay data demo: {kind:<10} {path}")
+        print(f"relay data {args.command}: {kind:<18} {path}")
     if args.tokenizer:
         from relay.data.tokenizers import load_tokenizer
 
@@ -390,7 +430,7 @@ def data_main(argv: list[str] | None = None) -> int:
         template = out / DEFAULT_TEMPLATE_NAME
         template.unlink(missing_ok=True)  # one config for all kinds, generated for this tokenizer
         for kind, path in files.items():
-            opts = PrepareOptions(kind, [str(path)], str(out / kind), tokenizer=args.tokenizer,
+            opts = PrepareOptions(base_kind(kind), [str(path)], str(out / kind), tokenizer=args.tokenizer,
                                   template_config=str(template), max_length=args.max_length,
                                   num_proc=args.num_proc, seed=args.seed, progress=False)
             print(prepare_cached(opts, tokenizer=tok)[0].format())
