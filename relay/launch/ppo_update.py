@@ -95,7 +95,8 @@ class PPOUpdates:
 
     def _recompute_old_logprobs(self, batch: dict[str, Any], mask: torch.Tensor, async_mode: bool) -> dict[str, float]:
         """Old logprobs from the actor group (ratio exactly 1 at the first step); async: the truncated IS
-        weights learner/generator. Returns the generator-vs-learner difference metrics."""
+        weights learner/generator. Returns the generator-vs-learner difference metrics (with a temperature other
+        than 1 they include it: the generators report logprobs of the raw logits)."""
         from relay.algos.masked import masked_mean
 
         A = mask.shape[1]
