@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -261,6 +262,19 @@ class PPOAlgoConfig:
 
 
 @dataclass
+class PPOEvalConfig:
+    """Held-out evaluation during PPO (`eval_dataset`): the policy's sampled answers to held-out prompts, scored
+    by the run's reward source, with KL to the reference when the run has one (at temperature 1)."""
+
+    num_prompts: int = doc("Held-out prompts used per evaluation (the first N of eval_dataset).", 64)
+    n_samples: int = doc("Answers sampled per held-out prompt.", 4)
+    temperature: float = doc("Sampling temperature of the evaluation (1.0 also gives the KL estimate; 0 = greedy, one answer).", 1.0)
+    max_new_tokens: int = doc("Longest answer (0: generation.max_new_tokens).", 0)
+    pass_threshold: float | None = doc("An answer passes when its reward >= this; reports eval/pass_rate (e.g. 1.0 for a 0/1 rule).", None)
+    show_samples: int = doc("Answers per evaluation written to SAVE_DIR/eval_samples.jsonl (and one printed).", 3)
+
+
+@dataclass
 class PPOConfig:
     """Stage 3: PPO (or GRPO / RLOO) with vLLM generators, scorers, learner groups and an ExperienceBuffer."""
 
@@ -277,6 +291,10 @@ class PPOConfig:
     logging: LoggingConfig = doc("Metrics and logging.", factory=LoggingConfig)
     cluster: ClusterConfig = doc("Ray cluster.", factory=ClusterConfig)
     prompt_dataset: list[str] = doc("Prepared prompt folders (`relay prepare prompt`).", factory=list)
+    eval_dataset: list[str] = doc("Prepared held-out prompt folders; evaluated before training, every eval_interval "
+                                  "episodes and at the end (eval/* metrics).", factory=list)
+    eval_interval: int = doc("Evaluate on eval_dataset every N episodes (0: only before training and at the end).", 0)
+    eval: PPOEvalConfig = doc("Held-out evaluation settings.", factory=PPOEvalConfig)
     pretrain_dataset: list[str] = doc("Prepared ptx folders (`relay prepare ptx`), used when ptx_coef > 0.", factory=list)
     conversation_template_config: str | None = doc(
         "Conversation template JSON (`relay prepare` format): its stop_ids end generation and count as EOS for "
@@ -565,6 +583,12 @@ def actor_shares_prompts(cfg: PPOConfig) -> bool:
             and lc.plugin in PLAIN_FORWARD_PLUGINS and not lc.grad_checkpoint)
 
 
+def _is_task(name: str) -> bool:
+    from relay.tasks import task_names  # lazily, like the plugin rules: it imports nothing heavy
+
+    return name in task_names()
+
+
 def _check_ppo(cfg: PPOConfig) -> list[str]:
     a, g, errors = cfg.algo, cfg.generation, []
     for name in ("num_episodes", "num_collect_steps", "num_update_steps", "experience_batch_size", "train_batch_size", "accumulation_steps"):
@@ -592,8 +616,8 @@ def _check_ppo(cfg: PPOConfig) -> list[str]:
                 f"experience_batch_size x n_samples_per_prompt = {collected} experiences per episode, but "
                 f"train_batch_size x accumulation_steps x data-parallel size ({dp}) = {consumed}; make them equal"
             )
-    if cfg.reward.kind == "rule" and not (cfg.reward.rule and ":" in cfg.reward.rule):
-        errors.append("reward.rule: kind=rule needs 'module:function'")
+    if cfg.reward.kind == "rule" and not (cfg.reward.rule and (":" in cfg.reward.rule or _is_task(cfg.reward.rule))):
+        errors.append(f"reward.rule: kind=rule needs 'module:function' or a task name, got {cfg.reward.rule!r}")
     if cfg.reward.kind == "http" and not cfg.reward.url:
         errors.append("reward.url: kind=http needs a URL")
     if a.ptx_coef > 0 and not cfg.pretrain_dataset:
@@ -604,6 +628,18 @@ def _check_ppo(cfg: PPOConfig) -> list[str]:
         errors.append("algo.old_logprobs: async mode needs 'learner' (or 'auto'): its importance weights compare the "
                       "learner's logprobs with the generator's")
     errors += _check_ppo_logprobs(cfg)
+    e = cfg.eval
+    if cfg.eval_interval < 0:
+        errors.append(f"eval_interval: must be >= 0, got {cfg.eval_interval}")
+    for name in ("num_prompts", "n_samples"):
+        if getattr(e, name) < 1:
+            errors.append(f"eval.{name}: must be >= 1, got {getattr(e, name)}")
+    if e.max_new_tokens < 0:
+        errors.append(f"eval.max_new_tokens: must be >= 0, got {e.max_new_tokens}")
+    if not (e.temperature >= 0 and math.isfinite(e.temperature)):
+        errors.append(f"eval.temperature: must be a finite number >= 0, got {e.temperature}")
+    elif e.temperature == 0 and e.n_samples > 1:
+        errors.append("eval.n_samples: greedy evaluation (eval.temperature 0) gives one answer per prompt; use 1")
     if a.max_nonfinite_steps < 1:
         errors.append(f"algo.max_nonfinite_steps: must be >= 1, got {a.max_nonfinite_steps}")
     if cfg.conversation_template_config and not Path(cfg.conversation_template_config).is_file():

@@ -24,8 +24,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_presets_load_and_validate(preset):
+    from relay.launch.demo import PIPELINE
+
     parts = preset.stem.split("_")
-    pipeline = parts[1] if parts[0] == "demo" else parts[0]
+    pipeline = PIPELINE[parts[1]] if parts[0] == "demo" else parts[0]
     cfg = load_config(pipeline, preset)
     assert isinstance(cfg, PIPELINES[pipeline])
 

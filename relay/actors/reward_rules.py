@@ -21,8 +21,14 @@ def batched(fn: Callable) -> Callable:
 
 def load_rule(spec: str) -> Callable:
     """Import ``"package.module:function"`` with errors that say what is wrong."""
+    if isinstance(spec, str) and ":" not in spec:
+        from relay.tasks import rule_spec, task_names
+
+        if spec in task_names():
+            spec = rule_spec(spec)  # a task name: that task's reward (relay/tasks/<name>.py)
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise RewardError(f"reward rule {spec!r}: expected 'module:function', e.g. 'relay.actors.rewards:ends_with_eos'")
+        raise RewardError(f"reward rule {spec!r}: expected 'module:function' (e.g. 'relay.actors.rewards:ends_with_eos') "
+                          f"or a task name (e.g. 'arithmetic')")
     module_name, func_name = spec.split(":")
     try:
         module = importlib.import_module(module_name)

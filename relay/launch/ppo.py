@@ -35,6 +35,7 @@ import torch
 from relay.config import PPOConfig, learner_temperature, needs_reference, ppo_buffer_size, save_config, to_dict
 from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, sampling_config, score_rollout
 from relay.launch.ppo_checkpoint import PPOCheckpoints, PPOState
+from relay.launch.ppo_eval import PPOEvaluation
 from relay.launch.ppo_update import PPOUpdates, dp_size
 
 
@@ -56,7 +57,7 @@ def learner_options(cfg: PPOConfig, role: str) -> dict[str, Any]:
     return opts
 
 
-class PPOSystem(PPOUpdates, PPOCheckpoints):
+class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
     """Every actor of a PPO run plus the episode loop. `run_ppo` builds one, runs it and closes it; tests may
     call `run_episodes` more than once (e.g. switch `cfg.algo.mode`) on one set of actors."""
 
@@ -148,6 +149,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints):
                                     run_name=f"ppo-{self.run_name}", config=to_dict(cfg),
                                     resume_step=self.state.episode + 1 if resumed else None)
         self.gauges = RayGauges("relay_ppo", {"run": self.run_name})
+        self._load_eval_prompts()
         log(f"{g.num_generators} generators, actor {al.num_ranks} ranks ({al.plugin}, tp={al.tp}), "
             f"critic {'%d ranks (%s)' % (cl.num_ranks, cl.plugin) if self.critic else 'none'}, "
             f"{len(self.prompts)} prompts, {ppo_buffer_size(cfg)} experiences per episode, ready in {time.time() - t0:.1f} s")
@@ -218,6 +220,9 @@ class PPOSystem(PPOUpdates, PPOCheckpoints):
         until = a.num_episodes if until is None else until
         self._check_async()  # the mode may have been switched since start()
         records = []
+        if self.state.episode == 0 and self.eval_first is None and self._eval_due(0, False):
+            t_eval = time.monotonic()
+            self.logger.log(0, {**self.evaluate(0), "episode": 0, "eval_s": time.monotonic() - t_eval})
         bar = tqdm(total=until, initial=self.state.episode, desc="relay ppo", disable=not sys.stderr.isatty())
         while self.state.episode < until:
             ep, t_ep = self.state.episode, time.monotonic()
@@ -258,6 +263,9 @@ class PPOSystem(PPOUpdates, PPOCheckpoints):
                 "sync_s": sync_s, "episode_s": episode_s, "rollout_tokens_per_s": rollout.num_tokens / max(gen_s, 1e-9),
                 "samples_per_s": len(exp) / max(episode_s, 1e-9), "sync_share": sync_s / max(episode_s, 1e-9),
             }
+            if self._eval_due(ep + 1, final=ep + 1 == a.num_episodes):
+                t_eval = time.monotonic()
+                rec.update(self.evaluate(ep + 1), eval_s=time.monotonic() - t_eval)
             self.logger.log(ep + 1, rec)
             self.gauges.set(rec)
             records.append(rec)

@@ -383,7 +383,7 @@ def build_data_parser() -> argparse.ArgumentParser:
     t.add_argument("name", help="task name, e.g. arithmetic")
     t.add_argument("output", help="output folder: raw/<split>.jsonl, and prompt/ + prompt_heldout/ with --tokenizer")
     t.add_argument("--train", type=int, default=1024, help="training prompts (default %(default)s)")
-    t.add_argument("--heldout", type=int, default=128, help="held-out prompts (default %(default)s)")
+    t.add_argument("--heldout", type=int, default=64, help="held-out prompts (default %(default)s)")
     t.add_argument("--seed", type=int, default=0)
     _prepare_options(t)
     return p

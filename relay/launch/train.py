@@ -52,6 +52,9 @@ STAGES = {
 }
 
 
+SHOWN_EVAL = ("eval/loss", "eval/acc", "eval/rewards/accuracy", "eval/rewards/margins")
+
+
 def log(stage: str, msg: str) -> None:
     print(f"[relay {stage}] {msg}", flush=True)
 
@@ -276,6 +279,12 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
         def state(step: int) -> dict[str, Any]:
             return {"step": step, "stage": stage.name, "total_steps": total, "data": order.state_dict()}
 
+        if eval_set is not None and start == 0 and stage.name != "dpo":
+            # where training starts from, so the held-out curve has its first point (DPO's is known: a policy
+            # equal to its reference has margin 0)
+            first = evaluate(group, cfg, stage.name, eval_set, pad_id, chunk, eval_ref)
+            logger.log(0, first)
+            log(stage.name, "before training: " + " ".join(f"{k} {v:.4g}" for k, v in first.items() if k in SHOWN_EVAL))
         guard = NonfiniteGuard(cfg.max_nonfinite_steps, "max_nonfinite_steps")
         bar = tqdm(total=total, initial=start, desc=f"relay {stage.name}", disable=not sys.stderr.isatty())
         for step in range(start, total):
@@ -300,7 +309,7 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}")
             if cfg.logging.log_interval and (done % cfg.logging.log_interval == 0 or done == total):
-                shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "lr", "eval/loss", "train/acc", "rewards/accuracy", "samples_per_s"))
+                shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "lr", "train/acc", "rewards/accuracy", "samples_per_s", *SHOWN_EVAL))
                 log(stage.name, f"step {done}/{total} epoch {record['epoch']:.2f} {shown}")
             # A non-finite step was skipped by the learners (weights untouched); stop after too many in a row.
             guard.update(out.get("nonfinite_skipped", 0.0) > 0, f"step {done} (loss {out['loss']})")

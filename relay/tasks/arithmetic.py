@@ -16,8 +16,8 @@ from relay.tasks import SPLITS, split_of
 NAME = "arithmetic"
 DESCRIPTION = "two-operand addition/subtraction; reward 1 when the reply's first number is the result"
 INSTRUCTION = "Reply with the number only."
-HELDOUT_SHARE = 0.25
-MAX_OPERAND = 20
+HELDOUT_SHARE = 0.3
+MAX_OPERAND = 12
 OPS = ("+", "-")
 
 _QUESTION = re.compile(r"What is (-?\d+) ([+\-*]) (-?\d+)\?")
