@@ -60,6 +60,33 @@ def resolve_chat_model(name_or_path: str) -> Path:
     return path
 
 
+def is_quantized(model_dir: Path) -> bool:
+    """The folder holds pre-quantized weights (int4 AWQ from `relay models quantize`, GPTQ, ...)."""
+    return "quantization_config" in json.loads((model_dir / "config.json").read_text())
+
+
+def default_dtype(model_dir: Path, on_gpu: bool) -> str:
+    """--dtype when not given: bfloat16 on GPU, on CPUs with native bf16 (AVX512_BF16/AMX) and for quantized
+    folders (vLLM's int4 kernels take 16-bit activations); float32 on other CPUs, where bf16 is emulated."""
+    from relay.cpu import bf16_slow_reason
+
+    slow = None if on_gpu else bf16_slow_reason()
+    if slow is None or is_quantized(model_dir):
+        return "bfloat16"  # the generator notes bf16 on a CPU that emulates it
+    print(f"relay chat: using float32 ({slow}); pass --dtype bfloat16 to override", file=sys.stderr, flush=True)
+    return "float32"
+
+
+def int4_unsupported_reason(model_dir: Path) -> str | None:
+    """Why vLLM cannot serve this quantized folder on this machine (None: it can, or it is not quantized)."""
+    if not is_quantized(model_dir):
+        return None
+    from relay.cpu import vllm_int4_support
+
+    ok, why = vllm_int4_support()
+    return None if ok else why
+
+
 def load_chat_template(model_dir: Path, tokenizer, template_config: str | None):
     """The conversation template the model was trained with: --template-config, else MODEL/conversation_template.json,
     else the tokenizer's own."""
@@ -100,6 +127,7 @@ class ChatSession:
     """A started generator plus the template: turns message lists into replies."""
 
     def __init__(self, args: argparse.Namespace):
+        import ray
         from transformers import AutoTokenizer
 
         from relay.actors.generator import GeneratorConfig, start_generator
@@ -114,8 +142,9 @@ class ChatSession:
         run_dir = Path(args.run_dir).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"quantization": args.quantization} if args.quantization else {}
+        dtype = args.dtype or default_dtype(self.model_dir, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
         self.generator = start_generator(
-            GeneratorConfig(model=str(self.model_dir), dtype=args.dtype, max_model_len=args.max_model_len,
+            GeneratorConfig(model=str(self.model_dir), dtype=dtype, max_model_len=args.max_model_len,
                             run_dir=str(run_dir), engine_kwargs=engine_kwargs),
             name=f"chat-{Path(self.model_dir).name}"[:60],
         )
@@ -172,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "auto"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16", "auto"],
+                   help="engine dtype (default: bfloat16 on GPU, on CPUs with AVX512_BF16/AMX and for int4 folders; "
+                        "float32 on other CPUs, where bf16 is emulated and slow)")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + reply token limit (default: the model's)")
     p.add_argument("--quantization", default=None,
                    help="vLLM quantization method; default: what the folder's config.json says (e.g. the int4 "
@@ -188,6 +219,11 @@ def main(argv: list[str]) -> int:
         print("relay chat: --output needs --input", file=sys.stderr)
         return 2
     rows = read_inputs(args.input) if args.input else None
+    args.model = str(resolve_chat_model(args.model))
+    why = int4_unsupported_reason(Path(args.model))
+    if why:  # before any Ray/vLLM start: vLLM would fail deep inside the engine with an AttributeError
+        print(f"relay chat: {args.model}: {why}; serve the unquantized model instead", file=sys.stderr)
+        return 2
     session = ChatSession(args)
     try:
         if rows is not None:
