@@ -55,7 +55,8 @@ class GeneratorConfig:
     """Local HF model folder (config, tokenizer, safetensors)."""
     dtype: str = "float32"
     """Engine dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's). fp32 is fastest for tiny
-    models on CPU and makes logprobs match a fp32 learner to ~1e-6."""
+    models on CPU and makes logprobs match a fp32 learner to ~1e-6. bf16 on a CPU without AVX512_BF16/AMX is
+    emulated (slow): kept, with a one-line warning (`cpu_dtype_note`)."""
     max_model_len: int | None = None
     """Prompt + response token limit; None = the model's maximum."""
     seed: int = 0
@@ -93,6 +94,22 @@ class GeneratorConfig:
             raise ValueError("GeneratorConfig: tensor_parallel_size, cpu_threads and cpu_kvcache_gib must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("GeneratorConfig.gpu_memory_utilization must be in (0, 1]")
+
+
+def cpu_dtype_note(dtype: str, hf_config: dict[str, Any]) -> str | None:
+    """One line when a CPU engine will compute in bf16 (asked for, or "auto" on a bf16 checkpoint) on a CPU
+    without AVX512_BF16/AMX, where bf16 is emulated; the choice is kept. None otherwise."""
+    resolved = dtype if dtype != "auto" else str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "")
+    if resolved != "bfloat16":
+        return None
+    from relay.cpu import bf16_slow_reason
+
+    slow = bf16_slow_reason()
+    if slow is None:
+        return None
+    if "quantization_config" in hf_config:
+        return f"dtype {dtype} kept (vLLM's int4 kernels need 16-bit activations), but {slow}"
+    return f"dtype {dtype} kept as asked, but {slow}; dtype float32 is faster on this CPU"
 
 
 class GeneratorBroken(RuntimeError):
@@ -158,6 +175,10 @@ class VLLMGenerator:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
             torch.set_num_threads(cfg.cpu_threads)  # in-process: the worker freezes the count afterwards
         os.environ.update(env)
+        if not on_gpu:
+            note = cpu_dtype_note(cfg.dtype, hf_config)
+            if note:
+                logger.warning("generator pid %d: %s", os.getpid(), note)
 
         from vllm import LLM
 
