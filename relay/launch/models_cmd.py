@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+def int4_serving_note() -> str | None:
+    """One line when vLLM cannot serve (or only slowly serves) an int4 folder on this machine, else None."""
+    from relay.cpu import bf16_slow_reason, vllm_int4_support
+
+    ok, why = vllm_int4_support()
+    if not ok:
+        return f"this machine cannot serve the folder with vLLM ({why}); it loads on GPUs and AVX-512 CPUs"
+    if why.startswith("GPU"):
+        return None
+    slow = bf16_slow_reason()
+    return f"vLLM serves int4 with bf16 activations here, and {slow}" if slow else None
 
 
 def main(argv: list[str]) -> int:
@@ -23,6 +37,9 @@ def main(argv: list[str]) -> int:
         from relay.models.smollm2 import resolve_model_path
 
         print(quantize_awq_rtn(resolve_model_path(args.src), args.out, args.group_size))
+        note = int4_serving_note()
+        if note:
+            print(f"relay models quantize: note: {note}", file=sys.stderr)
         return 0
     if args.name == "smollm2":
         from relay.models.smollm2 import prepare_smollm2
