@@ -28,8 +28,9 @@ class RemoteCallTimeout(TimeoutError):
 
 def actor_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(ACTOR_ENV)
-    # User overrides from the driver's environment win over our defaults (e.g. WANDB_MODE=online).
-    for key in ("WANDB_MODE", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"):
+    # User overrides from the driver's environment win over our defaults (e.g. WANDB_MODE=online), and the
+    # CPU-capability knobs reach the actors (RELAY_CPU_CAPABILITY: relay/cpu.py; ATEN_CPU_CAPABILITY: torch's kernels).
+    for key in ("WANDB_MODE", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "RELAY_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"):
         if key in os.environ:
             env[key] = os.environ[key]
     env.update(extra or {})
