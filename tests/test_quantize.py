@@ -51,6 +51,13 @@ def test_vllm_loads_the_int4_folder_on_cpu(ray_session, tiny_llama_dir, tmp_path
     with pytest.raises(ValueError, match="already quantized"):
         quantize_awq_rtn(out, tmp_path / "again")
 
+    from relay.cpu import cpu_capabilities, vllm_int4_support
+
+    ok, why = vllm_int4_support()
+    if not ok and not cpu_capabilities().avx512:  # AVX2-only CPU (or RELAY_CPU_CAPABILITY=avx2): no int4 kernel
+        pytest.skip(why)
+    assert ok, why  # AVX-512 CPUs and GPUs have the kernel: a failed check here is a bug, not a skip
+
     # The reference: the original model with every quantized projection replaced by its dequantized weights.
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     changed = 0
