@@ -25,6 +25,15 @@ def _is_probe(name: str) -> bool:
     return name.endswith(PROBE_SUFFIXES)
 
 
+def _tied_embeddings(worker) -> bool:
+    """The served model ties lm_head to the input embeddings (its lm_head gets no tensor of its own)."""
+    try:
+        hf_config = worker.model_runner.model_config.hf_config
+        return bool(getattr(hf_config, "tie_word_embeddings", False))
+    except AttributeError:
+        return False
+
+
 class RelayWorkerExtension:
     """Methods added to vLLM's worker class (`self` is the worker; it has `model_runner`)."""
 
@@ -37,6 +46,11 @@ class RelayWorkerExtension:
         import torch
         from safetensors import safe_open
 
+        from relay.logs import explain_vllm_reload_warnings
+
+        # vLLM warns "RotaryEmbedding: Failed to load weights" on every reload (layers without weights of their
+        # own in the update); harmless, so it is explained once in the generator's log and then dropped.
+        explain_vllm_reload_warnings(_tied_embeddings(self))
         probes: dict[str, torch.Tensor] = {}
         counts = {"tensors": 0, "bytes": 0}
 

@@ -28,12 +28,19 @@ def _usage() -> str:
     for name, (_, _, doc) in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}  {doc}")
     lines.append("")
-    lines.append("Run `relay <command> --help` for a command's options.")
+    lines.append("Run `relay <command> --help` for a command's options. Every command takes --verbose: dependency")
+    lines.append("output (vLLM, ColossalAI, Ray) on the terminal instead of SAVE_DIR/logs/, and full tracebacks.")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from relay import logs
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --verbose anywhere before a `--` separator, for every command (their own parsers never see it)
+    end = argv.index("--") if "--" in argv else len(argv)
+    verbose = "--verbose" in argv[:end]
+    argv = [a for a in argv[:end] if a != "--verbose"] + argv[end:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -41,8 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"relay: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    logs.quiet_console(verbose or logs.is_verbose())
     module, func, _ = COMMANDS[name]
-    code = getattr(importlib.import_module(module), func)(rest)
+    try:
+        code = getattr(importlib.import_module(module), func)(rest)
+    except KeyboardInterrupt:
+        if logs.is_verbose():
+            raise
+        print(f"relay {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line naming what went wrong; the traceback only with --verbose
+        if logs.is_verbose():
+            raise
+        logs.report_error(f"relay {name}", err)
+        return 1
     return int(code or 0)
 
 

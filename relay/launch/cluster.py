@@ -2,8 +2,12 @@
 environment, and `get` with a timeout on every remote call."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
+
+from relay import logs
 
 NAMESPACE = "relay"
 DEFAULT_TIMEOUT_S = 600.0
@@ -26,13 +30,16 @@ class RemoteCallTimeout(TimeoutError):
     """A remote call did not finish in time."""
 
 
-def actor_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def actor_env(extra: dict[str, str] | None = None, name: str | None = None) -> dict[str, str]:
+    """Every actor's environment variables: ACTOR_ENV, the user's overrides, where the actor's output goes
+    (`relay.logs.actor_env_vars`: RELAY_LOG_DIR / RELAY_LOG_ROLE / RELAY_VERBOSE), then `extra`."""
     env = dict(ACTOR_ENV)
     # User overrides from the driver's environment win over our defaults (e.g. WANDB_MODE=online), and the
     # CPU-capability knobs reach the actors (RELAY_CPU_CAPABILITY: relay/cpu.py; ATEN_CPU_CAPABILITY: torch's kernels).
     for key in ("WANDB_MODE", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "RELAY_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"):
         if key in os.environ:
             env[key] = os.environ[key]
+    env.update(logs.actor_env_vars(name))
     env.update(extra or {})
     return env
 
@@ -49,6 +56,10 @@ def init_ray(
     """Attach to a cluster (`address`, RAY_ADDRESS, or a running local one) or start a local one.
 
     A started cluster binds its dashboard to 127.0.0.1 unless told otherwise. Returns ray.init's context info.
+
+    Every worker process runs `relay.logs.worker_setup` first: where the driver named a log folder
+    (`relay.logs.run_logs`) and is not verbose, actors write to that folder instead of the terminal, and Ray
+    does not forward worker output to the driver (no `(pid=...)` lines); Ray's own INFO lines stay off too.
     """
     import ray
 
@@ -56,10 +67,12 @@ def init_ray(
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return {"address": ray.get_runtime_context().gcs_address}
-    runtime_env = {"env_vars": actor_env()}
+    runtime_env = {"env_vars": actor_env(), "worker_process_setup_hook": logs.SETUP_HOOK}
+    quiet = logs.log_dir() is not None
+    console = dict(log_to_driver=not quiet, logging_level=logging.WARNING if quiet else logging.INFO)
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ctx = ray.init(address=address, namespace=NAMESPACE, runtime_env=runtime_env, log_to_driver=True)
+        ctx = ray.init(address=address, namespace=NAMESPACE, runtime_env=runtime_env, **console)
     else:
         kwargs: dict[str, Any] = dict(
             address="local",
@@ -67,6 +80,7 @@ def init_ray(
             runtime_env=runtime_env,
             dashboard_host=dashboard_host,
             include_dashboard=include_dashboard,
+            **console,
         )
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
@@ -77,6 +91,9 @@ def init_ray(
         if temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(temp_dir)
         ctx = ray.init(**kwargs)
+        if quiet and ctx.dashboard_url:  # ray.init's own line saying so is off in quiet mode
+            url = ctx.dashboard_url if "://" in ctx.dashboard_url else f"http://{ctx.dashboard_url}"
+            print(f"[relay] Ray dashboard: {url}", file=sys.stderr, flush=True)
     return {"address": ctx.address_info.get("address"), "dashboard_url": ctx.dashboard_url}
 
 
@@ -91,7 +108,7 @@ def actor_options(
     opts: dict[str, Any] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
-        "runtime_env": {"env_vars": actor_env(env)},
+        "runtime_env": {"env_vars": actor_env(env, name=name)},
     }
     if name:
         opts["name"] = name if name.startswith("relay/") else f"relay/{name}"

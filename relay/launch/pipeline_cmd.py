@@ -8,6 +8,7 @@ import argparse
 import importlib
 import sys
 import textwrap
+from pathlib import Path
 
 # pipeline -> "module:function(cfg) -> int". Modules are imported only after the config validated.
 RUNNERS: dict[str, str] = {
@@ -40,13 +41,18 @@ def build_parser(pipeline: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field, e.g. learner.plugin=zero2 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show vLLM / ColossalAI / Ray output here instead of SAVE_DIR/logs/*.log, and full tracebacks")
     return parser
 
 
 def run_pipeline(pipeline: str, argv: list[str]) -> int:
+    from relay import logs
     from relay.config import ConfigError, load_config, to_dict
 
     args = build_parser(pipeline).parse_args(argv)
+    if args.verbose:
+        logs.quiet_console(verbose=True)
     try:
         cfg = load_config(pipeline, args.config, args.set)
     except ConfigError as err:
@@ -65,7 +71,12 @@ def run_pipeline(pipeline: str, argv: list[str]) -> int:
             raise
         print(f"relay {pipeline}: the config is valid, but the {pipeline} pipeline is not built yet", file=sys.stderr)
         return 3
-    return int(getattr(module, func)(cfg) or 0)
+    # Actors' output (vLLM, ColossalAI, Ray) goes to SAVE_DIR/logs/<actor>.log unless verbose (relay.logs).
+    with logs.run_logs(Path(cfg.save_dir) / "logs") as folder:
+        if folder is not None:
+            print(f"[relay {pipeline}] actor and dependency logs (Ray, vLLM, ColossalAI): {folder}/ "
+                  "(--verbose prints them here)", file=sys.stderr, flush=True)
+        return int(getattr(module, func)(cfg) or 0)
 
 
 def sft_main(argv: list[str]) -> int:
