@@ -40,7 +40,10 @@ from relay.launch.ppo_update import PPOUpdates, dp_size
 
 
 def log(msg: str) -> None:
-    print(f"[relay ppo] {msg}", file=sys.stderr, flush=True)
+    from tqdm import tqdm  # a line between progress-bar redraws, not through the bar
+
+    tqdm.write(f"[relay ppo] {msg}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def learner_options(cfg: PPOConfig, role: str) -> dict[str, Any]:
@@ -271,6 +274,8 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
             records.append(rec)
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", v=self.state.version)
+            log(f"episode {ep + 1}/{until} reward {m['reward_mean']:.4g} kl {m['kl']:.4g} "
+                f"length {m['response_length']:.1f} {episode_s:.1f} s")
             if cfg.save_interval and (ep + 1) % cfg.save_interval == 0 and ep + 1 < a.num_episodes:
                 self.save_checkpoint()
         bar.close()

@@ -56,7 +56,10 @@ SHOWN_EVAL = ("eval/loss", "eval/acc", "eval/rewards/accuracy", "eval/rewards/ma
 
 
 def log(stage: str, msg: str) -> None:
-    print(f"[relay {stage}] {msg}", flush=True)
+    from tqdm import tqdm  # a line between progress-bar redraws, not through the bar
+
+    tqdm.write(f"[relay {stage}] {msg}", file=sys.stdout)
+    sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------------------------- model
