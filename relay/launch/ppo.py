@@ -153,6 +153,12 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
                                     resume_step=self.state.episode + 1 if resumed else None)
         self.gauges = RayGauges("relay_ppo", {"run": self.run_name})
         self._load_eval_prompts()
+        for role, lc in (("actor_learner", al), ("critic_learner", cl if self.critic else None)):
+            if lc is not None and lc.mixed_precision == "bf16" and not lc.num_gpus_per_rank:
+                from relay.cpu import bf16_slow_reason
+
+                if (slow := bf16_slow_reason()) is not None:
+                    log(f"{role}.mixed_precision: bf16 kept, but {slow}")
         log(f"{g.num_generators} generators, actor {al.num_ranks} ranks ({al.plugin}, tp={al.tp}), "
             f"critic {'%d ranks (%s)' % (cl.num_ranks, cl.plugin) if self.critic else 'none'}, "
             f"{len(self.prompts)} prompts, {ppo_buffer_size(cfg)} experiences per episode, ready in {time.time() - t0:.1f} s")

@@ -223,6 +223,11 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
     on_gpu = cfg.learner.num_gpus_per_rank > 0
     attn, why = attention_choice(cfg.learner.use_flash_attn, on_gpu)
     log(stage.name, f"attention: {attn} ({why})")
+    if cfg.learner.mixed_precision == "bf16" and not on_gpu:
+        from relay.cpu import bf16_slow_reason
+
+        if (slow := bf16_slow_reason()) is not None:
+            log(stage.name, f"learner.mixed_precision: bf16 kept, but {slow}")
     reference_path = None
     if isinstance(cfg, DPOConfig) and cfg.loss_type != "simpo":
         reference_path = resolve_model_path(cfg.reference_model) if cfg.reference_model else model_path
