@@ -224,6 +224,14 @@ def main(argv: list[str]) -> int:
     if why:  # before any Ray/vLLM start: vLLM would fail deep inside the engine with an AttributeError
         print(f"relay chat: {args.model}: {why}; serve the unquantized model instead", file=sys.stderr)
         return 2
+    from relay import logs
+
+    # the generator's vLLM output goes to RUN_DIR/logs/chat-<model>.log (unless --verbose)
+    with logs.run_logs(Path(args.run_dir) / "logs"):
+        return _serve(args, rows)
+
+
+def _serve(args: argparse.Namespace, rows: list[dict[str, Any]] | None) -> int:
     session = ChatSession(args)
     try:
         if rows is not None:

@@ -91,9 +91,11 @@ def init_ray(
         if temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(temp_dir)
         ctx = ray.init(**kwargs)
-        if quiet and ctx.dashboard_url:  # ray.init's own line saying so is off in quiet mode
-            url = ctx.dashboard_url if "://" in ctx.dashboard_url else f"http://{ctx.dashboard_url}"
-            print(f"[relay] Ray dashboard: {url}", file=sys.stderr, flush=True)
+    if quiet:  # ray.init's own line about the cluster is off in quiet mode: say where things are instead
+        url = ctx.dashboard_url
+        where = f"dashboard {url if '://' in url else 'http://' + url}" if url else f"cluster {ctx.address_info.get('address')}"
+        print(f"[relay] Ray {where}; actors' output (Ray, vLLM, ColossalAI): {logs.log_dir()}/ "
+              "(--verbose prints it here)", file=sys.stderr, flush=True)
     return {"address": ctx.address_info.get("address"), "dashboard_url": ctx.dashboard_url}
 
 

@@ -72,10 +72,7 @@ def run_pipeline(pipeline: str, argv: list[str]) -> int:
         print(f"relay {pipeline}: the config is valid, but the {pipeline} pipeline is not built yet", file=sys.stderr)
         return 3
     # Actors' output (vLLM, ColossalAI, Ray) goes to SAVE_DIR/logs/<actor>.log unless verbose (relay.logs).
-    with logs.run_logs(Path(cfg.save_dir) / "logs") as folder:
-        if folder is not None:
-            print(f"[relay {pipeline}] actor and dependency logs (Ray, vLLM, ColossalAI): {folder}/ "
-                  "(--verbose prints them here)", file=sys.stderr, flush=True)
+    with logs.run_logs(Path(cfg.save_dir) / "logs"):
         return int(getattr(module, func)(cfg) or 0)
 
 
