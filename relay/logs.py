@@ -193,6 +193,12 @@ def run_logs(folder: str | Path) -> Iterator[Path | None]:
     handler.point_to(folder / "driver.log")
     try:
         yield folder
+    except Exception as err:  # the console gets one line (cli.main); the traceback is kept in driver.log
+        handler.handle(logging.LogRecord("relay", logging.ERROR, __file__, 0, "the run failed", None,
+                                         (type(err), err, err.__traceback__)))
+        with contextlib.suppress(Exception):
+            err.relay_traceback_file = str(folder / "driver.log")  # type: ignore[attr-defined]
+        raise
     finally:
         handler.point_to(previous)
         if before is None:
@@ -332,5 +338,7 @@ def error_line(err: BaseException) -> str:
 
 
 def report_error(prog: str, err: BaseException, stream=None) -> None:
-    """Print `prog: error: <one line> (--verbose shows the traceback)`."""
-    print(f"{prog}: error: {error_line(err)} (--verbose shows the traceback)", file=stream or sys.stderr, flush=True)
+    """Print `prog: error: <one line> (traceback in SAVE_DIR/logs/driver.log; --verbose prints it)`."""
+    kept = getattr(err, "relay_traceback_file", None)
+    hint = f"traceback in {kept}; --verbose prints it" if kept else "--verbose shows the traceback"
+    print(f"{prog}: error: {error_line(err)} ({hint})", file=stream or sys.stderr, flush=True)

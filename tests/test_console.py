@@ -131,6 +131,7 @@ def test_sft_console_shows_relay_lines_and_logs_go_to_files(sft_quiet):
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     assert "[relay sft] step 2/2" in out.stdout and "[relay sft] done: 2 steps" in out.stdout
+    assert "Ray dashboard http://127.0.0.1:" in out.stderr  # ray.init's own banner is off
     assert f"actors' output (Ray, vLLM, ColossalAI): {run / 'logs'}/" in out.stderr  # where the rest went
     assert not noise_in(text), (noise_in(text), text[-4000:])
     rank0 = (run / "logs" / "sft-learner-rank0.log").read_text()
@@ -157,7 +158,8 @@ def test_pipeline_error_is_one_line_unless_verbose(sft_quiet, tiny_demo_data, tm
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith("relay dpo: error: checkpoint_path: ") and "is a sft checkpoint, not dpo" in lines[0]
-    assert "--verbose" in lines[0]
+    assert f"traceback in {tmp_path / 'dpo' / 'logs' / 'driver.log'}; --verbose prints it" in lines[0]
+    assert "Traceback (most recent call last)" in (tmp_path / "dpo" / "logs" / "driver.log").read_text()
     out = relay(*args, "--verbose", timeout=300)
     assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("ValueError: checkpoint_path: ")

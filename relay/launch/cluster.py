@@ -93,9 +93,9 @@ def init_ray(
         ctx = ray.init(**kwargs)
     if quiet:  # ray.init's own line about the cluster is off in quiet mode: say where things are instead
         url = ctx.dashboard_url
-        where = f"dashboard {url if '://' in url else 'http://' + url}" if url else f"cluster {ctx.address_info.get('address')}"
-        print(f"[relay] Ray {where}; actors' output (Ray, vLLM, ColossalAI): {logs.log_dir()}/ "
-              "(--verbose prints it here)", file=sys.stderr, flush=True)
+        where = f"Ray dashboard {url if '://' in url else 'http://' + url}; " if url else ""
+        print(f"[relay] {where}actors' output (Ray, vLLM, ColossalAI): {logs.log_dir()}/ (--verbose prints it here)",
+              file=sys.stderr, flush=True)
     return {"address": ctx.address_info.get("address"), "dashboard_url": ctx.dashboard_url}
 
 
