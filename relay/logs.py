@@ -314,6 +314,7 @@ def _cause(err: BaseException) -> BaseException:
 
 def _squash(text: str) -> str:
     """One line from a message that may embed a remote traceback: the text before it plus its last line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours the "ray::Actor.method()" part of remote errors
     lines = [l.rstrip() for l in text.strip().splitlines() if l.strip()]
     if len(lines) <= 1:
         return lines[0] if lines else ""

@@ -40,7 +40,7 @@ def noise_in(text: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ unit
 def test_error_line_is_one_line_without_the_remote_traceback():
-    remote = ("actor: train_step failed on rank 1: ray::LearnerWorker.train_step() (pid=123, ip=10.0.0.1, "
+    remote = ("actor: train_step failed on rank 1: \x1b[36mray::LearnerWorker.train_step() (pid=123, ip=10.0.0.1, "
               "actor_id=abc)\n  File \"/x/worker.py\", line 10, in train_step\n    raise ValueError('bad batch')\n"
               "ValueError: bad batch")
     assert logs.error_line(RuntimeError(remote)) == "actor: train_step failed on rank 1: ValueError: bad batch"

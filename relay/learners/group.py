@@ -154,8 +154,16 @@ class LearnerGroup:
                     _, still = ray.wait(pending, num_returns=len(pending), timeout=_FAILURE_GRACE_S)
                     if still:
                         self.broken = f"{what} failed on rank {refs.index(ref)} while others kept waiting"
-                    raise LearnerGroupError(f"{self.role}: {what} failed on rank {refs.index(ref)}: {err}") from err
+                    rank = refs.index(ref)
+                    raise LearnerGroupError(f"{self.role}: {what} failed on rank {rank}: {err}{self._log_hint(rank)}") from err
         return cluster.get(refs, timeout=60.0, what=f"{self.role}: {what}")
+
+    def _log_hint(self, rank: int) -> str:
+        """Where that rank's own output went (quiet runs: SAVE_DIR/logs/<role>-rank<i>.log), if anywhere."""
+        from relay import logs
+
+        folder = logs.log_dir()
+        return f" (rank log: {folder / logs.role_file_name(f'{self.role}-rank{rank}')})" if folder else ""
 
     # ---- public API --------------------------------------------------------------------------------------
     @property
