@@ -17,11 +17,12 @@ PYTEST_ARGS ?=
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser demo test test-fast bench bench-env clean help
+.PHONY: install browser demo learn test test-fast bench bench-env clean help
 
 help:
 	@echo "make install   build $(VENV) (torch, vLLM ($(EXTRA)), ColossalAI 0.5.0 --no-deps, Ray, ...)"
-	@echo "make demo      prepare SmolLM2-135M and run the demo"
+	@echo "make demo      prepare SmolLM2-135M and run the demo (held-out before/after table)"
+	@echo "make learn     the longer demo preset, sized to meet every held-out target"
 	@echo "make test      run the test suite"
 	@echo "make bench-env build $(BENCH_VENV) (peers for benchmarks: TRL $(TRL_VERSION), never a Relay dependency)"
 
@@ -48,6 +49,9 @@ browser:
 
 demo: install
 	$(VENV)/bin/relay demo
+
+learn: install
+	$(VENV)/bin/relay demo --learn
 
 test: install browser
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

@@ -145,3 +145,15 @@ def ray_ready(ref) -> bool:
 
     done, _ = ray.wait([ref], timeout=0)
     return bool(done)
+
+
+def test_seeded_batch_larger_than_one_step_budget(generator):
+    """More prompt tokens than one engine step takes (4096), sampled with a seed: vLLM's chunked prefill would
+    rewind the seeded CPU generator and fail ("CPU Generator does not use offset"); the generator prefills
+    whole prompts instead, and the seed still fixes the samples."""
+    prompts = [[(7 * i + j) % 1000 + 3 for j in range(120)] for i in range(48)]  # 5,760 prompt tokens
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=4, seed=11)
+    first = generator.generate(prompts, sampling, timeout_s=300)
+    again = generator.generate(prompts, sampling, timeout_s=300)
+    assert len(first) == 96 and all(r.num_tokens >= 1 for r in first)
+    assert [r.token_ids for r in first] == [r.token_ids for r in again]

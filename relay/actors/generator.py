@@ -198,6 +198,12 @@ class VLLMGenerator:
         if on_gpu:
             kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            # A prompt prefilled in chunks rewinds its request's seeded RNG, which CPU generators cannot do
+            # ("CPU Generator does not use offset"): every seeded batch whose prompts exceed one step's token
+            # budget failed. Without chunking a prompt waits for the next step instead.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(4096, cfg.max_model_len or 0)
         kwargs.update(cfg.engine_kwargs)
         self.llm = LLM(**kwargs)
         self._start_s = time.perf_counter() - start
