@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
     except ConnectionError as err:
-        print(f"relay scale: no Ray cluster at {address!r} ({err})")
+        print(f"relay scale: error: no Ray cluster at {address!r} ({err})", file=sys.stderr)
         return 2
     name = control_actor_name(args.run)
     try:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
         return 0
     except ValueError as err:
-        print(f"relay scale: no running pool with control actor relay/{name} ({err})")
+        print(f"relay scale: error: no running pool with control actor relay/{name} ({err})", file=sys.stderr)
         return 2
     finally:
         ray.shutdown()
