@@ -349,8 +349,8 @@ def run(cfg: TrainConfig, stage_name: str) -> int:
     try:
         result = train(cfg, stage_name)
     except FileNotFoundError as err:  # data, model or checkpoint paths: say so without a traceback
-        print(f"relay {stage_name}: error: {err}\n  prepared data comes from `relay prepare ...` or "
-              "`relay data demo outputs/data -t tiny`; under `ray job submit` give absolute paths", file=sys.stderr)
+        print(f"relay {stage_name}: error: {err} (prepared data comes from `relay prepare ...` or `relay data demo "
+              "outputs/data -t tiny`; under `ray job submit` give absolute paths)", file=sys.stderr)
         return 2
     finally:
         if started and ray.is_initialized():
