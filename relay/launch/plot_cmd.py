@@ -11,6 +11,8 @@ CHARTS: dict[str, list[str]] = {
                "rewards/margins", "eval/reward_chosen", "eval/reward_rejected", "eval/rewards/chosen",
                "eval/rewards/rejected", "eval/rewards/margins"],
     "accuracy": ["train/acc", "acc", "eval/acc", "rewards/accuracy", "eval/rewards/accuracy"],
+    "heldout": ["eval/acc", "eval/rewards/accuracy", "eval/reward_mean", "eval/pass_rate"],
+    "heldout_signs": ["eval/response_length", "eval/kl", "eval/eos_rate", "response_length"],
     "kl": ["kl", "approx_kl", "kl_coef", "clip_frac", "entropy"],
     "lr": ["lr", "actor_lr", "critic_lr"],
     "throughput": ["samples_per_s", "tokens_per_s", "rollout_tokens_per_s"],
