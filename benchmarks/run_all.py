@@ -5,7 +5,7 @@ import importlib
 import sys
 
 BENCHMARKS = ["benchmarks.bench_data_prep", "benchmarks.bench_rollout", "benchmarks.bench_ppo", "benchmarks.bench_grpo_trl",
-              "benchmarks.bench_train_trl", "benchmarks.bench_ppo_trl"]
+              "benchmarks.bench_train_trl", "benchmarks.bench_ppo_trl", "benchmarks.bench_learn_race"]
 
 
 def main() -> int:
