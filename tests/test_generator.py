@@ -157,3 +157,19 @@ def test_seeded_batch_larger_than_one_step_budget(generator):
     again = generator.generate(prompts, sampling, timeout_s=300)
     assert len(first) == 96 and all(r.num_tokens >= 1 for r in first)
     assert [r.token_ids for r in first] == [r.token_ids for r in again]
+
+
+def test_engine_starts_without_max_model_len_on_a_long_context_model(ray_session, tmp_path):
+    """No max_model_len: the engine takes the model's 8,192 positions, more than one CPU step's default budget
+    (4,096 tokens), which vLLM refuses when prompts are not prefilled in chunks unless the budget grows too."""
+    from relay.actors.generator import GeneratorConfig, start_generator
+    from relay.models.tiny import TinyModelSpec, build_tiny_model
+
+    model = build_tiny_model(TinyModelSpec(max_position_embeddings=8192))
+    gen = start_generator(GeneratorConfig(model=str(model), run_dir=str(tmp_path)), name="test-generator-long",
+                          timeout_s=240)
+    try:
+        out = gen.generate([PROMPTS[0]], SamplingConfig(temperature=0, max_tokens=3), timeout_s=120)
+        assert len(out) == 1 and out[0].num_tokens >= 1
+    finally:
+        gen.kill()

@@ -79,8 +79,10 @@ def run(stage: str, group, model: Path, save_dir: Path, *sets: str):
     return train(cfg, stage, group=group)
 
 
-def metrics(save_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+def metrics(save_dir: Path, with_step0: bool = False) -> list[dict]:
+    """metrics.jsonl rows; the held-out evaluation before training (step 0) only when asked for."""
+    rows = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows if with_step0 else [r for r in rows if r["step"] > 0]
 
 
 def test_sft_memorises_with_grad_checkpointing(group, tiny_llama_dir, data, tmp_path):
@@ -88,11 +90,13 @@ def test_sft_memorises_with_grad_checkpointing(group, tiny_llama_dir, data, tmp_
     result = run("sft", group, tiny_llama_dir, out, f"dataset={data['sft']}", f"eval_dataset={data['sft']}",
                  "batch_size=2", "max_epochs=12", "optim.lr=3e-3", "optim.warmup_steps=2",
                  "learner.grad_checkpoint=true", "save_interval=10", "logging.log_interval=0")
-    rows = metrics(out)
+    before, *rows = metrics(out, with_step0=True)
+    assert before["step"] == 0 and set(before) >= {"eval/loss"} and "loss" not in before  # held-out, before training
+    assert before["eval/loss"] == pytest.approx(math.log(1024), rel=0.05)
     assert [r["step"] for r in rows] == list(range(1, 25))  # 8 samples / global batch 4 = 2 steps per epoch
     assert rows[0]["loss"] == pytest.approx(math.log(1024), rel=0.05)  # random init: uniform over the vocab
     assert rows[-1]["loss"] <= rows[0]["loss"] / 2, (rows[0]["loss"], rows[-1]["loss"])
-    assert rows[-1]["eval/loss"] <= rows[0]["loss"] / 2
+    assert rows[-1]["eval/loss"] <= before["eval/loss"] / 2
     for key in ("epoch", "lr", "loss", "samples_per_s", "tokens_per_s"):
         assert key in rows[0]
     assert rows[0]["lr"] < rows[1]["lr"] and rows[-1]["lr"] < rows[1]["lr"]  # warm-up, then decay
@@ -133,6 +137,8 @@ def test_reward_model_separates_pairs(group, tiny_llama_dir, data, tmp_path, los
     assert last["eval/loss"] < rows[0]["loss"]
     assert {"reward_chosen", "reward_rejected", "train/acc"} <= rows[0].keys()
     assert [r["step"] for r in rows if "eval/acc" in r] == [3, 6, 9, 12]
+    before = metrics(out, with_step0=True)[0]
+    assert before["step"] == 0 and before["eval/acc"] < last["eval/acc"]  # the held-out curve starts untrained
     # The saved reward model scores held-out pairs the same way outside Ray.
     from relay.data.shards import load_prepared
 

@@ -203,7 +203,8 @@ class VLLMGenerator:
             # ("CPU Generator does not use offset"): every seeded batch whose prompts exceed one step's token
             # budget failed. Without chunking a prompt waits for the next step instead.
             kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(4096, cfg.max_model_len or 0)
+            longest = cfg.max_model_len or int(hf_config.get("max_position_embeddings") or 0)
+            kwargs["max_num_batched_tokens"] = max(4096, longest)  # vLLM: >= max_model_len without chunking
         kwargs.update(cfg.engine_kwargs)
         self.llm = LLM(**kwargs)
         self._start_s = time.perf_counter() - start

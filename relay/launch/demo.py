@@ -125,7 +125,8 @@ def run_stage(stage: str, cfg: Any) -> tuple[list[dict[str, Any]], dict[str, int
     return train(cfg, stage).history, {}
 
 
-def final_eval(out: Path, data: Path, skip: list[str], console: Any) -> dict[str, dict[str, Any]]:
+def final_eval(out: Path, data: Path, skip: list[str], console: Any, sizes: dict[str, Any] | None = None
+               ) -> dict[str, dict[str, Any]]:
     """Side by side on held-out data: SFT vs PPO vs DPO (reward-model reward, KL to SFT, preference accuracy),
     SFT vs GRPO on held-out arithmetic; every model's answers come from a vLLM generator actor."""
     from relay.launch.eval_cmd import EvalSettings, evaluate_models, print_table, write_outputs
@@ -142,7 +143,7 @@ def final_eval(out: Path, data: Path, skip: list[str], console: Any) -> dict[str
         chat["rm"] = str(out / "rm" / "model")
         s = EvalSettings(prompts=str(data / "prompt_heldout"), preferences=str(data / "preference_heldout"),
                          reference=sft, reward={"kind": "model", "model": str(out / "rm" / "model")},
-                         num_prompts=96, n_samples=4, max_new_tokens=32, baseline="sft")
+                         num_prompts=96, n_samples=4, max_new_tokens=32, baseline="sft", **(sizes or {}))
         results.update(evaluate_models(chat, s, log))
         write_outputs(results, out / "eval" / "chitchat", s)
         print_table(results, "held-out chitchat: RM reward of sampled answers, KL to SFT, preference accuracy")
@@ -203,8 +204,10 @@ def main(argv: list[str]) -> int:
     code = prepare_data(data, model, preset, console)
     if code:
         return code
-    info = init_ray(num_cpus=8)
-    console.print(f"Ray dashboard: {info.get('dashboard_url') or 'off'} (actors are named relay/...)")
+    from relay import logs
+
+    logs.use_log_dir(out / "logs")  # dependency output of everything not inside a stage's own folder
+    init_ray(num_cpus=8)
     overrides = stage_overrides(out, data, model, preset)
     rows: list[tuple[str, ...]] = []
     memory: dict[str, int] = {}
@@ -214,7 +217,8 @@ def main(argv: list[str]) -> int:
         console.rule(f"{stage.upper()}  (configs/demo_{stage}.yaml{' + demo_presets/' + preset_name + '.yaml' if preset_name else ''})")
         cfg = load_config(PIPELINE[stage], CONFIGS / f"demo_{stage}.yaml", overrides[stage])
         t0 = time.time()
-        history, mem = run_stage(stage, cfg)
+        with logs.run_logs(Path(cfg.save_dir) / "logs"):  # each stage's actors log beside its metrics
+            history, mem = run_stage(stage, cfg)
         memory = memory or mem
         from relay.metrics import read_metrics
 
@@ -233,7 +237,8 @@ def main(argv: list[str]) -> int:
     console.print(table)
 
     console.rule("relay eval: before / after on held-out data")
-    results = final_eval(out, data, args.skip, console)
+    with logs.run_logs(out / "eval" / "logs"):
+        results = final_eval(out, data, args.skip, console, preset.get("eval"))
     met = check_targets(results, console)
     if memory:
         mem = Table(title="memory per PPO component (resident set size, SmolLM2-135M, CPU)")

@@ -177,6 +177,10 @@ def evaluate_models(models: dict[str, str], s: EvalSettings, log=print) -> dict[
         if pairs is not None and ref is not None:
             ref_c, ref_r = summed_logps(ref, pairs, pad_id)
             for name, path in policies.items():
+                if Path(path).resolve() == Path(s.reference).resolve():
+                    # the reference against itself: every implicit reward is 0 (ties), by definition
+                    results[name].update(pref_accuracy=0.5, pref_margin=0.0)
+                    continue
                 log(f"{name}: implicit-reward preference accuracy on {len(pairs)} held-out pairs")
                 scorer = start_reference(path, f"eval-policy-{name}", timeout_s=s.timeout_s)
                 try:
@@ -331,9 +335,12 @@ def main(argv: list[str]) -> int:
         return 2
     from relay.launch.cluster import init_ray
 
+    from relay import logs
+
     t0 = time.time()
-    init_ray()
-    results = evaluate_models(models, settings, log=lambda m: print(f"[relay eval] {m}", flush=True))
+    with logs.run_logs(Path(args.out) / "logs"):
+        init_ray()
+        results = evaluate_models(models, settings, log=lambda m: print(f"[relay eval] {m}", flush=True))
     json_path, png = write_outputs(results, Path(args.out), settings)
     print_table(results)
     print(f"[relay eval] {json_path}{' and ' + str(png) if png else ''} ({time.time() - t0:.0f} s)")
