@@ -109,7 +109,7 @@ def summed_logps(scorer: Any, samples: Any, pad_id: int, chunk: int = 16):
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def rm_accuracy(folder: str, samples: Any, timeout_s: float, tag: str) -> dict[str, float]:
+def rm_accuracy(folder: str, samples: Any, timeout_s: float, tag: str, tokenizer: str | None = None) -> dict[str, float]:
     """Ranking accuracy of a reward model on preference rows (score at each whole sequence's last token)."""
     import ray
     import torch
@@ -117,7 +117,9 @@ def rm_accuracy(folder: str, samples: Any, timeout_s: float, tag: str) -> dict[s
     from relay.actors.rewards import start_reward_actor
     from relay.evals.scores import pairwise_accuracy
 
-    client = start_reward_actor({"kind": "model", "model": folder}, folder, name=f"eval-rm-{tag}", timeout_s=timeout_s)
+    own = (Path(folder) / "tokenizer_config.json").exists()
+    client = start_reward_actor({"kind": "model", "model": folder}, folder if own or not tokenizer else tokenizer,
+                                name=f"eval-rm-{tag}", timeout_s=timeout_s)
     try:
         c = samples.columns
         empty = [[] for _ in c["chosen_input_ids"]]
@@ -169,7 +171,7 @@ def evaluate_models(models: dict[str, str], s: EvalSettings, log=print) -> dict[
     for name, path in models.items():
         if path not in policies.values() and pairs is not None:
             log(f"{name}: reward-model accuracy on {len(pairs)} held-out pairs")
-            results[name].update(rm_accuracy(path, pairs, s.timeout_s, name))
+            results[name].update(rm_accuracy(path, pairs, s.timeout_s, name, tok_path))
 
     ref = start_reference(s.reference, "eval-ref", timeout_s=s.timeout_s) if s.reference and policies else None
     reward = None
