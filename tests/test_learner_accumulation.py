@@ -16,6 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("colossalai")
 
 from relay.learners.group import LearnerGroup  # noqa: E402
+from group_util import group_fixtures  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -195,30 +196,7 @@ def reference_critic_loss(model, b: dict, clip: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ group
-class _Holder:
-    def __init__(self, path) -> None:
-        self.path, self.group = path, None
-
-    def get(self) -> LearnerGroup:
-        if self.group is not None and self.group.broken:
-            self.group.shutdown()
-            self.group = None
-        if self.group is None:
-            self.group = LearnerGroup.create(RANKS, self.path, role="acc-learner", timeout_s=120, **BASE)
-        return self.group
-
-
-@pytest.fixture(scope="module")
-def _holder(ray_session, tiny_llama_dir):
-    holder = _Holder(tiny_llama_dir)
-    yield holder
-    if holder.group is not None:
-        holder.group.shutdown()
-
-
-@pytest.fixture
-def group(_holder):
-    return _holder.get()
+_holder, group = group_fixtures("acc-learner", RANKS, BASE)
 
 
 def configure(group: LearnerGroup, path, **changes) -> dict:

@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("colossalai")
 
+from group_util import group_fixtures  # noqa: E402  (tests/ is on sys.path under pytest)
 from relay.learners.group import (  # noqa: E402
     LearnerGroup,
     causal_lm_loss,
@@ -125,32 +126,7 @@ def reference_outputs(model, kind: str, batch: dict) -> torch.Tensor:
         return token_logprobs(causal_logits(model, b), b["input_ids"])
 
 
-class _GroupHolder:
-    """One group for the module; replaced by a fresh one if a failed test left its ranks out of step."""
-
-    def __init__(self, path) -> None:
-        self.path, self.group = path, None
-
-    def get(self) -> LearnerGroup:
-        if self.group is not None and self.group.broken:
-            self.group.shutdown()
-            self.group = None
-        if self.group is None:
-            self.group = LearnerGroup.create(RANKS, self.path, role="test-learner", timeout_s=120, **BASE)
-        return self.group
-
-
-@pytest.fixture(scope="module")
-def _holder(ray_session, tiny_llama_dir):
-    holder = _GroupHolder(tiny_llama_dir)
-    yield holder
-    if holder.group is not None:
-        holder.group.shutdown()
-
-
-@pytest.fixture
-def group(_holder):
-    return _holder.get()
+_holder, group = group_fixtures("test-learner", RANKS, BASE)
 
 
 def configure(group: LearnerGroup, model_path, **changes) -> dict:

@@ -72,20 +72,28 @@ def evaluate_answers(generate: GenerateFn, prompts: list[list[int]], sampling: S
                      show: int = 3) -> AnswerEvalResult:
     """Answers to `prompts` -> reward mean, spread across prompts, pass rate, length, KL to `ref` (only at
     temperature 1, where the generator's logprobs are the policy's) and `show` decoded samples."""
+    from relay.launch.cluster import get
+
     groups = generate(prompts, sampling)
     flat = [s for g in groups for s in g]
-    rewards = reward.score_ids([s.prompt_token_ids for s in flat], [s.token_ids for s in flat],
-                               finish_reasons=[s.finish_reason for s in flat], eos_token_ids=eos_token_ids)
+    # reward and reference score in their own actors at the same time
+    reward_ref = reward.score_ids_async([s.prompt_token_ids for s in flat], [s.token_ids for s in flat],
+                                        finish_reasons=[s.finish_reason for s in flat], eos_token_ids=eos_token_ids)
+    kl_ref = batch = None
+    if ref is not None and sampling.temperature == 1.0:
+        batch = padded(flat, pad_id)
+        A = batch["action_mask"].shape[1]
+        kl_ref = ref.logprobs_async({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, last=A)
+    timeout = getattr(reward, "timeout_s", 1800.0)
+    rewards = get(reward_ref, timeout, "relay/reward.score_ids")
     grouped, k = [], 0
     for g in groups:
         grouped.append(list(rewards[k:k + len(g)]))
         k += len(g)
     metrics = answer_rewards(grouped, pass_threshold)
     metrics.update(length_stats([len(s.token_ids) for s in flat], [s.finish_reason == "stop" for s in flat]))
-    if ref is not None and sampling.temperature == 1.0:
-        batch = padded(flat, pad_id)
-        A = batch["action_mask"].shape[1]
-        ref_lp = ref.logprobs({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, last=A)
+    if kl_ref is not None:
+        ref_lp = get(kl_ref, getattr(ref, "timeout_s", 1800.0), "relay/ref.logprobs")
         metrics.update(sequence_kl(batch["logprobs"], ref_lp[:, -A:], batch["action_mask"]))
     samples = []
     for g, r in list(zip(groups, grouped))[:show]:

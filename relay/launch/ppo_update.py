@@ -55,7 +55,8 @@ class PPOUpdates:
         kl_coef = self.kl_ctl.value
         actor_kw = dict(clip_eps=a.eps_clip, ptx_coef=a.ptx_coef, entropy_coef=a.entropy_coef,
                         kl_coef=0.0 if a.kl_in_reward else kl_coef, kl_estimator=a.kl_estimator,
-                        shared_prompt=actor_shares_prompts(cfg), temperature=learner_temperature(cfg))
+                        shared_prompt=actor_shares_prompts(cfg), temperature=learner_temperature(cfg),
+                        num_threads=cfg.actor_learner.num_threads)
         guard = self._nonfinite_guard()
         out["nonfinite_skipped"] = 0.0
         for step in range(a.num_update_steps):
@@ -77,7 +78,8 @@ class PPOUpdates:
                     out[key] = out.get(key, 0.0) + m[k] / a.num_update_steps
             if self.critic is not None:
                 self.critic.set_lr(lr_at(n, cfg.critic_optim.lr, total_steps, cfg.critic_optim.warmup_steps, cfg.critic_optim.min_lr_ratio))
-                c = self.critic.train_step(batch, loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip)
+                c = self.critic.train_step(batch, loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip,
+                                           num_threads=cfg.critic_learner.num_threads)
                 out["critic_loss"] = out.get("critic_loss", 0.0) + c["loss"] / a.num_update_steps
                 skipped += c.get("nonfinite_skipped", 0.0)
             out["nonfinite_skipped"] += skipped

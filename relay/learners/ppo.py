@@ -20,6 +20,7 @@ from relay.algos.masked import masked_mean, masked_token_mean
 from relay.learners.lossfn import (
     IGNORE_INDEX, causal_logits, denominators_or_counts, model_inputs, normalized, register_loss,
 )
+from relay.learners.sft import prepare_step
 from relay.learners.prefix_forward import shared_prefix_response_logits
 
 PTX_PREFIX = "ptx_"
@@ -102,13 +103,16 @@ def ppo_actor_loss(
     shared_prompt: bool = False,
     temperature: float = 1.0,
     denominators: dict[str, float] | None = None,
+    num_threads: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped PPO surrogate (x truncated IS weights `is_weights` when present, async mode)
     - entropy_coef x entropy + kl_coef x KL(policy || ref) (only when the KL is a loss term: `ref_logprobs`
     present and kl_coef > 0), each a mean over the step's action tokens, + ptx_coef x next-token loss, a mean
     over the step's ptx label tokens (`ptx_*` rows). Logprobs and entropy come from logits / `temperature`
     (the sampling temperature, as the generator sampled). `shared_prompt`: run repeated prompts once
-    (`relay.learners.prefix_forward`; plain HF forwards only). `denominators`: see `lossfn.normalized`."""
+    (`relay.learners.prefix_forward`; plain HF forwards only). `denominators`: see `lossfn.normalized`.
+    `num_threads`: torch threads of this rank from now on (actor_learner.num_threads)."""
+    prepare_step(num_threads)
     den = denominators_or_counts(denominators, actor_counts, batch)
     batch = trim_padding_columns(batch)
     mask = batch["action_mask"].float()
@@ -158,10 +162,12 @@ def ppo_actor_loss(
 @register_loss("ppo_critic")
 @normalized(action_counts)
 def ppo_critic_loss(
-    model: Any, batch: dict[str, Any], value_clip: float = 0.2, denominators: dict[str, float] | None = None
+    model: Any, batch: dict[str, Any], value_clip: float = 0.2, denominators: dict[str, float] | None = None,
+    num_threads: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss of the critic's response values against `returns` (clip around `old_values`), a
     mean over the step's action tokens."""
+    prepare_step(num_threads)
     den = denominators_or_counts(denominators, action_counts, batch)
     batch = trim_padding_columns(batch)
     mask = batch["action_mask"].float()
