@@ -50,8 +50,8 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def data_args(preset: dict[str, Any]) -> list[str]:
-    sizes = {"sft": 512, "preference": 1024, "prompt": 512, "ptx": 64, "sft-heldout": 64,
-             "preference-heldout": 256, "prompt-heldout": 96, **preset.get("data", {})}
+    sizes = {"sft": 256, "preference": 384, "prompt": 128, "ptx": 32, "sft-heldout": 32,
+             "preference-heldout": 128, "prompt-heldout": 64, **preset.get("data", {})}
     return [a for k, v in sizes.items() for a in (f"--{k}", str(v))]
 
 
@@ -125,10 +125,12 @@ def run_stage(stage: str, cfg: Any) -> tuple[list[dict[str, Any]], dict[str, int
     return train(cfg, stage).history, {}
 
 
-def final_eval(out: Path, data: Path, skip: list[str], console: Any, sizes: dict[str, Any] | None = None
+def final_eval(out: Path, data: Path, skip: list[str], console: Any, preset: dict[str, Any] | None = None
                ) -> dict[str, dict[str, Any]]:
     """Side by side on held-out data: SFT vs PPO vs DPO (reward-model reward, KL to SFT, preference accuracy),
-    SFT vs GRPO on held-out arithmetic; every model's answers come from a vLLM generator actor."""
+    SFT vs GRPO on held-out arithmetic; every model's answers come from a vLLM generator actor. The preset's
+    `eval` / `eval_arithmetic` entries size the two evaluations (prompts, samples per prompt)."""
+    preset = preset or {}
     from relay.launch.eval_cmd import EvalSettings, evaluate_models, print_table, write_outputs
 
     sft = str(out / "sft" / "model")
@@ -143,14 +145,15 @@ def final_eval(out: Path, data: Path, skip: list[str], console: Any, sizes: dict
         chat["rm"] = str(out / "rm" / "model")
         s = EvalSettings(prompts=str(data / "prompt_heldout"), preferences=str(data / "preference_heldout"),
                          reference=sft, reward={"kind": "model", "model": str(out / "rm" / "model")},
-                         num_prompts=96, n_samples=4, max_new_tokens=32, baseline="sft", **(sizes or {}))
+                         num_prompts=64, n_samples=2, max_new_tokens=32, baseline="sft", **preset.get("eval", {}))
         results.update(evaluate_models(chat, s, log))
         write_outputs(results, out / "eval" / "chitchat", s)
         print_table(results, "held-out chitchat: RM reward of sampled answers, KL to SFT, preference accuracy")
     if "grpo" not in skip:
         s = EvalSettings(prompts=str(data / "arithmetic" / "prompt_heldout"), reference=sft,
                          reward={"kind": "rule", "rule": "relay.tasks.arithmetic:reward"}, pass_threshold=1.0,
-                         num_prompts=64, n_samples=4, max_new_tokens=16, baseline="sft")
+                         num_prompts=32, n_samples=4, max_new_tokens=16, baseline="sft",
+                         **preset.get("eval_arithmetic", {}))
         arith = evaluate_models({"sft": sft, "grpo": str(out / "grpo" / "actor")}, s, log)
         write_outputs(arith, out / "eval" / "arithmetic", s)
         print_table(arith, "held-out arithmetic: pass rate of sampled answers")
@@ -238,7 +241,7 @@ def main(argv: list[str]) -> int:
 
     console.rule("relay eval: before / after on held-out data")
     with logs.run_logs(out / "eval" / "logs"):
-        results = final_eval(out, data, args.skip, console, preset.get("eval"))
+        results = final_eval(out, data, args.skip, console, preset)
     met = check_targets(results, console)
     if memory:
         mem = Table(title="memory per PPO component (resident set size, SmolLM2-135M, CPU)")
