@@ -145,7 +145,8 @@ def final_eval(out: Path, data: Path, skip: list[str], console: Any, preset: dic
         chat["rm"] = str(out / "rm" / "model")
         s = EvalSettings(prompts=str(data / "prompt_heldout"), preferences=str(data / "preference_heldout"),
                          reference=sft, reward={"kind": "model", "model": str(out / "rm" / "model")},
-                         num_prompts=64, n_samples=2, max_new_tokens=32, baseline="sft", **preset.get("eval", {}))
+                         num_prompts=64, n_samples=2, max_new_tokens=32, baseline="sft", preference_models=["dpo"],
+                         **preset.get("eval", {}))
         results.update(evaluate_models(chat, s, log))
         write_outputs(results, out / "eval" / "chitchat", s)
         print_table(results, "held-out chitchat: RM reward of sampled answers, KL to SFT, preference accuracy")

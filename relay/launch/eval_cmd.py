@@ -57,6 +57,7 @@ class EvalSettings:
     baseline: str | None = None  # model name the others are compared with (effect size, gap closed)
     timeout_s: float = 1800.0
     show: int = 3
+    preference_models: list[str] | None = None  # policies scored for implicit-reward accuracy (None = every one)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -155,7 +156,7 @@ def evaluate_models(models: dict[str, str], s: EvalSettings, log=print) -> dict[
     import ray
     from transformers import AutoTokenizer
 
-    from relay.actors.generator import GeneratorConfig, start_generator
+    from relay.actors.generator import GeneratorConfig
     from relay.actors.rewards import start_reward_actor
     from relay.actors.scorers import start_reference
     from relay.evals.scores import preference_accuracy
@@ -174,11 +175,13 @@ def evaluate_models(models: dict[str, str], s: EvalSettings, log=print) -> dict[
             results[name].update(rm_accuracy(path, pairs, s.timeout_s, name, tok_path))
 
     ref = start_reference(s.reference, "eval-ref", timeout_s=s.timeout_s) if s.reference and policies else None
-    reward = None
+    reward = gen = None
     try:
         if pairs is not None and ref is not None:
             ref_c, ref_r = summed_logps(ref, pairs, pad_id)
             for name, path in policies.items():
+                if s.preference_models is not None and name not in s.preference_models:
+                    continue
                 if Path(path).resolve() == Path(s.reference).resolve():
                     # the reference against itself: every implicit reward is 0 (ties), by definition
                     results[name].update(pref_accuracy=0.5, pref_margin=0.0)
@@ -196,24 +199,41 @@ def evaluate_models(models: dict[str, str], s: EvalSettings, log=print) -> dict[
             stop = stop_ids_for(s.prompts, tok)
             reward = start_reward_actor(s.reward, tok_path, name="eval-reward", timeout_s=s.timeout_s)
             sampling = eval_sampling(s.n_samples, s.temperature, s.max_new_tokens, stop, s.seed)
+            max_len = max(_max_len(path, prompts, s) for path in policies.values())
             for name, path in policies.items():
                 log(f"{name}: {s.n_samples} answers to each of {len(prompts)} held-out prompts")
-                gen = start_generator(GeneratorConfig(model=path, seed=s.seed, max_model_len=_max_len(path, prompts, s)),
-                                      name=f"eval-generator-{name}", timeout_s=s.timeout_s)
-                try:
-                    out = evaluate_answers(client_generate(gen, s.timeout_s), prompts, sampling, reward, ref, tok,
-                                           pad_id, stop, s.pass_threshold, s.show)
-                finally:
-                    gen.kill()
+                gen = load_into_generator(gen, path, GeneratorConfig(model=path, seed=s.seed, max_model_len=max_len),
+                                          f"eval-generator-{name}", s.timeout_s, log)
+                out = evaluate_answers(client_generate(gen, s.timeout_s), prompts, sampling, reward, ref, tok,
+                                       pad_id, stop, s.pass_threshold, s.show)
                 results[name].update(out.metrics)
                 results[name]["per_prompt"] = out.per_prompt
                 results[name]["samples"] = out.samples
     finally:
+        if gen is not None:
+            gen.kill()
         for client in (ref, reward):
             if client is not None:
                 ray.kill(client.actor, no_restart=True)
     compare(results, s)
     return results
+
+
+def load_into_generator(gen: Any, path: str, cfg: Any, name: str, timeout_s: float, log=print) -> Any:
+    """A generator serving `path`: the running one with the folder's weights pushed in place (one engine start
+    for every model of the same architecture), else a new one."""
+    from relay.actors.generator import start_generator
+
+    if gen is not None:
+        files = sorted(str(f) for f in Path(path).glob("*.safetensors"))
+        try:
+            if files:
+                gen.update_weights(files, timeout_s=timeout_s)
+                return gen
+        except Exception as err:  # another architecture or shapes: this folder needs its own engine
+            log(f"{Path(path).name}: weights do not fit the running engine ({type(err).__name__}), starting another")
+        gen.kill()
+    return start_generator(cfg, name=name, timeout_s=timeout_s)
 
 
 def _max_len(path: str, prompts: list[list[int]], s: EvalSettings) -> int:
