@@ -280,7 +280,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
             records.append(rec)
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", v=self.state.version)
-            log(f"episode {ep + 1}/{until} reward {m['reward_mean']:.3f} kl {m['kl']:.4f} "
+            log(f"episode {ep + 1}/{a.num_episodes} reward {m['reward_mean']:.3f} kl {m['kl']:.4f} "
                 f"length {m['response_length']:.1f} {episode_s:.1f} s")
             if cfg.save_interval and (ep + 1) % cfg.save_interval == 0 and ep + 1 < a.num_episodes:
                 self.save_checkpoint()
