@@ -17,6 +17,12 @@ def test_every_demo_stage_config_validates_under_each_preset(name, tmp_path):
         assert str(cfg.save_dir) == str(tmp_path / stage)
     args = demo.data_args(preset)
     assert args[args.index("--prompt-heldout") + 1] == str(preset.get("data", {}).get("prompt-heldout", 64))
+    from relay.launch.eval_cmd import EvalSettings
+
+    for key in ("eval", "eval_arithmetic"):  # the final eval's settings build (a preset may resize them)
+        sizes = demo.eval_sizes(preset, key)
+        s = EvalSettings(prompts="p", reference="r", baseline="sft", **sizes)
+        assert s.num_prompts == preset.get(key, {}).get("num_prompts", demo.EVAL_SIZES[key]["num_prompts"])
 
 
 def test_learn_preset_is_longer_and_measures_ppo_on_enough_prompts():

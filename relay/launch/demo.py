@@ -130,6 +130,14 @@ def run_stage(stage: str, cfg: Any) -> tuple[list[dict[str, Any]], dict[str, int
     return train(cfg, stage).history, {}
 
 
+EVAL_SIZES = {"eval": {"num_prompts": 64, "n_samples": 2}, "eval_arithmetic": {"num_prompts": 32, "n_samples": 4}}
+
+
+def eval_sizes(preset: dict[str, Any], key: str) -> dict[str, Any]:
+    """The final evaluation's sizes: the preset's `eval` / `eval_arithmetic` entries over the demo's defaults."""
+    return {**EVAL_SIZES[key], **preset.get(key, {})}
+
+
 def final_eval(out: Path, data: Path, skip: list[str], console: Any, preset: dict[str, Any] | None = None
                ) -> dict[str, dict[str, Any]]:
     """Side by side on held-out data: SFT vs PPO vs DPO (reward-model reward, KL to SFT, preference accuracy),
@@ -155,16 +163,15 @@ def final_eval(out: Path, data: Path, skip: list[str], console: Any, preset: dic
         s = EvalSettings(prompts=str(data / "prompt_heldout"),
                          preferences=str(data / "preference_heldout") if full else None,
                          reference=sft, reward={"kind": "model", "model": str(out / "rm" / "model")},
-                         num_prompts=64, n_samples=2, max_new_tokens=32, baseline="sft", preference_models=["dpo"],
-                         **preset.get("eval", {}))
+                         max_new_tokens=32, baseline="sft", preference_models=["dpo"],
+                         **eval_sizes(preset, "eval"))
         results.update(evaluate_models(chat, s, log))
         write_outputs(results, out / "eval" / "chitchat", s)
         print_table(results, "held-out chitchat: RM reward of sampled answers, KL to SFT, preference accuracy")
     if "grpo" not in skip and full:
         s = EvalSettings(prompts=str(data / "arithmetic" / "prompt_heldout"), reference=sft,
                          reward={"kind": "rule", "rule": "relay.tasks.arithmetic:reward"}, pass_threshold=1.0,
-                         num_prompts=32, n_samples=4, max_new_tokens=16, baseline="sft",
-                         **preset.get("eval_arithmetic", {}))
+                         max_new_tokens=16, baseline="sft", **eval_sizes(preset, "eval_arithmetic"))
         arith = evaluate_models({"sft": sft, "grpo": str(out / "grpo" / "actor")}, s, log)
         write_outputs(arith, out / "eval" / "arithmetic", s)
         print_table(arith, "held-out arithmetic: pass rate of sampled answers")
