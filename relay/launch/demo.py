@@ -130,7 +130,7 @@ def run_stage(stage: str, cfg: Any) -> tuple[list[dict[str, Any]], dict[str, int
     return train(cfg, stage).history, {}
 
 
-EVAL_SIZES = {"eval": {"num_prompts": 64, "n_samples": 2}, "eval_arithmetic": {"num_prompts": 32, "n_samples": 4}}
+EVAL_SIZES = {"eval": {"num_prompts": 32, "n_samples": 2}, "eval_arithmetic": {"num_prompts": 32, "n_samples": 4}}
 
 
 def eval_sizes(preset: dict[str, Any], key: str) -> dict[str, Any]:
@@ -143,8 +143,8 @@ def final_eval(out: Path, data: Path, skip: list[str], console: Any, preset: dic
     """Side by side on held-out data: SFT vs PPO vs DPO (reward-model reward, KL to SFT, preference accuracy),
     SFT vs GRPO on held-out arithmetic; every model's answers come from a vLLM generator actor. The preset's
     `eval` / `eval_arithmetic` entries size the two evaluations (prompts, samples per prompt); without
-    `eval_full: true` (the short demo) only the chitchat answers are compared, since the RM, DPO and GRPO figures
-    on the same held-out data already come from their stages' last evaluations."""
+    `eval_full: true` (the short demo) only SFT's and PPO's answers are compared, since the RM, DPO and GRPO
+    figures on the same held-out data already come from their stages' last evaluations."""
     preset = preset or {}
     full = bool(preset.get("eval_full"))
     from relay.launch.eval_cmd import EvalSettings, evaluate_models, print_table, write_outputs
@@ -155,7 +155,7 @@ def final_eval(out: Path, data: Path, skip: list[str], console: Any, preset: dic
     chat = {"sft": sft}
     if "ppo" not in skip:
         chat["ppo"] = str(out / "ppo" / "actor")
-    if "dpo" not in skip:
+    if "dpo" not in skip and full:
         chat["dpo"] = str(out / "dpo" / "model")
     if "rm" not in skip:
         if full:

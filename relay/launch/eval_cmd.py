@@ -204,9 +204,13 @@ def evaluate_models(models: dict[str, str], s: EvalSettings, log=print) -> dict[
                 log(f"{name}: {s.n_samples} answers to each of {len(prompts)} held-out prompts")
                 gen = load_into_generator(gen, path, GeneratorConfig(model=path, seed=s.seed, max_model_len=max_len),
                                           f"eval-generator-{name}", s.timeout_s, log)
-                out = evaluate_answers(client_generate(gen, s.timeout_s), prompts, sampling, reward, ref, tok,
-                                       pad_id, stop, s.pass_threshold, s.show)
+                is_ref = s.reference is not None and Path(path).resolve() == Path(s.reference).resolve()
+                # the reference against itself: KL is 0 by definition, so skip the reference forward pass
+                out = evaluate_answers(client_generate(gen, s.timeout_s), prompts, sampling, reward,
+                                       None if is_ref else ref, tok, pad_id, stop, s.pass_threshold, s.show)
                 results[name].update(out.metrics)
+                if is_ref and ref is not None and s.temperature == 1.0:
+                    results[name].update(kl=0.0, kl_k3=0.0, kl_per_token=0.0)
                 results[name]["per_prompt"] = out.per_prompt
                 results[name]["samples"] = out.samples
     finally:
