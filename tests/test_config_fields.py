@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from relay.config import PIPELINES, ConfigError, PPOConfig, load_config, validate
-from relay.config.fields import FieldKind, _related, field_kinds, is_group
+from relay.config.fields import FieldKind, field_kinds, is_group, paths_overlap
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Numeric fields whose only range is "finite": any reward can be a pass threshold.
@@ -87,7 +87,7 @@ def test_field_rejects_bad_values_naming_field_and_file(pipeline, path, kind, tm
         with pytest.raises(ConfigError) as err:
             load_config(pipeline, preset)
         problems = err.value.problems
-        assert problems and all(_related(p, path) for p, _ in problems), (value, str(err.value))
+        assert problems and all(paths_overlap(p, path) for p, _ in problems), (value, str(err.value))
         assert path in str(err.value) and str(preset) in str(err.value), (value, str(err.value))
 
 

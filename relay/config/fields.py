@@ -37,15 +37,16 @@ class ConfigError(ValueError):
         overridden = overridden or {}
         lines = []
         for path, msg in problems:
-            origin = next((f" (from --set {item})" for key, item in overridden.items() if _related(path, key)), "")
+            origin = next((f" (from --set {item})" for key, item in overridden.items()
+                           if paths_overlap(path, key)), "")
             lines.append(f"{path}: {msg}{origin}" if path else msg)
         head = f"invalid config {source}" if source else "invalid config"
         body = f": {lines[0]}" if len(lines) == 1 else ":\n  " + "\n  ".join(lines)
         return cls(head + body, problems)
 
 
-def _related(path: str, key: str) -> bool:
-    """Whether field `path` is, holds or sits inside the field `key` names."""
+def paths_overlap(path: str, key: str) -> bool:
+    """Whether dotted field paths `path` and `key` are the same field, or one holds the other."""
     return any(a == b or a.startswith(f"{b}.") or a.startswith(f"{b}[") for a, b in ((path, key), (key, path)))
 
 
