@@ -210,3 +210,10 @@ def test_nonfinite_limit_and_template_file_are_checked(tmp_path):
         load_config("sft", overrides=["max_nonfinite_steps=0"])
     with pytest.raises(ConfigError, match="conversation_template_config: .* is not a file"):
         load_config("ppo", CONFIGS / "ppo_tiny.yaml", [f"conversation_template_config={tmp_path / 'none.json'}"])
+
+
+def test_cli_config_error_is_one_line_naming_field_and_origin():
+    out = _relay("sft", "--set", "seed=nan", "--print-config")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0] == "relay sft: invalid config: seed: must be a finite number, got nan (from --set seed=nan)"

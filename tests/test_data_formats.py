@@ -230,6 +230,26 @@ def test_malformed_json_array_names_the_record(tmp_path):
     _check(err, "broken.json", "<json>", "malformed JSON", record=2, line=4)
 
 
+LATIN1_SFT = json.dumps({"messages": [{"from": "human", "content": "café"},
+                                     {"from": "assistant", "content": "oui"}]}, ensure_ascii=False).encode("latin-1")
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json_array"])
+def test_non_utf8_record_names_file_line_and_byte_and_the_rest_reads(tmp_path, layout):
+    good = json.dumps(GOOD_SFT).encode()
+    if layout == "jsonl":
+        f, body = tmp_path / "latin.jsonl", b"\n".join([good, good, LATIN1_SFT, good]) + b"\n"
+    else:
+        f, body = tmp_path / "latin.json", b"[\n" + b",\n".join([good, good, LATIN1_SFT, good]) + b"\n]"
+    f.write_bytes(body)
+    raws = list(iter_raw_records(f))
+    assert len(raws) == 4 and [r.error is None for r in raws] == [True, True, False, True]
+    with pytest.raises(DataFormatError) as ei:
+        normalize("sft", raws[2])
+    _check(ei.value, "latin.json", "<encoding>", "not valid UTF-8: byte 0xe9", line=3 if layout == "jsonl" else 4)
+    assert normalize("sft", raws[3]).messages[0].content == "hi"
+
+
 def test_hf_dataset_error_names_dataset_and_row(tmp_path):
     import datasets
 

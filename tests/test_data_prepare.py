@@ -118,6 +118,23 @@ def test_skip_invalid_reports_every_skipped_record(tmp_path, tiny_tok):
     assert summary_file["counts"] == s.counts
 
 
+def test_non_utf8_record_stops_or_is_skipped(tmp_path, tiny_tok, capsys):
+    good = (FIXTURES / "chitchat_sft.jsonl").read_bytes().splitlines()
+    latin = json.dumps({"messages": [{"from": "human", "content": "déjà"}, {"from": "assistant", "content": "vu"}]},
+                       ensure_ascii=False).encode("latin-1")
+    src = tmp_path / "latin.jsonl"
+    src.write_bytes(b"\n".join(good[:1] + [latin] + good[1:]) + b"\n")
+    with pytest.raises(DataFormatError, match=r"latin.jsonl: line 2 \(record 1\): field '<encoding>': not valid UTF-8"):
+        prepare(_opts("sft", tmp_path / "o", [src]), tokenizer=tiny_tok)
+    s = prepare(_opts("sft", tmp_path / "skip", [src], skip_invalid=True), tokenizer=tiny_tok)
+    assert s.counts["invalid"] == 1 and s.records_read == len(good) + 1
+    report = [json.loads(x) for x in (tmp_path / "skip" / "skipped.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in report if r["category"] == "invalid"] == [(2, "<encoding>")]
+    code = main(["sft", "-i", str(src), "-o", str(tmp_path / "cli"), "-t", "tiny", "-q"])
+    err = capsys.readouterr().err
+    assert code != 0 and "latin.jsonl: line 2" in err and "UTF-8" in err and "Traceback" not in err
+
+
 def test_cli_prepare_and_errors(tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["sft", "-i", str(FIXTURES / "chitchat_sft.jsonl"), "-o", str(out), "-t", "tiny", "-q",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +32,9 @@ KNOWN_FIELDS = {
     "ptx": ("source", "Target", "target"),
 }
 DATA_SUFFIXES = (".json", ".jsonl")
+# Bytes that are not UTF-8 survive decoding with errors="surrogateescape" as these code points, so one bad
+# record is named (and skippable) instead of the whole file failing with a bare UnicodeDecodeError.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 HF_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}  # single files `datasets` reads
 
 
@@ -167,16 +171,30 @@ def _iter_hf(path: str, split: str, saved: bool, builder: str | None = None) -> 
 
 
 def iter_file_records(f: Path) -> Iterator[RawRecord]:
-    """JSONL (one record a line) or a JSON array/object; a .json file holding JSON lines is read as JSONL."""
-    text = f.read_text(encoding="utf-8")
+    """JSONL (one record a line) or a JSON array/object; a .json file holding JSON lines is read as JSONL.
+    A record holding bytes that are not UTF-8 comes back with an error naming its line."""
+    text = f.read_bytes().decode("utf-8", errors="surrogateescape")
     if f.suffix == ".jsonl" or not text.lstrip().startswith("["):
         stripped = text.strip()
         if f.suffix == ".json" and stripped.startswith("{") and _single_json_value(stripped):
-            yield RawRecord(str(f), 0, 1, json.loads(stripped))
+            line = text[: text.index("{")].count("\n") + 1
+            yield _encoding_error(f, 0, line, stripped) or RawRecord(str(f), 0, line, json.loads(stripped))
             return
         yield from _iter_jsonl(f, text)
         return
     yield from _iter_json_array(f, text)
+
+
+def _encoding_error(file: Path, index: int, line: int, source: str) -> RawRecord | None:
+    """A failed record when `source` (the record's text, starting on `line`) holds bytes that are not UTF-8."""
+    bad = _UNDECODABLE.search(source)
+    if bad is None:
+        return None
+    before = source[: bad.start()]
+    line += before.count("\n")
+    column = bad.start() - before.rfind("\n")  # 1-based; on the record's first line, from the record's start
+    reason = f"not valid UTF-8: byte 0x{ord(bad.group()) - 0xDC00:02x} at column {column} (save the file as UTF-8)"
+    return RawRecord(str(file), index, line, None, DataFormatError(str(file), index, "<encoding>", reason, line))
 
 
 def _single_json_value(text: str) -> bool:
@@ -193,7 +211,7 @@ def _iter_jsonl(f: Path, text: str) -> Iterator[RawRecord]:
         if not line.strip():
             continue  # blank lines are not records
         try:
-            rec = RawRecord(str(f), index, lineno, json.loads(line))
+            rec = _encoding_error(f, index, lineno, line) or RawRecord(str(f), index, lineno, json.loads(line))
         except json.JSONDecodeError as e:
             err = DataFormatError(str(f), index, "<json>", f"malformed JSON: {e.msg} at column {e.colno}", lineno)
             rec = RawRecord(str(f), index, lineno, None, err)
@@ -225,13 +243,14 @@ def _iter_json_array(f: Path, text: str) -> Iterator[RawRecord]:
     while True:
         pos = skip_ws(pos)
         start_line = line_at(pos)
+        start = pos
         try:
             value, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             reason = f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno} (rest of file not read)"
             yield RawRecord(str(f), index, start_line, None, DataFormatError(str(f), index, "<json>", reason, start_line))
             return
-        yield RawRecord(str(f), index, start_line, value)
+        yield _encoding_error(f, index, start_line, text[start:pos]) or RawRecord(str(f), index, start_line, value)
         index += 1
         pos = skip_ws(pos)
         if pos < len(text) and text[pos] == ",":

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from relay.launch.argtypes import finite_float
+
 TEMPLATE_FILE = "conversation_template.json"
 
 
@@ -196,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSONL file for --input's answers (default: stdout)")
     p.add_argument("--system", default=None, help="system message for every conversation")
     p.add_argument("--template-config", default=None, help="conversation template JSON (default: the model's own)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=finite_float(0), default=0.7)
+    p.add_argument("--top-p", type=finite_float(0, 1), default=0.9)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=None)

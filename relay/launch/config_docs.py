@@ -16,7 +16,7 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `relay/config.py` by `python -m relay.launch.config_docs`; do not edit by hand.",
+        "Generated from the dataclasses in `relay/config/` by `python -m relay.launch.config_docs`; do not edit by hand.",
         "Every field can be set in a YAML preset (nested groups as mappings) or on the command line with",
         "`--set group.field=value`. Invalid values stop the run before any actor starts.",
         "",

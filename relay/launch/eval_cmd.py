@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.evals.scores import effect_in_prompt_sd, gap_closed
+from relay.launch.argtypes import finite_float
 
 # metric -> label in the table and chart (also the order they are shown in)
 SHOWN = {
@@ -325,13 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-model", help="reward-model folder scoring the answers")
     p.add_argument("--reward-rule", help="'module:function' or a task name (e.g. arithmetic) scoring the answers")
     p.add_argument("--reward-url", help="HTTP reward endpoint scoring the answers")
-    p.add_argument("--pass-threshold", type=float, help="an answer passes when its reward >= this (pass rate)")
+    p.add_argument("--pass-threshold", type=finite_float(), help="an answer passes when its reward >= this (pass rate)")
     p.add_argument("--num-prompts", type=int, default=64, help="held-out prompts used (default 64)")
     p.add_argument("--num-pairs", type=int, default=256, help="held-out pairs used (default 256)")
     p.add_argument("--samples", type=int, default=4, help="answers per prompt (default 4)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (KL needs 1.0)")
+    p.add_argument("--temperature", type=finite_float(0), default=1.0, help="sampling temperature (KL needs 1.0)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--beta", type=float, default=0.1, help="implicit-reward scale (DPO's beta)")
+    p.add_argument("--beta", type=finite_float(0), default=0.1, help="implicit-reward scale (DPO's beta)")
     p.add_argument("--baseline", help="model NAME the others are compared with (default: the first policy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/eval", help="folder for eval.json and eval.png")
