@@ -23,7 +23,6 @@ in memory at a time).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -141,9 +140,13 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         self.scorers = Scorers(self.ref, self.reward, self.critic, a, g.n_samples_per_prompt, self.eos_ids, timeout,
                                temperature=learner_temperature(cfg), actor=self.actor)
         self.state = PPOState(kl_coef=self.kl_ctl.value)
-        # Weight sync goes through tmpfs: the actor's rank 0 writes, the driver maps it and pushes.
-        shm = Path("/dev/shm") if os.path.isdir("/dev/shm") else self.save_dir
-        self.weights_file = shm / f"relay-{self.run_name}-{os.getpid()}" / "actor.safetensors"
+        # Weight sync goes through tmpfs: the actor's rank 0 writes, the driver maps it and pushes. A private
+        # folder (0700, random name), on disk when /dev/shm cannot hold an fp32 export.
+        from relay.actors.weight_sync import model_bytes
+        from relay.scratch import private_dir
+
+        folder = private_dir(f"relay-{self.run_name}-", model_bytes(self.actor_path), what="actor weight export")
+        self.weights_file = folder / "actor.safetensors"
         resumed = self._maybe_resume()
         from relay.metrics import MetricsLogger, RayGauges
 

@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from relay.scratch import private_temp_file
+
 # Files of a model folder that are weights/config (rewritten by the checkpoint) rather than tokenizer files.
 _NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".index.json", ".gguf")
 
@@ -90,8 +92,9 @@ class WeightsAndCheckpoints:
         if self.rank != 0:
             return None
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+        # mkstemp: created exclusively, so save_file never writes through a link planted at a guessable name
+        tmp = private_temp_file(Path(path).parent, Path(path).name)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)  # readers never see a half-written file
         return str(path)
 
