@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from relay.learners.safe_load import weights_only_loads
 from relay.scratch import private_temp_file
 
 # Files of a model folder that are weights/config (rewritten by the checkpoint) rather than tokenizer files.
@@ -181,10 +182,12 @@ class WeightsAndCheckpoints:
             if hasattr(self.model, "update_master_params"):  # ZeRO keeps fp32 masters of the trained params
                 self.model.update_master_params()
         elif self._booster_model_io():
-            self.booster.load_model(self.model, str(root / "model"))
+            with weights_only_loads():  # ColossalAI may torch.load .bin shards
+                self.booster.load_model(self.model, str(root / "model"))
         else:
             self._load_full_folder(root / "model")
-        self.booster.load_optimizer(self.optimizer, str(root / "optimizer"))
+        with weights_only_loads():  # optimizer shards are pickles read by torch.load inside ColossalAI
+            self.booster.load_optimizer(self.optimizer, str(root / "optimizer"))
         meta_file = root / "learner.json"
         if meta_file.exists():
             self.step = int(json.loads(meta_file.read_text()).get("step", 0))
