@@ -3,7 +3,7 @@ fallback when shared memory is missing, small or full (said in one log line), an
 planted where a file will go. No Ray."""
 from __future__ import annotations
 
-import logging
+import math
 import os
 import stat
 import tempfile
@@ -15,28 +15,10 @@ from relay import scratch
 from relay.actors.weight_sync import model_bytes, new_transfer_folder, read_buckets, serialize_buckets, write_blobs
 
 
-class _Lines(logging.Handler):
-    """Collects formatted records of one logger (caplog misses them once `relay` stops propagating)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture
-def scratch_log():
-    handler = _Lines()
-    logger = logging.getLogger("relay.scratch")
-    logger.addHandler(handler)
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    scratch._said.clear()
-    yield handler.lines
-    logger.removeHandler(handler)
-    logger.setLevel(old)
+def scratch_log(log_lines):
+    scratch._said.clear()  # the one-line notice is per process: start each test without it
+    return log_lines("relay.scratch")
 
 
 def _mode(path: Path) -> int:
@@ -123,15 +105,8 @@ def test_private_temp_file_is_exclusive(tmp_path):
 def test_model_bytes_counts_fp32(tiny_llama_dir):
     from relay.actors.weight_sync import model_dir_manifest
 
-    params = sum(int(torch_numel(s.shape)) for s in model_dir_manifest(tiny_llama_dir).values())
+    params = sum(math.prod(s.shape) for s in model_dir_manifest(tiny_llama_dir).values())
     assert model_bytes(tiny_llama_dir) == 4 * params > 0
-
-
-def torch_numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def test_no_predictable_shared_paths_in_relay():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -277,13 +278,7 @@ def new_transfer_folder(needed_bytes: int = 0) -> Path:
 def model_bytes(model_dir: str | Path, bytes_per_param: int = 4) -> int:
     """Size of a model folder's weights exported at `bytes_per_param` (4: fp32, the most a learner exports),
     from the safetensors headers."""
-    count = 0
-    for spec in model_dir_manifest(model_dir).values():
-        n = 1
-        for d in spec.shape:
-            n *= d
-        count += n
-    return count * bytes_per_param
+    return bytes_per_param * sum(math.prod(spec.shape) for spec in model_dir_manifest(model_dir).values())
 
 
 # ---------------------------------------------------------------------------------------------------------
