@@ -172,8 +172,8 @@ def test_http_retries_then_succeeds(server):
 def test_http_gives_up_after_retries(server):
     srv, base = server
     srv.fail_first = 100
-    with pytest.raises(RewardError, match=r"failed after 2 attempt\(s\).*HTTP 503"):
-        HttpReward(base + "/flaky", retries=1, backoff_s=0.01).score(PROMPTS, RESPONSES)
+    with pytest.raises(RewardError, match=r"unavailable .*2 attempts.*HTTP 503"):
+        HttpReward(base + "/flaky", retries=1, backoff_s=0.01, max_outage_s=0).score(PROMPTS, RESPONSES)
     assert srv.hits["/flaky"] == 2
 
 
@@ -202,8 +202,9 @@ def test_http_unreachable(server):
     port = srv.server_address[1]
     srv.shutdown()
     srv.server_close()
-    with pytest.raises(RewardError, match="failed after 2 attempt"):
-        HttpReward(f"http://127.0.0.1:{port}/ok", retries=1, backoff_s=0.01, timeout_s=2).score(["a"], ["b"])
+    with pytest.raises(RewardError, match="unavailable .*2 attempts"):
+        HttpReward(f"http://127.0.0.1:{port}/ok", retries=1, backoff_s=0.01, timeout_s=2,
+                   max_outage_s=0).score(["a"], ["b"])
 
 
 # ------------------------------------------------------------------------------------------ model hook

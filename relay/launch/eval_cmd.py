@@ -272,7 +272,10 @@ def write_outputs(results: dict[str, dict[str, Any]], out: Path, settings: EvalS
     """eval.json (every number, settings, samples) and eval.png (one bar group per metric)."""
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "eval.json"
-    json_path.write_text(json.dumps({"settings": settings.__dict__, "models": results}, indent=2, default=str))
+    from relay.redact import redact_config  # --reward-url may carry a token
+
+    json_path.write_text(json.dumps({"settings": redact_config(settings.__dict__), "models": results}, indent=2,
+                                    default=str))
     header, rows = table_rows(results)
     if len(header) < 2:
         return json_path, None
