@@ -344,7 +344,7 @@ def main(argv: list[str]) -> int:
         name, _, path = item.rpartition("=") if "=" in item else (Path(item).parent.name or f"model{i}", "", item)
         from relay.models.smollm2 import resolve_model_path
 
-        models[name or f"model{i}"] = str(resolve_model_path(path))
+        models[name or f"model{i}"] = str(resolve_model_path(path, "--model"))
     for what, value in (("--prompts", args.prompts), ("--preferences", args.preferences), ("--reference", args.reference)):
         if value and not Path(value).exists():
             print(f"relay eval: {what} {value} does not exist", file=sys.stderr)

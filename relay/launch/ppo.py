@@ -84,6 +84,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         from relay.data.shards import load_prepared
         from relay.launch import cluster
         from relay.learners.group import LearnerGroup
+        from relay.models.local import local_folder
         from relay.models.smollm2 import resolve_model_path
         from transformers import AutoTokenizer
 
@@ -92,9 +93,11 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         self.save_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.config_file or self.save_dir / "config.yaml")
         torch.manual_seed(cfg.seed)
-        self.actor_path = resolve_model_path(cfg.actor.pretrain)
-        self.critic_path = resolve_model_path(cfg.critic.pretrain) if a.advantage_estimator == "gae" else None
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor.tokenizer_dir or self.actor_path)
+        self.actor_path = resolve_model_path(cfg.actor.pretrain, "actor.pretrain")
+        gae = a.advantage_estimator == "gae"
+        self.critic_path = resolve_model_path(cfg.critic.pretrain, "critic.pretrain") if gae else None
+        tok_dir = cfg.actor.tokenizer_dir and local_folder(cfg.actor.tokenizer_dir, "actor.tokenizer_dir")
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir or self.actor_path)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         # stop ids: the conversation template's (generation stops there; rewards count them as EOS)
