@@ -270,3 +270,41 @@ def test_config_fields_reach_the_client():
     assert (src.max_outage_s, src.max_response_bytes) == (42, 1234)
     with pytest.raises(ValueError, match="max_response_bytes"):
         HttpReward("http://127.0.0.1:9/x", max_response_bytes=0)
+
+
+# ------------------------------------------------------------------------------------------ through Ray
+
+
+@pytest.mark.ray
+def test_reward_actor_holds_through_an_outage(ray_session):
+    """relay/reward serving kind=http: the service is down ~2 s and comes back; the run's score call waits and
+    answers. A service down past max_outage_s gives the clear error through the actor."""
+    from relay.actors.rewards import start_reward_actor
+    from relay.logs import error_line
+
+    srv = _serve()
+    port = srv.server_address[1]
+    _stop(srv)
+    back: list[ThreadingHTTPServer] = []
+    spec = {"kind": "http", "url": f"http://127.0.0.1:{port}/ok?token={TOKEN}", "retries": 0, "max_outage_s": 60}
+    client = start_reward_actor(spec, name="reward-outage-test", timeout_s=120)
+    restart = threading.Timer(2.0, lambda: back.append(_serve(port)))
+    try:
+        restart.start()
+        t0 = time.monotonic()
+        assert client.score(PROMPTS, RESPONSES) == [3.0, 5.0]
+        assert time.monotonic() - t0 > 1.5
+    finally:
+        restart.join()
+        client.kill()
+        for s in back:
+            _stop(s)
+    spec = {"kind": "http", "url": f"http://127.0.0.1:{port}/ok?token={TOKEN}", "retries": 0, "max_outage_s": 1}
+    client = start_reward_actor(spec, name="reward-outage-test2", timeout_s=120)
+    try:
+        with pytest.raises(Exception) as info:
+            client.score(PROMPTS, RESPONSES)
+        line = error_line(info.value)
+        assert "unavailable for" in line and "max_outage_s=1 s" in line and TOKEN not in line
+    finally:
+        client.kill()
