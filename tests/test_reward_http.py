@@ -1,6 +1,7 @@
-"""The HTTP reward client against real local servers (http.server in a thread; no Ray): an outage is waited out
-with backoff and one log line per wait up to `max_outage_s`, then a clear error; oversize replies are refused;
-TLS/certificate errors fail at once; secrets in the URL or headers never reach logs, errors or metrics."""
+"""The HTTP reward client against real local servers (http.server in a thread; Ray only in the last test):
+batching, bad replies (not retried), an outage waited out with backoff and one log line per wait up to
+`max_outage_s`, then a clear error; oversize replies refused; TLS/certificate errors fail at once; secrets in the
+URL or headers never reach logs, errors or metrics."""
 from __future__ import annotations
 
 import base64
@@ -20,40 +21,57 @@ from relay.actors.rewards import HttpReward, RewardError, make_reward_source
 from relay.config import RewardConfig
 from relay.redact import REDACTED, header_secrets, redact_config, redact_url, scrub, url_secrets
 
-PROMPTS, RESPONSES = ["p1", "p2"], ["abc", "hello"]
+PROMPTS = ["hi", "tell me", "why"]
+RESPONSES = ["hello<|im_end|>", "a story", "because!"]
+EXPECTED = [15.0, 7.0, 8.0]  # /ok: each response's length
 TOKEN, PASSWORD = "TOPSECRET123", "s3cr3tpw"
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """POST /ok (rewards = response lengths), /big (a body over the client's cap, with Content-Length),
-    /stream (the same without Content-Length, closed at the end), /echo400 (400 echoing path and headers),
-    /busy (503 until the server's `busy_until` time)."""
+    """POST /ok (rewards = response lengths), /flaky (503 for the first `fail_first` requests), /busy (503 until
+    the server's `busy_until` time), /slow (sleeps past the client timeout once), /bad (400), /malformed,
+    /short, /notnum, /echo400 (400 echoing path and headers), /big (a body over the client's cap, with
+    Content-Length), /stream (the same without Content-Length, closed at the end)."""
 
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, *args):
+    def log_message(self, *args):  # keep test output quiet
         pass
 
     def do_POST(self):
         srv = self.server
-        srv.hits.append(self.path.split("?")[0])
+        path = self.path.split("?")[0]
+        srv.hits.append(path)
         srv.auth.append(self.headers.get("Authorization"))
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        path = self.path.split("?")[0]
+        rewards = [float(len(r)) for r in body["responses"]]
+        big = b'{"rewards": [' + b" " * 5000 + b"1, 2, 3]}"
+        if path == "/flaky" and srv.hits.count(path) <= srv.fail_first:
+            return self._send(503, b"busy")
+        if path == "/busy" and time.monotonic() < srv.busy_until:
+            return self._send(503, b"busy")
+        if path == "/slow" and srv.hits.count(path) == 1:
+            time.sleep(1.0)
+        if path == "/bad":
+            return self._send(400, b"missing field")
+        if path == "/echo400":
+            return self._send(400, f"bad request to {self.path} with {dict(self.headers)}".encode())
+        if path == "/malformed":
+            return self._send(200, b'{"rewards": [1.0, 2.0')
         if path == "/big":
-            return self._send(200, b'{"rewards": [' + b" " * 5000 + b"1, 2]}")
+            return self._send(200, big)
         if path == "/stream":
             self.send_response(200)
             self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(b'{"rewards": [' + b" " * 5000 + b"1, 2]}")
+            self.wfile.write(big)
             self.close_connection = True
             return None
-        if path == "/echo400":
-            return self._send(400, f"bad request to {self.path} with {dict(self.headers)}".encode())
-        if path == "/busy" and time.monotonic() < srv.busy_until:
-            return self._send(503, b"busy")
-        self._send(200, json.dumps({"rewards": [float(len(r)) for r in body["responses"]]}).encode())
+        if path == "/short":
+            rewards = rewards[:1]
+        if path == "/notnum":
+            rewards = ["high"] * len(rewards)
+        self._send(200, json.dumps({"rewards": rewards}).encode())
 
     def _send(self, code, data):
         self.send_response(code)
@@ -65,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _serve(port: int = 0, tls: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
     srv = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
-    srv.hits, srv.auth, srv.busy_until = [], [], 0.0
+    srv.hits, srv.auth, srv.busy_until, srv.fail_first = [], [], 0.0, 2
     if tls is not None:
         srv.socket = tls.wrap_socket(srv.socket, server_side=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -89,6 +107,60 @@ def http_log(log_lines):
     return log_lines("relay.actors.reward_http")
 
 
+# ------------------------------------------------------------------------------------------ replies
+
+
+def test_http_ok_and_batching(server):
+    srv, base = server
+    src = HttpReward(base + "/ok", batch_size=2)
+    assert src.score(PROMPTS, RESPONSES) == EXPECTED
+    assert srv.hits.count("/ok") == 2 and src.requests == 2
+
+
+def test_http_retries_then_succeeds(server):
+    srv, base = server
+    src = HttpReward(base + "/flaky", retries=3, backoff_s=0.01)
+    assert src.score(PROMPTS, RESPONSES) == EXPECTED
+    assert srv.hits.count("/flaky") == 3 and src.requests == 3  # 503, 503, 200
+
+
+def test_http_gives_up_after_retries(server):
+    srv, base = server
+    srv.fail_first = 100
+    with pytest.raises(RewardError, match=r"unavailable .*2 attempts.*HTTP 503"):
+        HttpReward(base + "/flaky", retries=1, backoff_s=0.01, max_outage_s=0).score(PROMPTS, RESPONSES)
+    assert srv.hits.count("/flaky") == 2
+
+
+def test_http_timeout_is_retried(server):
+    srv, base = server
+    src = HttpReward(base + "/slow", timeout_s=0.3, retries=2, backoff_s=0.01)
+    assert src.score(PROMPTS, RESPONSES) == EXPECTED
+    assert src.requests == 2
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/malformed", "malformed JSON"),
+    ("/short", "returned 1 rewards for 3 samples"),
+    ("/notnum", r"returned 'high' \(str\)"),
+    ("/bad", "refused the request.*HTTP 400"),
+])
+def test_http_bad_replies_are_clear_and_not_retried(server, path, message):
+    srv, base = server
+    with pytest.raises(RewardError, match=message):
+        HttpReward(base + path, retries=3, backoff_s=0.01).score(PROMPTS, RESPONSES)
+    assert srv.hits.count(path) == 1
+
+
+def test_http_unreachable(server):
+    srv, base = server
+    port = srv.server_address[1]
+    _stop(srv)
+    with pytest.raises(RewardError, match="unavailable .*2 attempts"):
+        HttpReward(f"http://127.0.0.1:{port}/ok", retries=1, backoff_s=0.01, timeout_s=2,
+                   max_outage_s=0).score(["a"], ["b"])
+
+
 # ------------------------------------------------------------------------------------------ outages
 
 
@@ -105,7 +177,7 @@ def test_outage_is_waited_out_with_one_line_per_wait(http_log):
         src = HttpReward(f"http://127.0.0.1:{port}/ok", retries=0, backoff_s=0.05, max_backoff_s=0.4,
                          max_outage_s=30, timeout_s=2)
         t0 = time.monotonic()
-        assert src.score(PROMPTS, RESPONSES) == [3.0, 5.0]
+        assert src.score(PROMPTS, RESPONSES) == EXPECTED
         assert 1.4 < time.monotonic() - t0 < 10
     finally:
         restart.join()
@@ -120,7 +192,7 @@ def test_5xx_outage_recovers(server, http_log):
     srv, base = server
     srv.busy_until = time.monotonic() + 1.0
     src = HttpReward(base + "/busy", retries=0, backoff_s=0.05, max_backoff_s=0.3, max_outage_s=30)
-    assert src.score(PROMPTS, RESPONSES) == [3.0, 5.0]
+    assert src.score(PROMPTS, RESPONSES) == EXPECTED
     assert srv.hits.count("/busy") == src.requests >= 3
     assert "HTTP 503" in http_log[0]
 
@@ -137,14 +209,6 @@ def test_outage_past_the_limit_is_a_clear_error(http_log):
     assert len(http_log) == src.requests - 1 >= 3
 
 
-def test_retries_floor_holds_even_with_no_outage_budget(server):
-    srv, base = server
-    srv.busy_until = time.monotonic() + 60
-    with pytest.raises(RewardError, match=r"3 attempts.*HTTP 503"):
-        HttpReward(base + "/busy", retries=2, backoff_s=0.01, max_outage_s=0).score(PROMPTS, RESPONSES)
-    assert srv.hits.count("/busy") == 3
-
-
 # ------------------------------------------------------------------------------------------ size cap
 
 
@@ -156,7 +220,7 @@ def test_oversize_reply_is_refused_and_not_retried(server, path):
         src.score(PROMPTS, RESPONSES)
     assert srv.hits.count(path) == 1
     # the same reply under a larger cap is fine
-    assert HttpReward(base + path, max_response_bytes=10_000).score(PROMPTS, RESPONSES) == [1.0, 2.0]
+    assert HttpReward(base + path, max_response_bytes=10_000).score(PROMPTS, RESPONSES) == [1.0, 2.0, 3.0]
 
 
 def test_default_cap_is_16_mib():
@@ -292,7 +356,7 @@ def test_reward_actor_holds_through_an_outage(ray_session):
     try:
         restart.start()
         t0 = time.monotonic()
-        assert client.score(PROMPTS, RESPONSES) == [3.0, 5.0]
+        assert client.score(PROMPTS, RESPONSES) == EXPECTED
         assert time.monotonic() - t0 > 1.5
     finally:
         restart.join()
