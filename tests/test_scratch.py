@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from relay import scratch
-from relay.actors.weight_sync import model_bytes, new_transfer_folder, read_buckets, serialize_buckets, write_blobs
+from relay.actors.weight_sync import (
+    model_bytes,
+    new_transfer_folder,
+    read_buckets,
+    serialize_buckets,
+    write_blobs,
+    write_buckets,
+)
 
 
 @pytest.fixture
@@ -93,6 +100,21 @@ def test_write_blobs_never_follows_a_symlink(tmp_path):
     assert victim.read_bytes() == b"keep"
     paths = write_blobs(blobs, tmp_path / "clean")
     assert torch.equal(read_buckets(paths)["w"], torch.ones(2, 2))
+
+
+def test_write_buckets_replaces_a_planted_symlink_instead_of_following_it(tmp_path):
+    import torch
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    link = out / "weights-00000-of-00001.safetensors"
+    link.symlink_to(victim)
+    [path] = write_buckets({"w": torch.ones(2, 2)}, out)
+    assert victim.read_bytes() == b"keep" and not path.is_symlink()
+    assert torch.equal(read_buckets([path])["w"], torch.ones(2, 2))
+    assert sorted(p.name for p in out.iterdir()) == [link.name]  # no temp file left
 
 
 def test_private_temp_file_is_exclusive(tmp_path):

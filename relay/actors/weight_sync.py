@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from relay.scratch import private_dir, scratch_root, write_private
+from relay.scratch import private_dir, private_temp_file, scratch_root, write_private
 
 if TYPE_CHECKING:
     import torch
@@ -139,7 +139,11 @@ def write_buckets(
     for i, names in enumerate(plan):
         path = out_dir / f"{prefix}-{i:05d}-of-{len(plan):05d}.safetensors"
         meta = {**(metadata or {}), "bucket": str(i), "num_buckets": str(len(plan))}
-        save_file({n: tensors[n] for n in names}, str(path), metadata=meta)
+        # save_file opens the path it is given: give it a mkstemp file, and rename (which replaces a link
+        # planted at `path` instead of writing through it)
+        tmp = private_temp_file(out_dir, path.name)
+        save_file({n: tensors[n] for n in names}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
         paths.append(path)
     return paths
 
