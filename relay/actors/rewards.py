@@ -70,7 +70,7 @@ class ModelReward:
         from relay.models import heads
         from relay.models.smollm2 import resolve_model_path
 
-        folder = resolve_model_path(folder, "reward.model")  # bundled names ('smollm2', 'tiny-llama') as everywhere else
+        folder = resolve_model_path(folder, "reward.model")  # bundled names ('smollm2', ...) as everywhere
         load = getattr(heads, "load_reward_model", None) or heads.CriticModel.from_pretrained
         self.dtype = getattr(torch, dtype)
         self.model = load(folder, dtype=self.dtype).eval()

@@ -3,8 +3,8 @@
 Two strategies, picked per generator by `push_weights(strategy="auto")`:
 
 * ``shm`` (same node): the sender writes the state dict as size-bounded safetensors buckets to a private
-  folder in /dev/shm (on disk when /dev/shm is missing or too small: `relay.scratch`), every generator loads the files in place through vLLM's
-  `reload_weights` (see `vllm_worker_ext`), then the sender removes them. One write, N memory-mapped reads.
+  folder in /dev/shm (on disk when /dev/shm is missing or too small: `relay.scratch`), every generator loads
+  the files in place through vLLM's `reload_weights` (see `vllm_worker_ext`), then the sender removes them. One write, N memory-mapped reads.
 * ``object_store`` (any node): each bucket is serialized to safetensors bytes and `ray.put` once; Ray moves
   it to the generators' nodes, where each generator writes it to its local /dev/shm and loads it the same way.
   Bytes rather than numpy arrays because numpy has no bfloat16.
