@@ -59,8 +59,11 @@ class MetricsLogger:
             import wandb
 
             os.environ.setdefault("WANDB_MODE", "offline")
+            from relay.redact import redact_config  # a reward URL's token must not reach the wandb run
+
             self._wandb = wandb.init(
-                project=wandb_project, name=run_name, dir=str(log_dir), config=config or {}, reinit="finish_previous"
+                project=wandb_project, name=run_name, dir=str(log_dir), config=redact_config(config or {}),
+                reinit="finish_previous",
             )
         self._start = time.time()
 

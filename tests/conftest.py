@@ -54,3 +54,33 @@ def tiny_demo_data(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "relay.launch.cli", "data", "demo", str(out), "-t", "tiny"],
                    check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True, timeout=300)
     return out
+
+
+@pytest.fixture
+def log_lines():
+    """`log_lines("relay.x")` -> a list that collects that logger's messages (INFO and up) until the test ends.
+    A handler on the logger itself: caplog misses records once `relay.logs.quiet_console` stops propagation."""
+    import logging
+
+    attached: list[tuple[logging.Logger, logging.Handler, int]] = []
+
+    class Collect(logging.Handler):
+        def __init__(self, sink: list[str]) -> None:
+            super().__init__(logging.INFO)
+            self.sink = sink
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.sink.append(record.getMessage())
+
+    def attach(name: str) -> list[str]:
+        lines: list[str] = []
+        logger, handler = logging.getLogger(name), Collect(lines)
+        attached.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        return lines
+
+    yield attach
+    for logger, handler, level in attached:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

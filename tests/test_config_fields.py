@@ -140,6 +140,9 @@ def test_issue_values_for_training_stages(overrides, field):
     (["algo.num_episodes=nan"], "algo.num_episodes"),
     (["generation.top_p=0"], "generation.top_p"),
     (["algo.lam=1.5"], "algo.lam"),
+    (["reward.kind=http", "reward.url=http://127.0.0.1:1/r", "reward.max_outage_s=900", "cluster.timeout_s=600"],
+     "reward.max_outage_s"),  # the driver would time out before the outage limit
+    (["reward.max_response_bytes=0"], "reward.max_response_bytes"),
 ])
 def test_issue_values_for_ppo(overrides, field):
     with pytest.raises(ConfigError) as err:

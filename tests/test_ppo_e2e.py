@@ -41,6 +41,8 @@ def e2e_run(ray_session, prompt_data, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("ppo_e2e") / "e2e"
     cfg = _cfg(prompt_data, save_dir, **{"algo.num_episodes": 4})
     system = PPOSystem(cfg).start()
+    export_dir = system.weights_file.parent
+    export_mode = export_dir.stat().st_mode & 0o777
     try:
         names = _named_actors()
         sync = system.run_episodes(until=2)
@@ -57,7 +59,8 @@ def e2e_run(ray_session, prompt_data, tmp_path_factory):
     finally:
         system.close()  # before the other tests: they start actors with the same names
     return {"cfg": cfg, "sync": sync, "async": asyn, "names": names, "ckpt": ckpt, "order_before": order_before,
-            "versions": versions_after_sync, "final_versions": final_versions, "save_dir": save_dir}
+            "versions": versions_after_sync, "final_versions": final_versions, "save_dir": save_dir,
+            "export_dir": export_dir, "export_mode": export_mode}
 
 
 EXPECTED_ACTORS = ("relay/generator-0", "relay/generator-1", "relay/ref", "relay/reward", "relay/actor-rank0",
@@ -81,6 +84,17 @@ def _named_actors() -> set[str]:
 
 def test_named_actors(e2e_run):
     assert set(EXPECTED_ACTORS) == e2e_run["names"]
+
+
+def test_weight_export_folder_is_private_and_removed(e2e_run):
+    """The per-run export folder: mkdtemp (0700, random suffix, not the old /dev/shm/relay-<run>-<pid>), gone
+    after close."""
+    import os
+
+    folder = e2e_run["export_dir"]
+    assert e2e_run["export_mode"] == 0o700
+    assert folder.name.startswith("relay-e2e-") and folder.name != f"relay-e2e-{os.getpid()}"
+    assert not folder.exists()
 
 
 def test_sync_mode_invariants(e2e_run):

@@ -1,11 +1,6 @@
-"""Reward sources: Python rules (per sample, batched, built-ins, errors), an HTTP service on a local
-http.server (retries, timeouts, malformed replies), the model hook, and the relay/reward Ray actor."""
+"""Reward sources: Python rules (per sample, batched, built-ins, errors), the model hook, and the relay/reward
+Ray actor. The HTTP source has its own file, tests/test_reward_http.py."""
 from __future__ import annotations
-
-import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -105,105 +100,6 @@ def test_make_reward_source_from_config():
                      (RewardSpec(kind="model"), "needs reward.model"), (RewardSpec(kind="vibes"), "must be model")]:
         with pytest.raises(ValueError, match=msg):
             make_reward_source(bad)
-
-
-# ------------------------------------------------------------------------------------------ HTTP
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """POST /ok, /flaky (503 for the first `fail_first` requests), /malformed, /short, /notnum, /bad (400),
-    /slow (sleeps past the client timeout once, then answers)."""
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-    def do_POST(self):
-        server = self.server
-        server.hits[self.path] = server.hits.get(self.path, 0) + 1
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        rewards = [float(len(r)) for r in body["responses"]]
-        if self.path == "/flaky" and server.hits[self.path] <= server.fail_first:
-            return self._send(503, b"busy")
-        if self.path == "/slow" and server.hits[self.path] == 1:
-            time.sleep(1.0)
-        if self.path == "/bad":
-            return self._send(400, b"missing field")
-        if self.path == "/malformed":
-            return self._send(200, b'{"rewards": [1.0, 2.0')
-        if self.path == "/short":
-            rewards = rewards[:1]
-        if self.path == "/notnum":
-            rewards = ["high"] * len(rewards)
-        self._send(200, json.dumps({"rewards": rewards}).encode())
-
-    def _send(self, code, data):
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-@pytest.fixture
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.hits, srv.fail_first = {}, 2
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv, f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_http_ok_and_batching(server):
-    srv, base = server
-    src = HttpReward(base + "/ok", batch_size=2)
-    assert src.score(PROMPTS, RESPONSES) == [15.0, 7.0, 8.0]
-    assert srv.hits["/ok"] == 2 and src.requests == 2
-
-
-def test_http_retries_then_succeeds(server):
-    srv, base = server
-    src = HttpReward(base + "/flaky", retries=3, backoff_s=0.01)
-    assert src.score(PROMPTS, RESPONSES) == [15.0, 7.0, 8.0]
-    assert srv.hits["/flaky"] == 3 and src.requests == 3  # 503, 503, 200
-
-
-def test_http_gives_up_after_retries(server):
-    srv, base = server
-    srv.fail_first = 100
-    with pytest.raises(RewardError, match=r"failed after 2 attempt\(s\).*HTTP 503"):
-        HttpReward(base + "/flaky", retries=1, backoff_s=0.01).score(PROMPTS, RESPONSES)
-    assert srv.hits["/flaky"] == 2
-
-
-def test_http_timeout_is_retried(server):
-    srv, base = server
-    src = HttpReward(base + "/slow", timeout_s=0.3, retries=2, backoff_s=0.01)
-    assert src.score(PROMPTS, RESPONSES) == [15.0, 7.0, 8.0]
-    assert src.requests == 2
-
-
-@pytest.mark.parametrize("path, message", [
-    ("/malformed", "malformed JSON"),
-    ("/short", "returned 1 rewards for 3 samples"),
-    ("/notnum", r"returned 'high' \(str\)"),
-    ("/bad", "refused the request.*HTTP 400"),
-])
-def test_http_bad_replies_are_clear_and_not_retried(server, path, message):
-    srv, base = server
-    with pytest.raises(RewardError, match=message):
-        HttpReward(base + path, retries=3, backoff_s=0.01).score(PROMPTS, RESPONSES)
-    assert srv.hits[path] == 1
-
-
-def test_http_unreachable(server):
-    srv, base = server
-    port = srv.server_address[1]
-    srv.shutdown()
-    srv.server_close()
-    with pytest.raises(RewardError, match="failed after 2 attempt"):
-        HttpReward(f"http://127.0.0.1:{port}/ok", retries=1, backoff_s=0.01, timeout_s=2).score(["a"], ["b"])
 
 
 # ------------------------------------------------------------------------------------------ model hook

@@ -245,6 +245,26 @@ def test_bad_updates_raise_and_keep_version(generator, tiny_llama_dir, tmp_path)
 
 
 @pytest.mark.slow
+def test_shm_push_falls_back_to_disk_when_shm_is_full(generator, tiny_llama_dir, monkeypatch, log_lines):
+    """/dev/shm without room (a full tmpfs, simulated by the free-space function): the push goes through a
+    private folder in the system temp dir, says so in one line, and leaves nothing behind."""
+    import tempfile
+
+    from relay import scratch
+    from relay.actors.weight_sync import push_weights
+
+    lines = log_lines("relay.scratch")
+    scratch._said.clear()
+    monkeypatch.setattr(scratch, "free_bytes", lambda _p: 0)
+    v = generator.version()
+    report = push_weights([generator], _perturbed(tiny_llama_dir, seed=4), version=v + 1, strategy="shm",
+                          timeout_s=120)
+    assert generator.version() == v + 1 and report["shm_dir"] == tempfile.gettempdir()
+    assert len(lines) == 1 and "on disk" in lines[0]
+    assert not list(Path(tempfile.gettempdir()).glob(f"relay-weights-{os.getpid()}-*"))
+
+
+@pytest.mark.slow
 def test_failed_load_marks_generator_broken(generator, tiny_llama_dir, tmp_path):
     """A file that passes the header check but is truncated fails inside vLLM's reload, which leaves the engine
     half-loaded: the update must raise, the version stay, and the generator refuse to generate. Runs last in

@@ -14,8 +14,9 @@ Sources:
   Built-ins, usable as ``relay.actors.rewards:<name>``: `ends_with_eos`, `length_penalty`, `contains_text`,
   `token_fraction`.
 - `HttpReward(url)`: POST ``{"prompts": [...], "responses": [...]}`` -> ``{"rewards": [...]}``, with a timeout
-  per request, retries with exponential backoff on connection errors, timeouts, HTTP 408/429/5xx, and a clear
-  `RewardError` on any other reply (4xx, malformed JSON, wrong length, non-numbers), which is not retried.
+  per request; an outage (connection errors, timeouts, HTTP 408/429/5xx) is waited out with exponential backoff
+  up to `max_outage_s`; a clear `RewardError`, not retried, on TLS/certificate errors and on any other reply (4xx,
+  malformed JSON, wrong length, non-numbers, larger than `max_response_bytes`). Secrets in the URL are redacted.
 - `ModelReward(folder)`: a trained reward model (value-head folder, `relay.models.heads`), scored at the last
   response token; imported lazily so rule/HTTP users never load transformers.
 """
@@ -29,7 +30,7 @@ from typing import Any
 
 import ray
 
-from relay.actors.reward_http import RETRY_STATUS, HttpReward
+from relay.actors.reward_http import DEFAULT_MAX_OUTAGE_S, DEFAULT_MAX_RESPONSE_BYTES, RETRY_STATUS, HttpReward
 from relay.actors.reward_rules import (
     EOS_MARKERS,
     RuleReward,
@@ -69,7 +70,7 @@ class ModelReward:
         from relay.models import heads
         from relay.models.smollm2 import resolve_model_path
 
-        folder = resolve_model_path(folder)  # bundled names ('smollm2', 'tiny-llama') as everywhere else
+        folder = resolve_model_path(folder, "reward.model")  # bundled names ('smollm2', ...) as everywhere
         load = getattr(heads, "load_reward_model", None) or heads.CriticModel.from_pretrained
         self.dtype = getattr(torch, dtype)
         self.model = load(folder, dtype=self.dtype).eval()
@@ -121,6 +122,8 @@ class RewardSpec:
     timeout_s: float = 30.0
     retries: int = 3
     rule_kwargs: dict[str, Any] | None = None
+    max_outage_s: float = DEFAULT_MAX_OUTAGE_S
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
 
 def make_reward_source(cfg: Any, tokenizer: str | None = None) -> RewardSource:
@@ -134,7 +137,9 @@ def make_reward_source(cfg: Any, tokenizer: str | None = None) -> RewardSource:
     if kind == "http":
         if not cfg.url:
             raise ValueError("reward.kind=http needs reward.url")
-        return HttpReward(cfg.url, timeout_s=cfg.timeout_s, retries=cfg.retries)
+        return HttpReward(cfg.url, timeout_s=cfg.timeout_s, retries=cfg.retries,
+                          max_outage_s=getattr(cfg, "max_outage_s", DEFAULT_MAX_OUTAGE_S),
+                          max_response_bytes=getattr(cfg, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES))
     if kind == "model":
         if not cfg.model:
             raise ValueError("reward.kind=model needs reward.model (a reward-model folder)")
@@ -219,7 +224,9 @@ def start_reward_actor(cfg: Any, tokenizer: str | None = None, name: str = "rewa
 
     if not isinstance(cfg, (dict, RewardSpec)):  # e.g. relay.config.RewardConfig: send plain fields
         cfg = RewardSpec(kind=cfg.kind, model=cfg.model, rule=cfg.rule, url=cfg.url,
-                         timeout_s=cfg.timeout_s, retries=cfg.retries)
+                         timeout_s=cfg.timeout_s, retries=cfg.retries,
+                         max_outage_s=getattr(cfg, "max_outage_s", DEFAULT_MAX_OUTAGE_S),
+                         max_response_bytes=getattr(cfg, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES))
     actor = RewardActor.options(**actor_options(name=name, num_cpus=num_cpus, **options)).remote(cfg, tokenizer)
     client = RewardClient(actor, timeout_s)
     try:

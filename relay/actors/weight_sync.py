@@ -2,9 +2,9 @@
 
 Two strategies, picked per generator by `push_weights(strategy="auto")`:
 
-* ``shm`` (same node): the sender writes the state dict as size-bounded safetensors buckets to /dev/shm (a
-  temp dir when /dev/shm is missing or too small), every generator loads the files in place through vLLM's
-  `reload_weights` (see `vllm_worker_ext`), then the sender removes them. One write, N memory-mapped reads.
+* ``shm`` (same node): the sender writes the state dict as size-bounded safetensors buckets to a private
+  folder in /dev/shm (on disk when /dev/shm is missing or too small: `relay.scratch`), every generator loads
+  the files in place through vLLM's `reload_weights` (see `vllm_worker_ext`), then the sender removes them. One write, N memory-mapped reads.
 * ``object_store`` (any node): each bucket is serialized to safetensors bytes and `ray.put` once; Ray moves
   it to the generators' nodes, where each generator writes it to its local /dev/shm and loads it the same way.
   Bytes rather than numpy arrays because numpy has no bfloat16.
@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
-import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from relay.scratch import private_dir, private_temp_file, scratch_root, write_private
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
-SHM_DIR = "/dev/shm"
 DEFAULT_PUSH_TIMEOUT_S = 600.0
 # Names a learner's state dict may carry that vLLM skips on load (HF keeps them as buffers or tied aliases).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -139,7 +139,11 @@ def write_buckets(
     for i, names in enumerate(plan):
         path = out_dir / f"{prefix}-{i:05d}-of-{len(plan):05d}.safetensors"
         meta = {**(metadata or {}), "bucket": str(i), "num_buckets": str(len(plan))}
-        save_file({n: tensors[n] for n in names}, str(path), metadata=meta)
+        # save_file opens the path it is given: give it a mkstemp file, and rename (which replaces a link
+        # planted at `path` instead of writing through it)
+        tmp = private_temp_file(out_dir, path.name)
+        save_file({n: tensors[n] for n in names}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
         paths.append(path)
     return paths
 
@@ -151,8 +155,7 @@ def write_blobs(blobs: Sequence[bytes], out_dir: str | Path, prefix: str = "weig
     paths = []
     for i, blob in enumerate(blobs):
         path = out_dir / f"{prefix}-{i:05d}-of-{len(blobs):05d}.safetensors"
-        path.write_bytes(blob)
-        paths.append(path)
+        paths.append(write_private(path, blob))  # never through a link planted at the path
     return paths
 
 
@@ -265,25 +268,21 @@ def check_update(
 # Where to put transfer files.
 
 
-def transfer_dir(needed_bytes: int = 0, preferred: str = SHM_DIR) -> Path:
-    """/dev/shm when it exists and has room for `needed_bytes` (+10%), else the system temp dir."""
-    base = Path(os.environ.get("RELAY_WEIGHT_DIR", preferred))
-    try:
-        if base.is_dir() and os.access(base, os.W_OK) and shutil.disk_usage(base).free > needed_bytes * 1.1:
-            return base
-    except OSError:
-        pass
-    fallback = Path(tempfile.gettempdir())
-    logger.warning("weight transfer: %s missing or too small for %.0f MB, using %s",
-                   base, needed_bytes / 1e6, fallback)
-    return fallback
+def transfer_dir(needed_bytes: int = 0, preferred: str | None = None) -> Path:
+    """/dev/shm ($RELAY_SHM_DIR) when it exists and has room for `needed_bytes` (+10%), else the system temp
+    dir (`relay.scratch.scratch_root`)."""
+    return scratch_root(needed_bytes, preferred, what="weight transfer")
 
 
 def new_transfer_folder(needed_bytes: int = 0) -> Path:
-    """A fresh, uniquely named folder for one transfer (caller removes it)."""
-    path = transfer_dir(needed_bytes) / f"relay-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    return path
+    """A fresh private folder (mode 0700, unpredictable name) for one transfer; the caller removes it."""
+    return private_dir(f"relay-weights-{os.getpid()}-", needed_bytes, what="weight transfer")
+
+
+def model_bytes(model_dir: str | Path, bytes_per_param: int = 4) -> int:
+    """Size of a model folder's weights exported at `bytes_per_param` (4: fp32, the most a learner exports),
+    from the safetensors headers."""
+    return bytes_per_param * sum(math.prod(spec.shape) for spec in model_dir_manifest(model_dir).values())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -42,7 +42,14 @@ class RewardConfig(Group):
     rule: str | None = doc("'module:function' taking (prompt, response) texts and returning a float (kind=rule).", None)
     url: str | None = doc("Endpoint receiving JSON {prompts, responses} and returning {rewards} (kind=http).", None)
     timeout_s: PosFloat = doc("HTTP timeout per request.", 30.0)
-    retries: NonNegInt = doc("HTTP retries with backoff.", 3)
+    retries: NonNegInt = doc("HTTP: retry a failed request at least this many times (exponential backoff), even "
+                             "past max_outage_s.", 3)
+    max_outage_s: NonNegFloat = doc(
+        "HTTP: how long the run holds and retries (exponential backoff, each wait logged) while the service is "
+        "down (connection refused, timeouts, HTTP 408/429/5xx) before it stops with an error; keep it below "
+        "cluster.timeout_s. TLS/certificate errors are never retried.", 600.0)
+    max_response_bytes: PosInt = doc("HTTP: largest reply accepted; a larger one is an error (not retried).",
+                                     16 * 2**20)
 
 
 @dataclass

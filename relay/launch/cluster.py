@@ -35,8 +35,10 @@ def actor_env(extra: dict[str, str] | None = None, name: str | None = None) -> d
     (`relay.logs.actor_env_vars`: RELAY_LOG_DIR / RELAY_LOG_ROLE / RELAY_VERBOSE), then `extra`."""
     env = dict(ACTOR_ENV)
     # User overrides from the driver's environment win over our defaults (e.g. WANDB_MODE=online), and the
-    # CPU-capability knobs reach the actors (RELAY_CPU_CAPABILITY: relay/cpu.py; ATEN_CPU_CAPABILITY: torch's kernels).
-    for key in ("WANDB_MODE", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "RELAY_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"):
+    # CPU-capability knobs reach the actors (RELAY_CPU_CAPABILITY: relay/cpu.py; ATEN_CPU_CAPABILITY: torch's kernels)
+    # and so does the scratch folders' shared-memory root (RELAY_SHM_DIR: relay/scratch.py).
+    for key in ("WANDB_MODE", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "RELAY_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY",
+                "RELAY_SHM_DIR"):
         if key in os.environ:
             env[key] = os.environ[key]
     env.update(logs.actor_env_vars(name))

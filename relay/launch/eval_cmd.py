@@ -277,7 +277,10 @@ def write_outputs(results: dict[str, dict[str, Any]], out: Path, settings: EvalS
     """eval.json (every number, settings, samples) and eval.png (one bar group per metric)."""
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "eval.json"
-    json_path.write_text(json.dumps({"settings": settings.__dict__, "models": results}, indent=2, default=str))
+    from relay.redact import redact_config  # --reward-url may carry a token
+
+    json_path.write_text(json.dumps({"settings": redact_config(settings.__dict__), "models": results}, indent=2,
+                                    default=str))
     header, rows = table_rows(results)
     if len(header) < 2:
         return json_path, None
@@ -346,7 +349,7 @@ def main(argv: list[str]) -> int:
         name, _, path = item.rpartition("=") if "=" in item else (Path(item).parent.name or f"model{i}", "", item)
         from relay.models.smollm2 import resolve_model_path
 
-        models[name or f"model{i}"] = str(resolve_model_path(path))
+        models[name or f"model{i}"] = str(resolve_model_path(path, "--model"))
     for what, value in (("--prompts", args.prompts), ("--preferences", args.preferences), ("--reference", args.reference)):
         if value and not Path(value).exists():
             print(f"relay eval: {what} {value} does not exist", file=sys.stderr)

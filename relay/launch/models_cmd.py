@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
         from relay.models.quantize import quantize_awq_rtn
         from relay.models.smollm2 import resolve_model_path
 
-        print(quantize_awq_rtn(resolve_model_path(args.src), args.out, args.group_size))
+        print(quantize_awq_rtn(resolve_model_path(args.src, "SRC"), args.out, args.group_size))
         note = int4_serving_note()
         if note:
             print(f"relay models quantize: note: {note}", file=sys.stderr)

@@ -23,7 +23,6 @@ in memory at a time).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -85,6 +84,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         from relay.data.shards import load_prepared
         from relay.launch import cluster
         from relay.learners.group import LearnerGroup
+        from relay.models.local import local_folder
         from relay.models.smollm2 import resolve_model_path
         from transformers import AutoTokenizer
 
@@ -93,9 +93,11 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         self.save_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.config_file or self.save_dir / "config.yaml")
         torch.manual_seed(cfg.seed)
-        self.actor_path = resolve_model_path(cfg.actor.pretrain)
-        self.critic_path = resolve_model_path(cfg.critic.pretrain) if a.advantage_estimator == "gae" else None
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor.tokenizer_dir or self.actor_path)
+        self.actor_path = resolve_model_path(cfg.actor.pretrain, "actor.pretrain")
+        gae = a.advantage_estimator == "gae"
+        self.critic_path = resolve_model_path(cfg.critic.pretrain, "critic.pretrain") if gae else None
+        tok_dir = cfg.actor.tokenizer_dir and local_folder(cfg.actor.tokenizer_dir, "actor.tokenizer_dir")
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir or self.actor_path)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         # stop ids: the conversation template's (generation stops there; rewards count them as EOS)
@@ -141,9 +143,13 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         self.scorers = Scorers(self.ref, self.reward, self.critic, a, g.n_samples_per_prompt, self.eos_ids, timeout,
                                temperature=learner_temperature(cfg), actor=self.actor)
         self.state = PPOState(kl_coef=self.kl_ctl.value)
-        # Weight sync goes through tmpfs: the actor's rank 0 writes, the driver maps it and pushes.
-        shm = Path("/dev/shm") if os.path.isdir("/dev/shm") else self.save_dir
-        self.weights_file = shm / f"relay-{self.run_name}-{os.getpid()}" / "actor.safetensors"
+        # Weight sync goes through tmpfs: the actor's rank 0 writes, the driver maps it and pushes. A private
+        # folder (0700, random name), on disk when /dev/shm cannot hold an fp32 export.
+        from relay.actors.weight_sync import model_bytes
+        from relay.scratch import private_dir
+
+        folder = private_dir(f"relay-{self.run_name}-", model_bytes(self.actor_path), what="actor weight export")
+        self.weights_file = folder / "actor.safetensors"
         resumed = self._maybe_resume()
         from relay.metrics import MetricsLogger, RayGauges
 

@@ -133,6 +133,8 @@ def prepare(opts: PrepareOptions, tokenizer=None) -> PrepareSummary:
     if opts.num_proc < 1 or opts.num_shards < 1:
         raise ValueError("--num-proc and --num-shards must be at least 1")
     t0 = time.perf_counter()
+    # first: a tokenizer that is not local (a hub id) fails in one line before OUT is touched
+    tok = tokenizer if tokenizer is not None else load_tokenizer(opts.tokenizer, "--tokenizer")
     fp = fingerprint(opts)  # before OUT changes (a default template config there is regenerated)
     default_template = opts.template_config is None
     template_path = Path(opts.template_config or Path(opts.output) / DEFAULT_TEMPLATE_NAME)
@@ -141,7 +143,6 @@ def prepare(opts: PrepareOptions, tokenizer=None) -> PrepareSummary:
     counts: Counter[str] = Counter()
     skipped: list[dict[str, Any]] = []
 
-    tok = tokenizer if tokenizer is not None else load_tokenizer(opts.tokenizer)
     fmt = None
     if opts.kind != "ptx":  # ptx is plain text: no chat template
         cfg, created = load_template_config(template_path, tok, system_message=opts.system_message)
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files, folders, save_to_disk folders or `hf:NAME`; repeat or separate with commas")
     p.add_argument("-o", "--output", required=True, help="output folder OUT (gets arrow/, jsonl/, skipped.jsonl)")
     p.add_argument("-t", "--tokenizer", default="smollm2",
-                   help="tokenizer folder or hub id, or `smollm2` / `tiny` / `gpt2` (default smollm2)")
+                   help="tokenizer folder, or `smollm2` / `tiny` / `gpt2` (default smollm2); hub ids are refused")
     p.add_argument("-c", "--template-config", default=None,
                    help=f"conversation template config JSON; written there if missing (default OUT/{DEFAULT_TEMPLATE_NAME})")
     p.add_argument("--system-message", default=None, help="system message of an auto-generated template config")
@@ -426,7 +427,7 @@ def data_main(argv: list[str] | None = None) -> int:
     if args.tokenizer:
         from relay.data.tokenizers import load_tokenizer
 
-        tok = load_tokenizer(args.tokenizer)
+        tok = load_tokenizer(args.tokenizer, "--tokenizer")
         template = out / DEFAULT_TEMPLATE_NAME
         template.unlink(missing_ok=True)  # one config for all kinds, generated for this tokenizer
         for kind, path in files.items():

@@ -190,6 +190,7 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
     from relay.launch import cluster
     from relay.learners.group import LearnerGroup
     from relay.metrics import MetricsLogger
+    from relay.models.local import local_folder
     from relay.models.smollm2 import resolve_model_path
 
     stage = STAGES[stage_name]
@@ -204,7 +205,9 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
     if resumed and resumed.get("stage") != stage.name:
         raise ValueError(f"checkpoint_path: {resume} is a {resumed.get('stage')} checkpoint, not {stage.name}")
 
-    model_path = resolve_model_path(cfg.model.pretrain)
+    model_path = resolve_model_path(cfg.model.pretrain, "model.pretrain")
+    if cfg.model.tokenizer_dir:  # used at the end (export), so refuse a hub id now, not after training
+        local_folder(cfg.model.tokenizer_dir, "model.tokenizer_dir")
     pad_id = pad_token_id(model_path, cfg.model.tokenizer_dir)
     train_set = load_samples(cfg.dataset, stage.data_kind, cfg.max_length)
     eval_set = load_samples(cfg.eval_dataset, stage.data_kind, cfg.max_length) if cfg.eval_dataset else None
@@ -230,7 +233,8 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
             log(stage.name, f"learner.mixed_precision: bf16 kept, but {slow}")
     reference_path = None
     if isinstance(cfg, DPOConfig) and cfg.loss_type != "simpo":
-        reference_path = resolve_model_path(cfg.reference_model) if cfg.reference_model else model_path
+        reference_path = (resolve_model_path(cfg.reference_model, "reference_model") if cfg.reference_model
+                          else model_path)
     # The group computes reference logprobs before it trains (eval split; train split when precomputing): a
     # different reference model is built first and swapped for the policy afterwards.
     group_ref = bool(reference_path) and (cfg.precompute_ref_logprobs or eval_set is not None)

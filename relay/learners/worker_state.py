@@ -13,6 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from relay.learners.safe_load import weights_only_loads
+from relay.scratch import private_temp_file
+
 # Files of a model folder that are weights/config (rewritten by the checkpoint) rather than tokenizer files.
 _NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".index.json", ".gguf")
 
@@ -90,8 +93,9 @@ class WeightsAndCheckpoints:
         if self.rank != 0:
             return None
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+        # mkstemp: created exclusively, so save_file never writes through a link planted at a guessable name
+        tmp = private_temp_file(Path(path).parent, Path(path).name)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)  # readers never see a half-written file
         return str(path)
 
@@ -178,10 +182,12 @@ class WeightsAndCheckpoints:
             if hasattr(self.model, "update_master_params"):  # ZeRO keeps fp32 masters of the trained params
                 self.model.update_master_params()
         elif self._booster_model_io():
-            self.booster.load_model(self.model, str(root / "model"))
+            with weights_only_loads():  # ColossalAI may torch.load .bin shards
+                self.booster.load_model(self.model, str(root / "model"))
         else:
             self._load_full_folder(root / "model")
-        self.booster.load_optimizer(self.optimizer, str(root / "optimizer"))
+        with weights_only_loads():  # optimizer shards are pickles read by torch.load inside ColossalAI
+            self.booster.load_optimizer(self.optimizer, str(root / "optimizer"))
         meta_file = root / "learner.json"
         if meta_file.exists():
             self.step = int(json.loads(meta_file.read_text()).get("step", 0))

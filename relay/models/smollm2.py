@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from relay.models.local import local_folder
 from relay.models.tiny import default_cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,17 +70,13 @@ def prepare_smollm2(cache_dir: str | Path | None = None, dtype: str = "bfloat16"
     return out
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map bundled names ('smollm2', 'tiny-llama', 'tiny-qwen2') to folders; pass other paths through."""
+def resolve_model_path(name_or_path: str, what: str = "model") -> str:
+    """Map bundled names ('smollm2', 'tiny-llama', 'tiny-qwen2') to folders; pass local folders through, and
+    refuse anything else (a hub id) in one line naming the setting `what` (`relay.models.local`)."""
     if name_or_path in ("smollm2", "SmolLM2-135M-Instruct"):
         return str(prepare_smollm2())
     if name_or_path in ("tiny-llama", "tiny-qwen2"):
         from relay.models.tiny import TinyModelSpec, build_tiny_model
 
         return str(build_tiny_model(TinyModelSpec(family=name_or_path.split("-", 1)[1])))
-    if not Path(name_or_path).exists():
-        raise FileNotFoundError(
-            f"model {name_or_path!r}: no such folder (bundled names: smollm2, tiny-llama, tiny-qwen2; "
-            "models are never downloaded from a hub)"
-        )
-    return name_or_path
+    return local_folder(name_or_path, what)
