@@ -127,9 +127,22 @@ class TrainConfig:
     cluster: ClusterConfig = doc("Ray cluster.", factory=ClusterConfig)
     dataset: list[str] = doc("Prepared data folders (output of `relay prepare`).", factory=list)
     eval_dataset: list[str] = doc("Prepared evaluation folders (optional).", factory=list)
-    checkpoint_path: str | None = doc("Checkpoint folder to resume from (model, optimizer, scheduler, data position, RNG).", None)
+    checkpoint_path: str | None = doc(
+        "Resume (model, optimizer, scheduler, data position, RNG) from this checkpoint folder, a run folder (its "
+        "newest complete checkpoint), or 'auto': save_dir's newest complete checkpoint, else a fresh start "
+        "(what `--resume auto` sets).", None)
     save_dir: str = doc("Output folder: checkpoints, final model, metrics.jsonl, plots.", "outputs/run")
-    save_interval: int = doc("Save a checkpoint every N optimizer steps (0: only at the end).", 0)
+    save_interval: int = doc("Save a checkpoint every N optimizer steps (0: by time only, see save_every_minutes). "
+                             "A checkpoint is also written at the end and when the run is stopped by a signal.", 0)
+    save_every_minutes: float = doc(
+        "Also save when this many minutes have passed since the last checkpoint (checked after each optimizer "
+        "step), so a killed run loses at most about this much work whatever a step costs (0: off).", 30.0)
+    keep_checkpoints: int = doc("Keep the newest N checkpoints in SAVE_DIR/checkpoints; older ones are deleted after "
+                                "each save (0: keep all).", 2)
+    stop_grace_s: float = doc(
+        "On SIGTERM or SIGINT (`ray job stop`, preemption, Ctrl-C) the run saves a checkpoint after the current "
+        "step and exits, telling how to resume; if that takes longer than this many seconds it exits anyway "
+        "(0: no limit).", 60.0)
     eval_interval: int = doc("Evaluate on eval_dataset every N optimizer steps (0: at each checkpoint and at the end).", 0)
     config_file: str | None = doc("Write the resolved config here as YAML (default SAVE_DIR/config.yaml).", None)
     batch_size: int = doc("Micro-batch size per data-parallel rank.", 4)
@@ -301,9 +314,21 @@ class PPOConfig:
         "rewards, and the prompt folders must have been prepared with the same template. Default: the template "
         "the prompt folders were prepared with (prepared.json), else the tokenizer's eos.", None)
     buffer_limit: int = doc("ExperienceBuffer capacity in experiences (0: exactly one episode's worth).", 0)
-    checkpoint_path: str | None = doc("Checkpoint folder to resume from.", None)
+    checkpoint_path: str | None = doc(
+        "Resume from this checkpoint folder, a run folder (its newest complete checkpoint), or 'auto': save_dir's "
+        "newest complete checkpoint, else a fresh start (what `--resume auto` sets).", None)
     save_dir: str = doc("Output folder.", "outputs/ppo")
-    save_interval: int = doc("Save every N episodes (0: only at the end).", 0)
+    save_interval: int = doc("Save every N episodes (0: by time only, see save_every_minutes). A checkpoint is also "
+                             "written at the end and when the run is stopped by a signal.", 0)
+    save_every_minutes: float = doc(
+        "Also save when this many minutes have passed since the last checkpoint (checked after each episode), so "
+        "a killed run loses at most about this much work (0: off).", 30.0)
+    keep_checkpoints: int = doc("Keep the newest N checkpoints in SAVE_DIR/checkpoints; older ones are deleted after "
+                                "each save (0: keep all).", 2)
+    stop_grace_s: float = doc(
+        "On SIGTERM or SIGINT (`ray job stop`, preemption, Ctrl-C) the run saves a checkpoint after the current "
+        "episode and exits, telling how to resume; if that takes longer than this many seconds it exits anyway "
+        "(0: no limit).", 60.0)
     config_file: str | None = doc("Write the resolved config here (default SAVE_DIR/config.yaml).", None)
     seed: int = doc("Random seed.", 42)
 
@@ -537,6 +562,8 @@ def validate(cfg: Any, device: str | None = None) -> None:
             errors.append(f"beta: must be > 0, got {cfg.beta}")
         if not 0 <= cfg.label_smoothing < 0.5:
             errors.append("label_smoothing: must be in [0, 0.5)")
+    if isinstance(cfg, (TrainConfig, PPOConfig)):
+        errors += _check_saving(cfg)
     if isinstance(cfg, PPOConfig):
         errors += _check_learner("actor_learner", cfg.actor_learner, cfg.lora, device)
         errors += _check_learner("critic_learner", cfg.critic_learner, None, device)
@@ -545,6 +572,15 @@ def validate(cfg: Any, device: str | None = None) -> None:
         errors += _check_ppo(cfg)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _check_saving(cfg: TrainConfig | PPOConfig) -> list[str]:
+    errors = [f"keep_checkpoints: must be >= 0, got {cfg.keep_checkpoints}"] if cfg.keep_checkpoints < 0 else []
+    for name in ("save_every_minutes", "stop_grace_s"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            errors.append(f"{name}: must be a finite number >= 0, got {value}")
+    return errors
 
 
 def ppo_buffer_size(cfg: PPOConfig) -> int:
