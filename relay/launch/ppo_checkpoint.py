@@ -104,15 +104,12 @@ class PPOCheckpoints:
 
     def _stop_here(self) -> None:
         """A signal asked the run to stop: checkpoint what was trained since the last save, then leave the loop."""
-        from relay.launch.ppo import log
-
         stop = safe_points.active()
         if self.state.episode > self.saved_episode:
             self.save_checkpoint()
         self.stopped = True
-        if stop is not None:
+        if stop is not None:  # `relay` prints the outcome with the command that resumes the run
             stop.finish(f"after episode {self.state.episode} of {self.cfg.algo.num_episodes}", self.last_checkpoint)
-            log(stop.outcome or "")
 
     def _remove_temp_files(self) -> None:
         """The weight-sync folder (shared memory) and unfinished checkpoint temp folders."""

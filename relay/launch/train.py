@@ -295,8 +295,7 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
             if stop is not None and stop.requested:  # safe point: between optimizer steps
                 if step > saved_step:
                     last_saved = save(step)
-                stop.finish(f"after step {step} of {total}", last_saved)
-                log(stage.name, stop.outcome or "")
+                stop.finish(f"after step {step} of {total}", last_saved)  # `relay` prints it with the resume command
                 bar.close()
                 return TrainResult(save_dir, step, None, last_saved, history, stopped=True)
             lr = lr_at(step, cfg.optim.lr, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
