@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+
+def _warn(msg: str) -> None:
+    print(f"[relay] {msg}", file=sys.stderr, flush=True)
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -25,7 +30,7 @@ class MetricsLogger:
     """Append one JSON object per step to metrics.jsonl and mirror numbers to TensorBoard / wandb.
 
     On resume (`resume_step`), lines at or after that step are dropped first, so a crashed run's partial tail is
-    not counted twice.
+    not counted twice; so is a torn last line (a run killed mid-write), said through `note`.
     """
 
     def __init__(
@@ -38,13 +43,18 @@ class MetricsLogger:
         run_name: str | None = None,
         config: dict[str, Any] | None = None,
         resume_step: int | None = None,
+        note: Callable[[str], None] | None = None,
     ):
+        note = note or _warn
         self.save_dir = Path(save_dir)
         self.save_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.save_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) < resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            records, torn = parse_metrics(self.path)
+            if torn is not None:
+                note(f"{self.path}: dropped a torn last line (the run was stopped while writing it): {torn[:80]!r}")
+            kept = [r for r in records if r.get("step", 0) < resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")
@@ -88,11 +98,26 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+def parse_metrics(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """metrics.jsonl's records, and its last line when that one is torn (not JSON: the writer was killed
+    mid-line), which is left out. A bad line anywhere else is corruption: an error naming file and line."""
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records, torn = [], None
+    for k, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            if k < len(lines) - 1:
+                raise ValueError(f"{path}: line {n} is not JSON ({err})") from None
+            torn = line
+    return records, torn
+
+
 def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(save_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics file (is {save_dir} a Relay run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics(path)[0]
 
 
 class RayGauges:

@@ -205,6 +205,7 @@ def test_resume_is_exact_and_a_failed_save_keeps_the_last_checkpoint(group, tiny
     from safetensors.torch import load_file
 
     from relay.learners import checkpoint as ckpt
+    from relay.learners.checkpoint_store import latest_checkpoint
 
     common = [f"dataset={data['sft']}", "batch_size=2", "max_epochs=2", "max_steps=4", "save_interval=2", "optim.lr=3e-3",
               "optim.warmup_steps=1", "logging.log_interval=0", *RESUME_CASES[case]]
@@ -224,7 +225,7 @@ def test_resume_is_exact_and_a_failed_save_keeps_the_last_checkpoint(group, tiny
         run("sft", group, tiny_llama_dir, out, *common)
     monkeypatch.setattr(ckpt, "save_trainer_state", real)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
-    assert ckpt.latest_checkpoint(out) == out / "checkpoints" / "step-00000002"
+    assert latest_checkpoint(out) == out / "checkpoints" / "step-00000002"
     # What a SIGKILL mid-write leaves: a half-written temp folder. Resuming ignores and removes it.
     leftover = out / "checkpoints" / ".step-00000004.tmp-999999"
     (leftover / "model").mkdir(parents=True)

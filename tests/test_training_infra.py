@@ -7,14 +7,9 @@ import pytest
 import torch
 
 from relay.data.batches import BatchOrder, collate_preference, collate_prompts, collate_sft
-from relay.learners.checkpoint import (
-    atomic_dir,
-    checkpoint_dir,
-    latest_checkpoint,
-    load_trainer_state,
-    resolve_resume,
-    save_trainer_state,
-)
+from relay.learners.checkpoint import load_trainer_state, save_trainer_state
+from relay.learners.checkpoint_resume import resolve_resume
+from relay.learners.checkpoint_store import atomic_dir, checkpoint_dir, latest_checkpoint
 from relay.learners.schedule import lr_at
 
 

@@ -82,7 +82,7 @@ class LoggingConfig(Group):
     use_tensorboard: bool = doc("Write TensorBoard events.", True)
     use_wandb: bool = doc("Log to wandb (offline unless WANDB_MODE=online and you are logged in).", False)
     wandb_project: str = doc("wandb project name.", "relay")
-    log_interval: PosInt = doc("Print a metrics line every N optimizer steps.", 1)
+    log_interval: NonNegInt = doc("Print a metrics line every N optimizer steps (0: none).", 1)
 
 
 @dataclass

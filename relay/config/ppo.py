@@ -147,9 +147,21 @@ class PPOConfig(Group):
         "the prompt folders were prepared with (prepared.json), else the tokenizer's eos.", None)
     buffer_limit: NonNegInt = doc("ExperienceBuffer capacity in experiences: at least one episode's worth (0: one "
                                   "episode's worth, two in async mode).", 0)
-    checkpoint_path: str | None = doc("Checkpoint folder to resume from.", None)
+    checkpoint_path: str | None = doc(
+        "Resume from this checkpoint folder, a run folder (its newest complete checkpoint), or 'auto': save_dir's "
+        "newest complete checkpoint, else a fresh start (what `--resume auto` sets).", None)
     save_dir: str = doc("Output folder.", "outputs/ppo")
-    save_interval: NonNegInt = doc("Save every N episodes (0: only at the end).", 0)
+    save_interval: NonNegInt = doc("Save every N episodes (0: by time only, see save_every_minutes). A checkpoint "
+                                   "is also written at the end and when the run is stopped by a signal.", 0)
+    save_every_minutes: NonNegFloat = doc(
+        "Also save when this many minutes have passed since the last checkpoint (checked after each episode), so "
+        "a killed run loses at most about this much work (0: off).", 30.0)
+    keep_checkpoints: NonNegInt = doc("Keep the newest N checkpoints in SAVE_DIR/checkpoints; older ones are "
+                                      "deleted after each save (0: keep all).", 2)
+    stop_grace_s: NonNegFloat = doc(
+        "On SIGTERM or SIGINT (`ray job stop`, preemption, Ctrl-C) the run saves a checkpoint after the current "
+        "episode and exits, telling how to resume; if that takes longer than this many seconds it exits anyway "
+        "(0: no limit).", 60.0)
     config_file: str | None = doc("Write the resolved config here (default SAVE_DIR/config.yaml).", None)
     seed: Seed = doc("Random seed.", 42)
 

@@ -20,9 +20,23 @@ class TrainConfig(Group):
     cluster: ClusterConfig = doc("Ray cluster.", factory=ClusterConfig)
     dataset: StrList = doc("Prepared data folders (output of `relay prepare`).", factory=list)
     eval_dataset: StrList = doc("Prepared evaluation folders (optional).", factory=list)
-    checkpoint_path: str | None = doc("Checkpoint folder to resume from (model, optimizer, scheduler, data position, RNG).", None)
+    checkpoint_path: str | None = doc(
+        "Resume (model, optimizer, scheduler, data position, RNG) from this checkpoint folder, a run folder (its "
+        "newest complete checkpoint), or 'auto': save_dir's newest complete checkpoint, else a fresh start "
+        "(what `--resume auto` sets).", None)
     save_dir: str = doc("Output folder: checkpoints, final model, metrics.jsonl, plots.", "outputs/run")
-    save_interval: NonNegInt = doc("Save a checkpoint every N optimizer steps (0: only at the end).", 0)
+    save_interval: NonNegInt = doc("Save a checkpoint every N optimizer steps (0: by time only, see "
+                                   "save_every_minutes). A checkpoint is also written at the end and when the run "
+                                   "is stopped by a signal.", 0)
+    save_every_minutes: NonNegFloat = doc(
+        "Also save when this many minutes have passed since the last checkpoint (checked after each optimizer "
+        "step), so a killed run loses at most about this much work whatever a step costs (0: off).", 30.0)
+    keep_checkpoints: NonNegInt = doc("Keep the newest N checkpoints in SAVE_DIR/checkpoints; older ones are "
+                                      "deleted after each save (0: keep all).", 2)
+    stop_grace_s: NonNegFloat = doc(
+        "On SIGTERM or SIGINT (`ray job stop`, preemption, Ctrl-C) the run saves a checkpoint after the current "
+        "step and exits, telling how to resume; if that takes longer than this many seconds it exits anyway "
+        "(0: no limit).", 60.0)
     eval_interval: NonNegInt = doc("Evaluate on eval_dataset every N optimizer steps (0: at each checkpoint and at the end).", 0)
     config_file: str | None = doc("Write the resolved config here as YAML (default SAVE_DIR/config.yaml).", None)
     batch_size: PosInt = doc("Micro-batch size per data-parallel rank.", 4)

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from relay import logs
+from relay.launch import safe_points
 
 NAMESPACE = "relay"
 DEFAULT_TIMEOUT_S = 600.0
@@ -93,6 +94,9 @@ def init_ray(
         if temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(temp_dir)
         ctx = ray.init(**kwargs)
+    # ray.init replaces the driver's SIGTERM handler with one that exits at once: a `relay` run takes it back
+    # so `ray job stop` / preemption stops it at a safe point with a checkpoint (relay.launch.safe_points).
+    safe_points.reclaim_signals()
     if quiet:  # ray.init's own line about the cluster is off in quiet mode: say where things are instead
         url = ctx.dashboard_url
         where = f"Ray dashboard {url if '://' in url else 'http://' + url}; " if url else ""

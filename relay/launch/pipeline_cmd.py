@@ -40,6 +40,9 @@ def build_parser(pipeline: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field, e.g. learner.plugin=zero2 (repeatable)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="continue a run: 'auto' = the newest complete checkpoint in save_dir (a fresh start when "
+                             "there is none), or a checkpoint / run folder (sets checkpoint_path)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
     parser.add_argument("--verbose", action="store_true",
                         help="show vLLM / ColossalAI / Ray output here instead of SAVE_DIR/logs/*.log, and full tracebacks")
@@ -49,12 +52,14 @@ def build_parser(pipeline: str) -> argparse.ArgumentParser:
 def run_pipeline(pipeline: str, argv: list[str]) -> int:
     from relay import logs
     from relay.config import ConfigError, load_config, to_dict
+    from relay.launch import safe_points
 
     args = build_parser(pipeline).parse_args(argv)
     if args.verbose:
         logs.quiet_console(verbose=True)
     try:
-        cfg = load_config(pipeline, args.config, args.set)
+        sets = [*args.set, f"checkpoint_path={args.resume}"] if args.resume else args.set
+        cfg = load_config(pipeline, args.config, sets)
     except ConfigError as err:
         print(f"relay {pipeline}: {err}", file=sys.stderr)
         return 2
@@ -72,8 +77,14 @@ def run_pipeline(pipeline: str, argv: list[str]) -> int:
         print(f"relay {pipeline}: the config is valid, but the {pipeline} pipeline is not built yet", file=sys.stderr)
         return 3
     # Actors' output (vLLM, ColossalAI, Ray) goes to SAVE_DIR/logs/<actor>.log unless verbose (relay.logs).
-    with logs.run_logs(Path(cfg.save_dir) / "logs"):
-        return int(getattr(module, func)(cfg) or 0)
+    # SIGTERM/SIGINT stop the run at its next safe point with a checkpoint (relay.launch.safe_points).
+    with logs.run_logs(Path(cfg.save_dir) / "logs"), safe_points.stop_on_signals(cfg.stop_grace_s) as stop:
+        code = int(getattr(module, func)(cfg) or 0)
+    if stop.outcome is None:
+        return code
+    print(f"relay {pipeline}: {stop.outcome}. To continue: {safe_points.resume_command(pipeline, argv)}",
+          file=sys.stderr, flush=True)
+    return stop.exit_code()
 
 
 def sft_main(argv: list[str]) -> int:

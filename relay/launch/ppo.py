@@ -23,7 +23,6 @@ in memory at a time).
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from relay.config import PPOConfig, learner_temperature, needs_reference, ppo_buffer_size, save_config, to_dict
+from relay.launch import safe_points
 from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, sampling_config, score_rollout
 from relay.launch.ppo_checkpoint import PPOCheckpoints, PPOState
 from relay.launch.ppo_eval import PPOEvaluation
@@ -71,6 +71,11 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         self.logger = self.gauges = None
         self.pending: dict[str, Any] | None = None  # async: the submitted next batch {ids, t0}
         self.history: list[dict[str, Any]] = []
+        self.schedule = safe_points.SaveSchedule(cfg.save_interval, cfg.save_every_minutes)
+        self.saved_episode = 0  # the newest episode on disk (a fresh run has nothing worth saving at 0)
+        self.last_checkpoint: Path | None = None
+        self.stopped = False  # by a signal, at a safe point (the run continues with `--resume auto`)
+        self._forget_cleanup: Any = None
 
     # ------------------------------------------------------------------------------------------ start-up
     def start(self) -> "PPOSystem":
@@ -150,13 +155,16 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
 
         folder = private_dir(f"relay-{self.run_name}-", model_bytes(self.actor_path), what="actor weight export")
         self.weights_file = folder / "actor.safetensors"
+        if (stop := safe_points.active()) is not None:
+            # If the stop's grace period runs out, the process exits at once: remove our temp files first.
+            self._forget_cleanup = stop.add_cleanup(self._remove_temp_files)
         resumed = self._maybe_resume()
         from relay.metrics import MetricsLogger, RayGauges
 
         lg = cfg.logging
         self.logger = MetricsLogger(self.save_dir, lg.log_dir, lg.use_tensorboard, lg.use_wandb, lg.wandb_project,
                                     run_name=f"ppo-{self.run_name}", config=to_dict(cfg),
-                                    resume_step=self.state.episode + 1 if resumed else None)
+                                    resume_step=self.state.episode + 1 if resumed else None, note=log)
         self.gauges = RayGauges("relay_ppo", {"run": self.run_name})
         self._load_eval_prompts()
         for role, lc in (("actor_learner", al), ("critic_learner", cl if self.critic else None)):
@@ -240,6 +248,9 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
             self.logger.log(0, {**self.evaluate(0), "episode": 0, "eval_s": time.monotonic() - t_eval})
         bar = tqdm(total=until, initial=self.state.episode, desc="relay ppo", disable=not sys.stderr.isatty())
         while self.state.episode < until:
+            if safe_points.stop_requested():  # safe point: between episodes
+                self._stop_here()
+                break
             ep, t_ep = self.state.episode, time.monotonic()
             self.pool.poll_control()  # a `relay scale` request takes effect at the latest here
             job = self.pending if (self.pending and self.pending["episode"] == ep) else self._submit(ep)
@@ -288,13 +299,15 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", v=self.state.version)
             log(f"episode {ep + 1}/{a.num_episodes} reward {m['reward_mean']:.3f} kl {m['kl']:.4f} "
                 f"length {m['response_length']:.1f} {episode_s:.1f} s")
-            if cfg.save_interval and (ep + 1) % cfg.save_interval == 0 and ep + 1 < a.num_episodes:
+            if self.schedule.due(ep + 1) and ep + 1 < a.num_episodes:
                 self.save_checkpoint()
         bar.close()
         self.history += records
         return records
 
     def close(self) -> None:
+        if self._forget_cleanup is not None:
+            self._forget_cleanup()
         for name in ("pool", "actor", "critic"):
             obj = getattr(self, name)
             if obj is not None:
@@ -312,8 +325,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         self._wait_names_free()
         if self.logger is not None:
             self.logger.close()
-        if getattr(self, "weights_file", None) is not None:
-            shutil.rmtree(self.weights_file.parent, ignore_errors=True)
+        self._remove_temp_files()
 
 
     def _wait_names_free(self, timeout_s: float = 30.0) -> None:
@@ -341,6 +353,8 @@ def run_ppo(cfg: PPOConfig) -> int:
     try:
         system.start()
         records = system.run_episodes()
+        if system.stopped:
+            return 0  # `relay` (pipeline_cmd) prints how to resume and exits with the signal's code
         system.save_final()
         if records:
             first, last = records[0], records[-1]

@@ -1,14 +1,25 @@
 """PPO checkpoints: what one holds besides the learners (`PPOState`), and saving / resuming a `PPOSystem`.
 
 SAVE_DIR/checkpoints/step-<episode>/ = actor/ and critic/ (model folder + optimizer, `LearnerGroup`
-checkpoints) + trainer_state.json (this state, RNG). Written to a temporary folder and renamed, so a run killed
-mid-save keeps its last complete checkpoint. `PPOCheckpoints` is a mixin of `relay.launch.ppo.PPOSystem`.
+checkpoints) + trainer_state.json (this state, RNG). Written to a temporary folder, fsynced and renamed, so a
+run killed mid-save keeps its last complete checkpoint; the newest `keep_checkpoints` are kept. `PPOCheckpoints` is a mixin of `relay.launch.ppo.PPOSystem`.
 """
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from relay.launch import safe_points
+from relay.learners.checkpoint_resume import LEARNER_FILES, STATE_FILES, CheckpointError, find_resume
+from relay.learners.checkpoint_store import (
+    belongs_to,
+    checkpoint_dir,
+    clean_stale,
+    publish_folder,
+    save_with_retention,
+    stale_line,
+)
 
 
 @dataclass
@@ -23,16 +34,16 @@ class PPOState:
     reward_moments: dict[str, float] = field(default_factory=dict)
 
 
-
 class PPOCheckpoints:
-    """save_checkpoint / _maybe_resume / save_final for `PPOSystem`."""
+    """save_checkpoint / _maybe_resume / save_final, and stopping at a safe point, for `PPOSystem`."""
 
     def save_checkpoint(self) -> Path:
-        """SAVE_DIR/checkpoints/step-<episode>/: actor/, critic/ (model + optimizer), trainer_state.json."""
+        """SAVE_DIR/checkpoints/step-<episode>/: actor/, critic/ (model + optimizer), trainer_state.json; older
+        checkpoints beyond `keep_checkpoints` are deleted, and what this one cost is logged."""
         from dataclasses import asdict
 
         from relay.launch.ppo import log
-        from relay.learners.checkpoint import atomic_dir, checkpoint_dir, save_trainer_state
+        from relay.learners.checkpoint import save_trainer_state
 
         # Async mode has already drawn the next episode's prompts: save the data position before them, so a
         # resumed run generates and trains them instead of skipping them.
@@ -40,28 +51,45 @@ class PPOCheckpoints:
         self.state.ptx_order = self.ptx_order.state_dict() if self.ptx_order else {}
         m = self.scorers.moments
         self.state.reward_moments = {"mean": m.mean, "var": m.var, "count": m.count}
-        final = checkpoint_dir(self.save_dir, self.state.episode)
-        with atomic_dir(final) as tmp:
+
+        def write(tmp: Path) -> None:
             self.actor.save_checkpoint(tmp / "actor")
             if self.critic is not None:
                 self.critic.save_checkpoint(tmp / "critic")
             save_trainer_state(tmp, asdict(self.state))
-        log(f"checkpoint {final}")
-        return final
+
+        report = save_with_retention(checkpoint_dir(self.save_dir, self.state.episode), write,
+                                     self.cfg.keep_checkpoints)
+        self.saved_episode, self.last_checkpoint = self.state.episode, report.path
+        self.schedule.saved()
+        log(report.line())
+        return report.path
+
+    def _required_files(self) -> tuple[str, ...]:
+        roles = ("actor", "critic") if self.cfg.algo.advantage_estimator == "gae" else ("actor",)
+        return STATE_FILES + tuple(f"{role}/{f}" for role in roles for f in LEARNER_FILES)
 
     def _maybe_resume(self) -> bool:
         from relay.launch.ppo import log
-        from relay.learners.checkpoint import load_trainer_state, resolve_resume
+        from relay.learners.checkpoint import load_trainer_state
 
-        path = resolve_resume(self.cfg.checkpoint_path)
+        if removed := clean_stale(self.save_dir):  # what a killed run left half-written
+            log(stale_line(removed))
+        path = find_resume(self.cfg.checkpoint_path, self.save_dir, self._required_files(), log)
         if path is None:
             return False
+        st = load_trainer_state(path, restore=False)
+        st.pop("rng", None)
+        unknown = set(st) - {f.name for f in fields(PPOState)}
+        if unknown:
+            raise CheckpointError(f"{path / 'trainer_state.json'}: not a PPO checkpoint (fields {sorted(unknown)})")
         self.actor.load_checkpoint(path / "actor")
         if self.critic is not None:
             self.critic.load_checkpoint(path / "critic")
-        st = load_trainer_state(path)
-        st.pop("rng", None)
+        load_trainer_state(path)  # restores the RNG
         self.state = PPOState(**st)
+        if belongs_to(path, self.save_dir):  # else a stop saves this run's first checkpoint in SAVE_DIR
+            self.saved_episode, self.last_checkpoint = self.state.episode, path
         self.prompt_order.load_state_dict(self.state.prompt_order)
         if self.ptx_order and self.state.ptx_order:
             self.ptx_order.load_state_dict(self.state.ptx_order)
@@ -74,12 +102,25 @@ class PPOCheckpoints:
         log(f"resumed from {path}: episode {self.state.episode}, weight version {self.state.version}")
         return True
 
+    def _stop_here(self) -> None:
+        """A signal asked the run to stop: checkpoint what was trained since the last save, then leave the loop."""
+        stop = safe_points.active()
+        if self.state.episode > self.saved_episode:
+            self.save_checkpoint()
+        self.stopped = True
+        if stop is not None:  # `relay` prints the outcome with the command that resumes the run
+            stop.finish(f"after episode {self.state.episode} of {self.cfg.algo.num_episodes}", self.last_checkpoint)
+
+    def _remove_temp_files(self) -> None:
+        """The weight-sync folder (shared memory) and unfinished checkpoint temp folders."""
+        if getattr(self, "weights_file", None) is not None:
+            shutil.rmtree(self.weights_file.parent, ignore_errors=True)
+        clean_stale(self.save_dir)
+
     def save_final(self) -> None:
         """The last checkpoint, plus SAVE_DIR/actor (and critic) as HF folders for `relay chat` / evaluation."""
         ckpt = self.save_checkpoint()
         for role in ("actor", "critic"):
             src = ckpt / role / "model"
             if src.exists():
-                dst = self.save_dir / role
-                shutil.rmtree(dst, ignore_errors=True)
-                shutil.copytree(src, dst)
+                publish_folder(src, self.save_dir / role)

@@ -13,14 +13,16 @@ evaluates on eval_dataset, and checkpoints atomically:
     SAVE_DIR/model/ (or adapter/)             the final model: transformers and vLLM load it; with LoRA and
                                               merge_lora_weights=false the peft adapter beside its base
 
-`checkpoint_path` (a checkpoint or a run folder) resumes exactly: weights, optimizer, step, data position, RNG.
+`checkpoint_path` (a checkpoint, a run folder, or `auto`: SAVE_DIR's newest) resumes exactly: weights, optimizer,
+step, data position, RNG. Checkpoints come every save_interval steps and save_every_minutes, the newest
+keep_checkpoints stay; a SIGTERM/SIGINT stops the loop after the current step with a checkpoint
+(relay.launch.safe_points).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,8 +30,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from relay.config import PLAIN_FORWARD_PLUGINS, DPOConfig, RMConfig, SFTConfig, TrainConfig, save_config, to_dict
+from relay.launch import safe_points
 from relay.launch.train_data import collate, evaluate, load_samples, reference_logps, token_count
 from relay.learners import checkpoint as ckpt
+from relay.learners import checkpoint_store as store
+from relay.learners.checkpoint_resume import LEARNER_FILES, STATE_FILES, find_resume
 from relay.learners.accumulate import NonfiniteGuard
 from relay.learners.dpo import dpo_train_loss
 from relay.learners.rm import rm_loss
@@ -118,33 +123,15 @@ def loss_kwargs(cfg: TrainConfig, stage: Stage, reference_path: str | None, attn
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(group: Any, save_dir: str | Path, step: int, state: dict[str, Any]) -> Path:
-    """Write checkpoints/step-N atomically: a kill mid-write leaves only a hidden temp folder behind."""
-    final = ckpt.checkpoint_dir(save_dir, step)
-    with ckpt.atomic_dir(final) as tmp:
+def save_checkpoint(group: Any, save_dir: str | Path, step: int, state: dict[str, Any],
+                    keep: int = 0) -> store.SaveReport:
+    """Write checkpoints/step-N atomically (a kill mid-write leaves only a hidden temp folder behind), then
+    delete older checkpoints beyond the newest `keep` (0: keep all)."""
+    def write(tmp: Path) -> None:
         group.save_checkpoint(tmp)
         ckpt.save_trainer_state(tmp, state)
-    return final
 
-
-def clean_stale(save_dir: str | Path) -> None:
-    """Remove temp folders a killed run left behind (`atomic_dir`'s .NAME.tmp-PID / .NAME.old-PID); complete
-    checkpoints and the final model are never touched."""
-    for root, names in ((Path(save_dir) / "checkpoints", (".step-",)), (Path(save_dir), (".model.", ".adapter."))):
-        if root.exists():
-            for p in root.iterdir():
-                if p.name.startswith(names) and (".tmp-" in p.name or ".old-" in p.name) and p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    def link(s: str, d: str) -> None:
-        try:
-            os.link(s, d)  # no second copy of the weights on disk
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, dst, copy_function=link)
+    return store.save_with_retention(store.checkpoint_dir(save_dir, step), write, keep)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -155,17 +142,10 @@ def export_final(checkpoint: Path, save_dir: Path, cfg: TrainConfig, model_path:
     """SAVE_DIR/model (merged weights, HF folder), or SAVE_DIR/adapter for LoRA with merge_lora_weights off."""
     adapter_only = cfg.lora.lora_rank > 0 and not cfg.lora.merge_lora_weights
     name = "adapter" if adapter_only else "model"
-    target = save_dir / name
     # The learners copy the model folder's tokenizer into model/; an explicit tokenizer_dir wins.
     tok_src = cfg.model.tokenizer_dir or (model_path if adapter_only else None)
-    with ckpt.atomic_dir(target) as tmp:
-        shutil.rmtree(tmp)
-        _link_tree(checkpoint / name, tmp)
-        for f in (Path(tok_src).iterdir() if tok_src else ()):
-            if f.name in TOKENIZER_FILES:
-                shutil.copy2(f, tmp / f.name)
-    (target / "COMPLETE").unlink(missing_ok=True)  # an HF folder; the rename already made it whole
-    return target
+    tokenizer = [f for f in Path(tok_src).iterdir() if f.name in TOKENIZER_FILES] if tok_src else []
+    return store.publish_folder(checkpoint / name, save_dir / name, tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -176,6 +156,7 @@ class TrainResult:
     final: Path | None
     checkpoint: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False  # by a signal, at a safe point (the run continues with `--resume auto`)
 
 
 def data_parallel_size(cfg: TrainConfig) -> int:
@@ -199,8 +180,9 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
     save_config(cfg, save_dir / "config.yaml")
     if cfg.config_file:
         save_config(cfg, cfg.config_file)
-    clean_stale(save_dir)
-    resume = ckpt.resolve_resume(cfg.checkpoint_path)
+    if removed := store.clean_stale(save_dir):
+        log(stage.name, store.stale_line(removed))
+    resume = find_resume(cfg.checkpoint_path, save_dir, LEARNER_FILES + STATE_FILES, lambda m: log(stage.name, m))
     resumed = ckpt.load_trainer_state(resume, restore=False) if resume else None
     if resumed and resumed.get("stage") != stage.name:
         raise ValueError(f"checkpoint_path: {resume} is a {resumed.get('stage')} checkpoint, not {stage.name}")
@@ -253,6 +235,9 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
         group.rebuild(model_path=str(first_path), **opts)
     log(stage.name, f"learner group: {cfg.learner.num_ranks} ranks, plugin {cfg.learner.plugin}, ready in {time.time() - t0:.1f} s")
     logger = None
+    stop = safe_points.active()
+    # If the stop's grace period runs out mid-save, the process exits at once: remove the temp folders first.
+    forget_cleanup = stop.add_cleanup(lambda: store.clean_stale(save_dir)) if stop else None
     try:
         start = int(resumed["step"]) if resumed else 0
         if resumed:
@@ -281,7 +266,7 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
         logger = MetricsLogger(
             save_dir, cfg.logging.log_dir, cfg.logging.use_tensorboard, cfg.logging.use_wandb,
             cfg.logging.wandb_project, run_name=f"{stage.name}-{save_dir.name}", config=to_dict(cfg),
-            resume_step=start + 1 if resumed else None,
+            resume_step=start + 1 if resumed else None, note=lambda m: log(stage.name, m),
         )
         kw = loss_kwargs(cfg, stage, reference_path, attn)
         history: list[dict[str, Any]] = []
@@ -298,8 +283,25 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
             logger.log(0, first)
             log(stage.name, "before training: " + " ".join(f"{k} {v:.4g}" for k, v in first.items() if k in SHOWN_EVAL))
         guard = NonfiniteGuard(cfg.max_nonfinite_steps, "max_nonfinite_steps")
+        schedule = safe_points.SaveSchedule(cfg.save_interval, cfg.save_every_minutes)
+        saved_step = start if resume and store.belongs_to(resume, save_dir) else 0  # already in SAVE_DIR
+
+        def save(done: int) -> Path:
+            nonlocal saved_step
+            report = save_checkpoint(group, save_dir, done, state(done), cfg.keep_checkpoints)
+            schedule.saved()
+            saved_step = done
+            log(stage.name, report.line())
+            return report.path
+
         bar = tqdm(total=total, initial=start, desc=f"relay {stage.name}", disable=not sys.stderr.isatty())
         for step in range(start, total):
+            if stop is not None and stop.requested:  # safe point: between optimizer steps
+                if step > saved_step:
+                    last_saved = save(step)
+                stop.finish(f"after step {step} of {total}", last_saved)  # `relay` prints it with the resume command
+                bar.close()
+                return TrainResult(save_dir, step, None, last_saved, history, stopped=True)
             lr = lr_at(step, cfg.optim.lr, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
             group.set_lr(lr)
             idx = order.next_batch()
@@ -325,9 +327,8 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
                 log(stage.name, f"step {done}/{total} epoch {record['epoch']:.2f} {shown}")
             # A non-finite step was skipped by the learners (weights untouched); stop after too many in a row.
             guard.update(out.get("nonfinite_skipped", 0.0) > 0, f"step {done} (loss {out['loss']})")
-            if (cfg.save_interval and done % cfg.save_interval == 0) or done == total:
-                last_saved = save_checkpoint(group, save_dir, done, state(done))
-                log(stage.name, f"checkpoint {last_saved}")
+            if schedule.due(done) or done == total:
+                last_saved = save(done)
         bar.close()
         final = export_final(last_saved, save_dir, cfg, model_path) if last_saved else None
         if final:
@@ -340,6 +341,8 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
             plot_run(save_dir)
         return TrainResult(save_dir, total, final, last_saved, history)
     finally:
+        if forget_cleanup is not None:
+            forget_cleanup()
         if logger is not None:
             logger.close()
         if own_group:
@@ -359,6 +362,8 @@ def run(cfg: TrainConfig, stage_name: str) -> int:
     finally:
         if started and ray.is_initialized():
             ray.shutdown()  # the local cluster this run started
+    if result.stopped:
+        return 0  # `relay` (pipeline_cmd) prints how to resume and exits with the signal's code
     log(stage_name, f"done: {result.steps} steps; outputs in {result.save_dir}")
     return 0
 

@@ -1,78 +1,20 @@
-"""Checkpoint folders that survive a crash: each is written to a temporary sibling and renamed into place, so
-the newest complete checkpoint is always intact. Trainer state (step, data position, RNG) is JSON plus a
-safetensors file for torch RNG bytes: nothing is unpickled on resume.
+"""Trainer state inside a checkpoint: step, data position and RNG as JSON plus a safetensors file for torch RNG
+bytes, so nothing is unpickled on resume.
 
-Layout of SAVE_DIR/checkpoints/step-00000012/:
-    model/ (HF folder, safetensors), optimizer/ (ColossalAI), trainer_state.json, rng.safetensors
+Layout of SAVE_DIR/checkpoints/step-00000012/ (folders written by `relay.learners.checkpoint_store`):
+    model/ (HF folder, safetensors), optimizer/ (ColossalAI), trainer_state.json, rng.safetensors, COMPLETE
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import re
-import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-def checkpoint_dir(save_dir: str | Path, step: int) -> Path:
-    return Path(save_dir) / "checkpoints" / f"step-{step:08d}"
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `final` in one rename, on failure it is removed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        (tmp / "COMPLETE").write_text("ok\n")
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def is_complete(path: str | Path) -> bool:
-    return (Path(path) / "COMPLETE").exists()
-
-
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint under SAVE_DIR/checkpoints (half-written ones are ignored)."""
-    root = Path(save_dir) / "checkpoints"
-    if not root.exists():
-        return None
-    done = [p for p in root.iterdir() if STEP_DIR.match(p.name) and is_complete(p)]
-    return max(done, key=lambda p: int(STEP_DIR.match(p.name).group(1)), default=None)
-
-
-def resolve_resume(checkpoint_path: str | None) -> Path | None:
-    """`checkpoint_path` may name a checkpoint or a run folder (then its newest complete checkpoint)."""
-    if not checkpoint_path:
-        return None
-    path = Path(checkpoint_path)
-    if is_complete(path):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"checkpoint_path {path}: neither a complete checkpoint nor a run folder holding one")
-    return latest
+from relay.learners.checkpoint_resume import CheckpointError
 
 
 def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -109,8 +51,16 @@ def load_trainer_state(folder: str | Path, restore: bool = True) -> dict[str, An
     folder = Path(folder)
     path = folder / "trainer_state.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; {folder} is not a Relay checkpoint")
-    state = json.loads(path.read_text())
+        raise CheckpointError(f"{path}: missing; {folder} is not a Relay checkpoint")
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: bad JSON ({err})") from None
     if restore:
-        restore_rng(state["rng"], load_file(str(folder / "rng.safetensors")))
+        rng = folder / "rng.safetensors"
+        try:
+            tensors = load_file(str(rng))
+        except Exception as err:  # missing or corrupt: safetensors raises its own error type
+            raise CheckpointError(f"{rng}: unreadable safetensors ({err})") from None
+        restore_rng(state["rng"], tensors)
     return state
