@@ -100,9 +100,10 @@ def test_sft_memorises_with_grad_checkpointing(group, tiny_llama_dir, data, tmp_
     for key in ("epoch", "lr", "loss", "samples_per_s", "tokens_per_s"):
         assert key in rows[0]
     assert rows[0]["lr"] < rows[1]["lr"] and rows[-1]["lr"] < rows[1]["lr"]  # warm-up, then decay
-    # Checkpoints every 10 steps and at the end; plots, TensorBoard events and the resolved config beside them.
+    # Checkpoints every 10 steps and at the end, the last keep_checkpoints (2) kept; plots, TensorBoard events and
+    # the resolved config beside them.
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["step-00000010", "step-00000020", "step-00000024"]
+    assert names == ["step-00000020", "step-00000024"]
     assert {p.name for p in (out / "plots").glob("*.png")} >= {"loss.png", "lr.png"}
     assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert load_config("sft", out / "config.yaml").max_epochs == 12
