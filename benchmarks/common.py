@@ -14,7 +14,7 @@ from typing import Any
 
 # One thread per process (torch is up to 10x slower with 2 on this class of machine), no hub, no telemetry.
 BENCH_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-             "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
+             "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
 
 
 def set_bench_env() -> None:

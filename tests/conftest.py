@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 for _k, _v in {
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_AUTH_MODE": "token",
     "RAY_USAGE_STATS_ENABLED": "0",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -14,7 +16,24 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
+# Ray token authentication on, with a token private to this session (RAY_AUTH_TOKEN_PATH, made by Relay as for any
+# cluster it starts) unless the caller brought one: the suite never writes ~/.ray/auth_token. Every cluster the
+# tests start, `relay` subprocesses and private `ray start` heads included, inherits it.
+_TOKEN_DIR = None
+if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+    _TOKEN_DIR = tempfile.mkdtemp(prefix="relay-auth-")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.join(_TOKEN_DIR, "auth_token")
+
+from relay.launch import ray_auth  # noqa: E402
+
+ray_auth.ensure_token()
+
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    if _TOKEN_DIR:
+        shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

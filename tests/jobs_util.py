@@ -1,5 +1,9 @@
 """A private Ray head node for tests that submit jobs (`ray start --head --block`, ended by signalling that
-process: `ray stop` would stop every Ray cluster on the machine, other people's included)."""
+process: `ray stop` would stop every Ray cluster on the machine, other people's included).
+
+Token authentication is on as for a cluster a user starts: the head reads the session's token file
+(RAY_AUTH_TOKEN_PATH, tests/conftest.py), and job submission passes the token in RAY_AUTH_TOKEN, as a user
+submitting from another machine would."""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.launch import ray_auth
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, `relay`
 EXCLUDES = [".git", ".venv", "outputs", "runs", "wandb", "**/__pycache__", "*.egg-info", ".pytest_cache"]
@@ -32,9 +38,23 @@ def job_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     # The cluster's processes inherit PATH: job entrypoints find the venv's `relay` (and its python) there.
-    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     return env
+
+
+def submit_env() -> dict[str, str]:
+    """`ray job submit`'s environment: the token itself in RAY_AUTH_TOKEN (`ray get-auth-token` prints it)."""
+    env = {k: v for k, v in job_env().items() if k != ray_auth.TOKEN_PATH_ENV}
+    env[ray_auth.TOKEN_ENV] = ray_auth.token() or ""
+    return env
+
+
+def api(address: str, path: str, timeout: float = 10) -> bytes:
+    """GET from the dashboard's HTTP API with the token, as Ray's SDK sends it."""
+    request = urllib.request.Request(f"{address}{path}", headers=ray_auth.headers())
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return r.read()
 
 
 @contextlib.contextmanager
@@ -55,7 +75,7 @@ def start_cluster():
         deadline = time.monotonic() + 120
         while True:
             try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                api(address, "/api/version", timeout=2)  # needs the token too
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -77,7 +97,7 @@ def submit(address: str, submission_id: str, *entrypoint: str) -> None:
     subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id, "--no-wait",
          "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--", *entrypoint],
-        env=job_env(), check=True, timeout=120, capture_output=True,
+        env=submit_env(), check=True, timeout=120, capture_output=True,
     )
 
 

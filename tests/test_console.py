@@ -26,7 +26,7 @@ NOISE = ["pid=", "Started a local Ray instance", "Warning", "warnings.warn", "Lo
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in (logs.LOG_DIR_ENV, logs.VERBOSE_ENV, "RAY_ADDRESS")}
     return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", **extra}
+            "WANDB_MODE": "offline", **extra}
 
 
 def relay(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

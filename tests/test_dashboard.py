@@ -1,6 +1,7 @@
 """The Ray dashboard seen in a real browser: a short PPO run submitted as a Ray job to a local cluster whose
-dashboard binds to 127.0.0.1; headless Chromium renders the Actors page, which must list Relay's named actors.
-The screenshot is kept in the run folder."""
+dashboard binds to 127.0.0.1 and needs Ray's token; headless Chromium opens the Actors page, is asked for the token,
+types it like a person would, and the page must then list Relay's named actors. The screenshot is kept in the run
+folder."""
 from __future__ import annotations
 
 import json
@@ -8,32 +9,42 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
-from jobs_util import BIN, cluster, job_env, submit, wait_for_job  # noqa: F401  (cluster is a fixture)
+from browser_util import CHROMIUM, browse
+from jobs_util import BIN, api, cluster, job_env, submit, wait_for_job  # noqa: F401  (cluster is a fixture)
+from relay.launch import ray_auth
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Without the networking flags Chromium keeps trying hosts this machine cannot reach.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars"]
 EXPECTED = ["relay/generator-0", "relay/ref", "relay/reward", "relay/actor-rank0", "relay/buffer"]
+TOKEN_DIALOG = "Authentication Token Required"  # Ray 2.60's dashboard, when a request comes back 401
 
 
 def alive_actor_names(address: str) -> set[str]:
-    with urllib.request.urlopen(f"{address}/api/v0/actors?limit=1000&detail=false", timeout=10) as r:
-        data = json.load(r)
+    data = json.loads(api(address, "/api/v0/actors?limit=1000&detail=false"))
     rows = data.get("data", {}).get("result", {}).get("result", [])
     return {row.get("name") for row in rows if row.get("state") == "ALIVE" and row.get("name")}
 
 
-def chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", *args],
-                          capture_output=True, text=True, timeout=120)
+def open_with_token(page_url: str, token: str, shot):
+    """The Actors page as a person sees it: the token dialog first, then the page once the token is typed."""
+    async def steps(page):
+        await page.call("Page.navigate", url=page_url)
+        await page.wait_for([TOKEN_DIALOG], timeout_s=60)
+        await page.js("document.querySelector('input[type=password]').focus()")
+        await page.call("Input.insertText", text=token)  # typed into the focused field
+        # MUI upper-cases the label with CSS, so match textContent, not innerText.
+        clicked = await page.js("(() => { const b = [...document.querySelectorAll('button')]"
+                                ".find(b => b.textContent.trim() === 'Submit'); if (b) b.click(); return !!b; })()")
+        assert clicked, "the token dialog has no Submit button"
+        text = await page.wait_for(EXPECTED, timeout_s=90)  # the dashboard reloads with its cookie set
+        assert TOKEN_DIALOG not in text
+        await page.screenshot(shot)
+        return await page.js("document.documentElement.outerHTML")
+
+    return steps
 
 
 def test_actors_page_lists_relay_actors(cluster, tmp_path):
@@ -51,14 +62,11 @@ def test_actors_page_lists_relay_actors(cluster, tmp_path):
     while not set(EXPECTED) <= alive_actor_names(cluster):
         assert time.monotonic() < deadline, f"actors never came up: {alive_actor_names(cluster)}"
         time.sleep(2)
-    page = f"{cluster}/#/actors"
-    dom = chromium(tmp_path, "--virtual-time-budget=20000", "--dump-dom", page)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    missing = [name for name in EXPECTED if name not in dom.stdout]
-    assert not missing, f"the Actors page does not list {missing}"
     run.mkdir(parents=True, exist_ok=True)
     shot = run / "dashboard-actors.png"
-    chromium(tmp_path, "--virtual-time-budget=20000", "--window-size=1600,1000", f"--screenshot={shot}", page)
+    dom = browse(tmp_path / "chromium", open_with_token(f"{cluster}/#/actors", ray_auth.token(), shot))
+    missing = [name for name in EXPECTED if name not in dom]
+    assert not missing, f"the Actors page does not list {missing}"
     assert shot.exists() and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
     if os.environ.get("RELAY_SAVE_SCREENSHOT"):  # refresh the README's picture
         shutil.copy(shot, os.environ["RELAY_SAVE_SCREENSHOT"])

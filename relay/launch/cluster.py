@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from relay import logs
-from relay.launch import safe_points
+from relay.launch import ray_auth, safe_points
 
 NAMESPACE = "relay"
 DEFAULT_TIMEOUT_S = 600.0
@@ -23,8 +23,9 @@ ACTOR_ENV: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "WANDB_MODE": "offline",
 }
-# Variables the driver sets in its own process before Ray starts (the first cluster start reads them).
-DRIVER_ENV: dict[str, str] = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# Variables the driver sets in its own process before Ray starts (the first cluster start reads them). Token
+# authentication (RAY_AUTH_MODE=token) is set by relay.launch.ray_auth, which also makes the token.
+DRIVER_ENV: dict[str, str] = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 
 class RemoteCallTimeout(TimeoutError):
@@ -58,7 +59,9 @@ def init_ray(
 ) -> dict[str, Any]:
     """Attach to a cluster (`address`, RAY_ADDRESS, or a running local one) or start a local one.
 
-    A started cluster binds its dashboard to 127.0.0.1 unless told otherwise. Returns ray.init's context info.
+    A started cluster binds its dashboard to 127.0.0.1 unless told otherwise. Ray token authentication is on
+    unless RAY_AUTH_MODE says otherwise; a started cluster gets a token file if none exists
+    (`relay.launch.ray_auth`). Returns ray.init's context info.
 
     Every worker process runs `relay.logs.worker_setup` first: where the driver named a log folder
     (`relay.logs.run_logs`) and is not verbose, actors write to that folder instead of the terminal, and Ray
@@ -75,8 +78,10 @@ def init_ray(
     console = dict(log_to_driver=not quiet, logging_level=logging.WARNING if quiet else logging.INFO)
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
+        ray_auth.enable()  # the cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
         ctx = ray.init(address=address, namespace=NAMESPACE, runtime_env=runtime_env, **console)
     else:
+        ray_auth.ensure_token()
         kwargs: dict[str, Any] = dict(
             address="local",
             namespace=NAMESPACE,

@@ -33,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from relay.actors.control import control_actor_name, control_status, request_generators
+    from relay.launch import ray_auth
     from relay.launch.cluster import DRIVER_ENV, NAMESPACE
 
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
+    ray_auth.enable()
     address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
     # Attach only: never start a cluster from here (there would be no pool to talk to).
     try:
