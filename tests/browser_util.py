@@ -18,6 +18,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars"]
+# Chromium's answers to an evaluation that a navigation cut short.
+RELOADING = ("Inspected target navigated or closed", "Execution context was destroyed", "Cannot find context")
 
 
 class Page:
@@ -41,7 +43,14 @@ class Page:
         return result.get("result", {}).get("value")
 
     async def text(self) -> str:
-        return await self.js("document.body ? document.body.innerText : ''") or ""
+        """The page's visible text; empty while the page is between documents (a reload destroys the context
+        an evaluation ran in, and Chromium answers with an error instead of a value)."""
+        try:
+            return await self.js("document.body ? document.body.innerText : ''") or ""
+        except RuntimeError as err:
+            if any(s in str(err) for s in RELOADING):
+                return ""
+            raise
 
     async def wait_for(self, needles: list[str], timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
