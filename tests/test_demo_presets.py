@@ -30,7 +30,9 @@ def test_learn_preset_is_longer_and_measures_ppo_on_enough_prompts():
     default = load_config("ppo", demo.CONFIGS / "demo_ppo.yaml")
     longer = load_config("ppo", demo.CONFIGS / "demo_ppo.yaml", learn["ppo"])
     assert longer.algo.num_episodes > default.algo.num_episodes
-    assert learn["eval"]["num_prompts"] >= 64 and learn["eval_full"] is True  # the PPO target's own condition
+    assert learn["eval"]["num_prompts"] >= 64  # the PPO target's own condition
+    grpo = load_config("ppo", demo.CONFIGS / "demo_grpo.yaml", learn["grpo"])
+    assert grpo.eval.num_prompts >= 64 and grpo.eval_interval > 0  # GRPO's target comes from its stage's evals
 
 
 def test_targets_take_relay_eval_first_then_the_stage_last_eval():
