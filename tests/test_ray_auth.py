@@ -1,5 +1,5 @@
-"""Ray token authentication: the token file Relay makes (mode 0600, kept once made, never for RAY_AUTH_TOKEN or
-RAY_AUTH_MODE=disabled), and a cluster Relay starts refusing a client without the token."""
+"""Ray token authentication: the token file Relay makes (mode 0600, kept once made, none when RAY_AUTH_TOKEN holds
+the token), and a cluster Relay starts refusing a client without the token."""
 from __future__ import annotations
 
 import json
@@ -57,9 +57,8 @@ def test_token_path_env_is_honoured_and_a_readable_token_is_made_private(tmp_pat
     assert not (tmp_path / ".ray").exists()
 
 
-def test_no_token_file_for_an_env_token_or_with_auth_disabled(tmp_path):
+def test_no_token_file_for_an_env_token(tmp_path):
     assert ensure_token(clean_env(tmp_path, RAY_AUTH_TOKEN="ab" * 32)) == "None"
-    assert ensure_token(clean_env(tmp_path, RAY_AUTH_MODE="disabled")) == "None"
     assert not (tmp_path / ".ray").exists()
 
 
