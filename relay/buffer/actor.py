@@ -23,6 +23,7 @@ first, removed from the buffer).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -264,7 +265,8 @@ class _BufferActor:
         return len(self.store)
 
     async def stats(self, current_version: int | None = None) -> dict[str, Any]:
-        return self.store.stats(current_version)
+        # the pid tells a driver that Ray restarted the actor (a new process, an empty buffer)
+        return {**self.store.stats(current_version), "pid": os.getpid()}
 
 
 ExperienceBuffer = ray.remote(_BufferActor)
@@ -277,6 +279,7 @@ class BufferClient:
 
     actor: Any
     timeout_s: float = 300.0
+    name: str = "relay/buffer"
 
     def _get(self, ref: Any, what: str, timeout_s: float | None = None) -> Any:
         from relay.launch.cluster import get
@@ -315,17 +318,25 @@ class BufferClient:
     def stats(self, current_version: int | None = None) -> dict[str, Any]:
         return self._get(self.actor.stats.remote(current_version), "stats", 60)
 
+    def info(self) -> dict[str, Any]:
+        """Its process id and counters (`stats`; the name every Relay actor client answers to)."""
+        return self.stats()
+
     def kill(self) -> None:
         ray.kill(self.actor, no_restart=True)
 
 
 def start_buffer(limit: int, name: str = "buffer", pad_token_id: int = 0, seed: int = 0,
                  put_timeout_s: float = 300.0, num_cpus: float = 0.5, timeout_s: float = 300.0,
-                 **options: Any) -> BufferClient:
-    """Start the `relay/<name>` buffer actor and wait until it answers."""
+                 max_restarts: int = 0, **options: Any) -> BufferClient:
+    """Start the `relay/<name>` buffer actor and wait until it answers. Ray restarts it (empty) up to
+    `max_restarts` times if its process dies, without re-running the calls in flight: what the buffer held is
+    gone, so its caller redoes its exchange (`relay.launch.ppo_buffer`)."""
     from relay.launch.cluster import actor_options, get
+    from relay.restarts import restart_options
 
-    actor = ExperienceBuffer.options(**actor_options(name=name, num_cpus=num_cpus, **options)).remote(
-        limit, pad_token_id, seed, put_timeout_s)
+    opts = actor_options(name=name, num_cpus=num_cpus, **{**restart_options(max_restarts, retry_calls=False),
+                                                          **options})
+    actor = ExperienceBuffer.options(**opts).remote(limit, pad_token_id, seed, put_timeout_s)
     get(actor.size.remote(), 120, f"relay/{name} start")
-    return BufferClient(actor, timeout_s)
+    return BufferClient(actor, timeout_s, opts["name"])
