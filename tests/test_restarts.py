@@ -96,20 +96,30 @@ class Batch:
 
 
 @dataclass
+class Put:
+    size: int
+    pid: int
+
+
+@dataclass
 class FakeBuffer:
-    """Keyed by sample id like ExperienceStore; `die_at` names calls (e.g. 'take_all') that kill it once,
-    after which it comes back empty (a Ray restart)."""
+    """Keyed by sample id like ExperienceStore. `die_at` names calls that kill it once each ('take_all': after
+    the take, before the reply); it comes back empty with a new pid (a Ray restart). 'after_put!' kills it right
+    after a put that replied, and the restart is over before the next call: no call fails."""
 
     die_at: list[str] = field(default_factory=list)
     items: dict[str, int] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
-    lives: int = 1
+    pid: int = 100
     name: str = "relay/buffer"
+
+    def _restart(self) -> None:
+        self.items, self.seen, self.pid = {}, set(), self.pid + 1
 
     def _maybe_die(self, call: str) -> None:
         if self.die_at and self.die_at[0] == call:
             self.die_at.pop(0)
-            self.items, self.seen, self.lives = {}, set(), self.lives + 1
+            self._restart()
             raise Lost(f"died in {call}")
 
     def put(self, exp):
@@ -117,10 +127,11 @@ class FakeBuffer:
             if sid not in self.seen:
                 self.items[sid], _ = 0, self.seen.add(sid)
         self._maybe_die("put")
-
-    def size(self):
-        self._maybe_die("size")
-        return len(self.items)
+        out = Put(len(self.items), self.pid)
+        if self.die_at and self.die_at[0] == "after_put!":
+            self.die_at.pop(0)
+            self._restart()
+        return out
 
     def evict_stale(self, version, max_staleness):
         self._maybe_die("evict_stale")
@@ -132,21 +143,25 @@ class FakeBuffer:
         self._maybe_die("take_all")  # taken, then the process died before the reply
         return [Batch(ids)] if ids else []
 
+    def info(self):
+        return {"pid": self.pid}
 
-@pytest.mark.parametrize("die_at", [[], ["put"], ["size"], ["take_all"], ["put", "take_all"]])
+
+@pytest.mark.parametrize("die_at", [[], ["put"], ["evict_stale"], ["take_all"], ["after_put!"],
+                                    ["put", "take_all", "after_put!"]])
 def test_exchange_survives_a_restarted_buffer_with_every_sample_once(die_at):
     buf, notes = FakeBuffer(die_at=list(die_at)), []
-    out = exchange(buf, Batch(["e0-0", "e0-1", "e0-2"]), version=0, max_staleness=None, max_restarts=3,
+    out = exchange(buf, Batch(["e0-0", "e0-1", "e0-2"]), version=0, max_staleness=1, max_restarts=3,
                    note=notes.append, is_loss=is_lost, sleep=lambda s: None)
     assert sorted(s for b in out.taken for s in b.sample_ids) == ["e0-0", "e0-1", "e0-2"]
-    assert out.attempts == len(die_at) + 1 == buf.lives and len(notes) == len(die_at)
+    assert out.attempts == len(die_at) + 1 == buf.pid - 99 and len(notes) == len(die_at)
     assert out.size == 3 and out.evicted == 0
 
 
 def test_exchange_gives_up_after_max_restarts():
-    buf = FakeBuffer(die_at=["put", "put", "put"])
+    buf = FakeBuffer(die_at=["put", "after_put!", "put"])
     with pytest.raises(ActorLost, match="relay/buffer"):
-        exchange(buf, Batch(["e0-0"]), version=0, max_staleness=1, max_restarts=2, is_loss=is_lost,
+        exchange(buf, Batch(["e0-0"]), version=0, max_staleness=None, max_restarts=2, is_loss=is_lost,
                  sleep=lambda s: None)
 
 

@@ -44,6 +44,7 @@ class PutResult:
     accepted: int
     duplicates: int
     size: int
+    pid: int = 0  # the actor's process (set by the actor): a later, different pid means it was restarted empty
 
 
 def trim(e: Experience) -> Experience:
@@ -221,6 +222,7 @@ class _BufferActor:
                 raise BufferFull(f"buffer full for {timeout_s:g} s ({len(self.store)}/{self.store.limit} used); "
                                  "nothing stored") from None
             result = self.store.put(experience)
+            result.pid = os.getpid()
             cond.notify_all()  # wake `take` callers waiting for samples
             return result
 

@@ -20,12 +20,17 @@ class BufferMismatch(RuntimeError):
     """The experiences taken back from the buffer are not the episode's own, each once."""
 
 
+class BufferRestarted(RuntimeError):
+    """The buffer died after the put and Ray restarted it (empty) before the take: no call failed, but the
+    episode's experiences are gone from it. Handled like a failed call: the exchange is redone."""
+
+
 @dataclass
 class Exchange:
     """What one episode's exchange returned."""
 
     taken: list[Any]  # Experience mini-batches (as BufferClient.take_all returns them)
-    size: int  # buffer size right after the put
+    size: int  # buffer size right after the put (the episode's new samples)
     evicted: int  # stale samples dropped (async mode)
     attempts: int  # 1, or more when the buffer was lost and the exchange redone
 
@@ -50,12 +55,21 @@ def exchange(buffer: Any, experience: Any, *, version: int, max_staleness: int |
     put_ids = [str(s) for s in experience.sample_ids]
 
     def once(attempt: int) -> Exchange:
-        buffer.put(experience)
-        size = buffer.size()
+        put = buffer.put(experience)
         evicted = buffer.evict_stale(version, max_staleness) if max_staleness is not None else 0
         taken = buffer.take_all()
-        check_exactly_once(put_ids, [str(s) for b in taken for s in b.sample_ids], evicted)
-        return Exchange(taken, size, evicted, attempt + 1)
+        try:
+            check_exactly_once(put_ids, [str(s) for b in taken for s in b.sample_ids], evicted)
+        except BufferMismatch:
+            # Samples missing and a new process behind the handle: it died and came back between our calls.
+            # Asked only here, so an exchange costs no extra call when all is well.
+            if put.pid and int(buffer.info()["pid"]) != put.pid:
+                raise BufferRestarted(f"relay/buffer restarted (pid {put.pid}) between the put and the take") from None
+            raise
+        return Exchange(taken, put.size, evicted, attempt + 1)
 
-    return redo_on_loss(once, getattr(buffer, "name", "relay/buffer"), max_restarts, is_loss=is_loss, note=note,
+    def lost(err: BaseException) -> bool:
+        return isinstance(err, BufferRestarted) or is_loss(err)
+
+    return redo_on_loss(once, getattr(buffer, "name", "relay/buffer"), max_restarts, is_loss=lost, note=note,
                         sleep=sleep)
