@@ -214,12 +214,12 @@ class RewardClient:
         """ObjectRef of `score_ids` (overlap scoring with other work; wait with `result`)."""
         return self.actor.score_ids.remote(prompt_ids, response_ids, **kw)
 
-    def stats(self) -> dict[str, Any]:
-        return self.result(self.actor.stats.remote(), "stats", 30)
+    def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        return self.result(self.actor.stats.remote(), "stats", timeout_s)
 
-    def info(self) -> dict[str, Any]:
+    def info(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Its process id and counters (the same as `stats`; the name every Relay actor client answers to)."""
-        return self.stats()
+        return self.stats(timeout_s)
 
     def kill(self) -> None:
         ray.kill(self.actor, no_restart=True)

@@ -76,8 +76,9 @@ class ReferenceClient:
     def logprobs(self, batch: dict[str, Any], last: int | None = None, temperature: float = 1.0) -> Any:
         return self.result(self.logprobs_async(batch, last, temperature))
 
-    def info(self) -> dict[str, Any]:
-        return call_or_explain(lambda: get(self.actor.info.remote(), 60, f"{self.name}.info"), self.name,
+    def info(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """pid, calls, params (a restarting actor answers once it has loaded its model again)."""
+        return call_or_explain(lambda: get(self.actor.info.remote(), timeout_s, f"{self.name}.info"), self.name,
                                self.max_restarts)
 
     def kill(self) -> None:

@@ -286,7 +286,7 @@ class BufferClient:
     def _get(self, ref: Any, what: str, timeout_s: float | None = None) -> Any:
         from relay.launch.cluster import get
 
-        return get(ref, timeout_s or self.timeout_s, f"relay/buffer.{what}")
+        return get(ref, timeout_s or self.timeout_s, f"{self.name}.{what}")
 
     def put(self, experience: Experience, timeout_s: float | None = None) -> PutResult:
         """Blocks while the buffer is full (BufferFull after `timeout_s`, default the actor's)."""
@@ -317,12 +317,12 @@ class BufferClient:
     def size(self) -> int:
         return self._get(self.actor.size.remote(), "size", 60)
 
-    def stats(self, current_version: int | None = None) -> dict[str, Any]:
-        return self._get(self.actor.stats.remote(current_version), "stats", 60)
+    def stats(self, current_version: int | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
+        return self._get(self.actor.stats.remote(current_version), "stats", timeout_s)
 
-    def info(self) -> dict[str, Any]:
+    def info(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Its process id and counters (`stats`; the name every Relay actor client answers to)."""
-        return self.stats()
+        return self.stats(timeout_s=timeout_s)
 
     def kill(self) -> None:
         ray.kill(self.actor, no_restart=True)

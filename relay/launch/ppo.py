@@ -42,7 +42,7 @@ from relay.launch.ppo_checkpoint import PPOCheckpoints, PPOState
 from relay.launch.ppo_eval import PPOEvaluation
 from relay.launch.ppo_buffer import exchange
 from relay.launch.ppo_update import PPOUpdates, dp_size
-from relay.restarts import RestartWatch
+from relay.restarts import RestartWatch, call_or_explain
 
 
 def log(msg: str) -> None:
@@ -320,9 +320,13 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
 
     def _watch_restarts(self) -> None:
         """Ask the restartable actors for their pid: a new one means Ray restarted it (logged once, counted in
-        the metrics as restarts_<role>)."""
+        the metrics as restarts_<role>). The run's timeout: a restarting reference first reloads its model."""
+        cluster = self.cfg.cluster
         for client in (self.ref, self.reward, self.buffer):
-            if client is not None and (msg := self.watch.observe(client.name, int(client.info()["pid"]))):
+            if client is None:
+                continue
+            info = call_or_explain(lambda: client.info(timeout_s=cluster.timeout_s), client.name, cluster.max_restarts)
+            if msg := self.watch.observe(client.name, int(info["pid"])):
                 log(msg)
 
     def close(self) -> None:
