@@ -3,9 +3,10 @@
 Ray actors), tiny GRPO with a KL term so the reference is used.
 
 One system for the three tests (vLLM and learner start-up are most of the cost on a 2-core machine), two
-episodes each, in order: the reference dies in episode 2, the reward in episode 4, the buffer in episode 6
-(1-based). Thin call-through wrappers ("spies") on the clients do the killing at the chosen point and record
-the sample ids each episode trained on; nothing is replaced.
+episodes each, in order (1-based): the reference dies as episode 2 is scored (just before its call goes out),
+the reward as episode 4 is scored, the buffer right after it stored episode 6's experiences. Thin
+call-through wrappers ("spies") on the clients do the killing and record the sample ids each episode trained
+on; nothing is replaced.
 
 Checked for each: the run finishes the planned episodes; every episode trained on exactly the planned samples
 (16 distinct sample ids, all of that episode; `samples` in metrics.jsonl); the killed process is gone and a new
@@ -48,10 +49,12 @@ def _cfg(prompt_data, save_dir):
 
 
 class Killer:
-    """Wraps one client method: at the chosen episode, calls through, then SIGKILLs the client's actor process
-    (pid from its info()), and times in a side thread how long until the role answers from a new process."""
+    """Wraps one client method: at the chosen episode, SIGKILLs the client's actor process (pid from its info())
+    just before the call goes out (`first=True`: the call meets a dead or restarting actor, so the driver waits
+    for the restart; a tiny model scores in milliseconds, too fast to kill it mid-call reliably) or just after
+    it returned; and times in a side thread how long until the role answers from a new process."""
 
-    def __init__(self, system, client, method: str, episode: int):
+    def __init__(self, system, client, method: str, episode: int, first: bool):
         self.system, self.client, self.episode = system, client, episode
         self.killed: dict | None = None
         self.restart_s: float | None = None
@@ -59,8 +62,11 @@ class Killer:
         real = getattr(client, method)
 
         def spy(*args, **kwargs):
+            now = self.killed is None and self.system.state.episode == self.episode
+            if now and first:
+                self._kill()
             out = real(*args, **kwargs)
-            if self.killed is None and self.system.state.episode == self.episode:
+            if now and not first:
                 self._kill()
             return out
 
@@ -148,12 +154,15 @@ def _check(system, taken, killer: Killer, role: str, records, first: int, out: s
     print(f"\n[fault] relay/{role} SIGKILLed in episode {killer.episode + 1}: restart (kill -> new process "
           f"answering) {restart}; that episode {kill_rec['episode_s']:.1f} s (score {kill_rec['score_s']:.1f} s) "
           f"vs median {statistics.median(others):.1f} s of the others; {size} samples per episode, each once")
+    for line in out.splitlines():  # what the driver said about it
+        if f"relay/{role}" in line:
+            print(f"[fault]   {line.strip()[:240]}")
 
 
 def test_killed_reference_restarts(fault_system, capsys):
     system, taken = fault_system
     assert system.ref is not None  # kl_coef > 0: the reference is used
-    killer = Killer(system, system.ref, "logprobs_async", episode=1)  # dies while it scores episode 2
+    killer = Killer(system, system.ref, "logprobs_async", episode=1, first=True)  # as episode 2 is scored
     records = system.run_episodes(until=2)
     out = capsys.readouterr().err
     assert all(r["kl"] != 0.0 for r in records[1:])  # the restarted reference really scored
@@ -164,7 +173,7 @@ def test_killed_reward_restarts(fault_system, capsys):
     system, taken = fault_system
     if system.state.episode != 2:
         pytest.skip("needs the state test_killed_reference_restarts leaves (2 episodes)")
-    killer = Killer(system, system.reward, "score_ids_async", episode=3)  # dies while it scores episode 4
+    killer = Killer(system, system.reward, "score_ids_async", episode=3, first=True)  # as episode 4 is scored
     records = system.run_episodes(until=4)
     out = capsys.readouterr().err
     _check(system, taken, killer, "reward", records, 2, out)
@@ -176,7 +185,7 @@ def test_killed_buffer_redoes_the_episode(fault_system, capsys):
     system, taken = fault_system
     if system.state.episode != 4:
         pytest.skip("needs the state test_killed_reward_restarts leaves (4 episodes)")
-    killer = Killer(system, system.buffer, "put", episode=5)
+    killer = Killer(system, system.buffer, "put", episode=5, first=False)
     records = system.run_episodes(until=EPISODES)
     out = capsys.readouterr().err
     _check(system, taken, killer, "buffer", records, 4, out)
