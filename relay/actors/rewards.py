@@ -42,6 +42,7 @@ from relay.actors.reward_rules import (
     token_fraction,
 )
 from relay.actors.reward_source import INFO_KEYS, RewardError, RewardSource, _check_lengths, as_reward
+from relay.restarts import call_or_explain, restart_options
 
 # Callers and configs (`relay.actors.rewards:ends_with_eos`) name these here, where they lived before the split.
 __all__ = [
@@ -187,39 +188,48 @@ class RewardServer:
 
 @dataclass
 class RewardClient:
-    """Driver-side handle of the reward actor; every call has a timeout."""
+    """Driver-side handle of the reward actor; every call has a timeout. The actor is stateless: Ray restarts it
+    up to `max_restarts` times and re-runs the calls in flight (`relay.restarts`); after that a wait raises
+    ActorLost naming it."""
 
     actor: Any
     timeout_s: float = 300.0
+    max_restarts: int = 0
+    name: str = "relay/reward"
+
+    def result(self, ref: Any, what: str = "score_ids", timeout_s: float | None = None) -> Any:
+        """Wait for a call's ObjectRef (ActorLost once Ray gave up restarting the actor)."""
+        from relay.launch.cluster import get
+
+        return call_or_explain(lambda: get(ref, timeout_s or self.timeout_s, f"{self.name}.{what}"), self.name,
+                               self.max_restarts)
 
     def score(self, prompts: list[str], responses: list[str], **info: Any) -> list[float]:
-        from relay.launch.cluster import get
-
-        return get(self.actor.score.remote(prompts, responses, **info), self.timeout_s, "relay/reward.score")
+        return self.result(self.actor.score.remote(prompts, responses, **info), "score")
 
     def score_ids(self, prompt_ids: list[list[int]], response_ids: list[list[int]], **kw: Any) -> list[float]:
-        from relay.launch.cluster import get
-
-        ref = self.actor.score_ids.remote(prompt_ids, response_ids, **kw)
-        return get(ref, self.timeout_s, "relay/reward.score_ids")
+        return self.result(self.actor.score_ids.remote(prompt_ids, response_ids, **kw))
 
     def score_ids_async(self, prompt_ids: list[list[int]], response_ids: list[list[int]], **kw: Any) -> Any:
-        """ObjectRef of `score_ids` (overlap scoring with other work)."""
+        """ObjectRef of `score_ids` (overlap scoring with other work; wait with `result`)."""
         return self.actor.score_ids.remote(prompt_ids, response_ids, **kw)
 
-    def stats(self) -> dict[str, Any]:
-        from relay.launch.cluster import get
+    def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        return self.result(self.actor.stats.remote(), "stats", timeout_s)
 
-        return get(self.actor.stats.remote(), 30, "relay/reward.stats")
+    def info(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Its process id and counters (the same as `stats`; the name every Relay actor client answers to)."""
+        return self.stats(timeout_s)
 
     def kill(self) -> None:
         ray.kill(self.actor, no_restart=True)
 
 
 def start_reward_actor(cfg: Any, tokenizer: str | None = None, name: str = "reward", num_cpus: float = 1.0,
-                       timeout_s: float = 300.0, **options: Any) -> RewardClient:
+                       timeout_s: float = 300.0, max_restarts: int = 0, **options: Any) -> RewardClient:
     """Start `relay/<name>` serving the source described by `cfg` (RewardConfig, RewardSpec or dict), and
-    wait until it is built (a bad rule or an unloadable model fails here, not at the first score)."""
+    wait until it is built (a bad rule or an unloadable model fails here, not at the first score). Ray
+    restarts it up to `max_restarts` times if its process dies."""
     from relay.launch.cluster import actor_options, get
 
     if not isinstance(cfg, (dict, RewardSpec)):  # e.g. relay.config.RewardConfig: send plain fields
@@ -227,8 +237,9 @@ def start_reward_actor(cfg: Any, tokenizer: str | None = None, name: str = "rewa
                          timeout_s=cfg.timeout_s, retries=cfg.retries,
                          max_outage_s=getattr(cfg, "max_outage_s", DEFAULT_MAX_OUTAGE_S),
                          max_response_bytes=getattr(cfg, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES))
-    actor = RewardActor.options(**actor_options(name=name, num_cpus=num_cpus, **options)).remote(cfg, tokenizer)
-    client = RewardClient(actor, timeout_s)
+    opts = actor_options(name=name, num_cpus=num_cpus, **{**restart_options(max_restarts), **options})
+    actor = RewardActor.options(**opts).remote(cfg, tokenizer)
+    client = RewardClient(actor, timeout_s, max_restarts, opts["name"])
     try:
         get(actor.stats.remote(), timeout_s, f"relay/{name} start")
     except Exception:

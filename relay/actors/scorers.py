@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from relay.launch.cluster import actor_options, get
+from relay.restarts import call_or_explain, restart_options
 
 
 class ReferenceServer:
@@ -58,29 +59,39 @@ class ReferenceServer:
 
 
 class ReferenceClient:
-    """Driver handle of `relay/ref`; every call has a timeout."""
+    """Driver handle of `relay/ref`; every call has a timeout. The actor is stateless: Ray restarts it up to
+    `max_restarts` times and re-runs the calls in flight (`relay.restarts`); after that a wait raises ActorLost
+    naming it."""
 
-    def __init__(self, actor: Any, timeout_s: float):
-        self.actor, self.timeout_s = actor, timeout_s
+    def __init__(self, actor: Any, timeout_s: float, max_restarts: int = 0, name: str = "relay/ref"):
+        self.actor, self.timeout_s, self.max_restarts, self.name = actor, timeout_s, max_restarts, name
 
     def logprobs_async(self, batch: dict[str, Any], last: int | None = None, temperature: float = 1.0) -> Any:
         return self.actor.logprobs.remote(batch, last, temperature)
 
-    def logprobs(self, batch: dict[str, Any], last: int | None = None, temperature: float = 1.0) -> Any:
-        return get(self.logprobs_async(batch, last, temperature), self.timeout_s, "relay/ref.logprobs")
+    def result(self, ref: Any, what: str = "logprobs") -> Any:
+        """Wait for a call's ObjectRef (ActorLost once Ray gave up restarting the actor)."""
+        return call_or_explain(lambda: get(ref, self.timeout_s, f"{self.name}.{what}"), self.name, self.max_restarts)
 
-    def info(self) -> dict[str, Any]:
-        return get(self.actor.info.remote(), 60, "relay/ref.info")
+    def logprobs(self, batch: dict[str, Any], last: int | None = None, temperature: float = 1.0) -> Any:
+        return self.result(self.logprobs_async(batch, last, temperature))
+
+    def info(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """pid, calls, params (a restarting actor answers once it has loaded its model again)."""
+        return call_or_explain(lambda: get(self.actor.info.remote(), timeout_s, f"{self.name}.info"), self.name,
+                               self.max_restarts)
 
     def kill(self) -> None:
         ray.kill(self.actor, no_restart=True)
 
 
 def start_reference(model_path: str, name: str = "ref", num_cpus: float = 0.5, dtype: str = "float32",
-                    timeout_s: float = 600.0) -> ReferenceClient:
-    """Start `relay/<name>` on `model_path` and wait until the model is loaded."""
-    actor = ray.remote(ReferenceServer).options(**actor_options(name=name, num_cpus=num_cpus)).remote(model_path, dtype)
-    client = ReferenceClient(actor, timeout_s)
+                    timeout_s: float = 600.0, max_restarts: int = 0) -> ReferenceClient:
+    """Start `relay/<name>` on `model_path` and wait until the model is loaded; Ray restarts it up to
+    `max_restarts` times if its process dies."""
+    opts = actor_options(name=name, num_cpus=num_cpus, **restart_options(max_restarts))
+    actor = ray.remote(ReferenceServer).options(**opts).remote(model_path, dtype)
+    client = ReferenceClient(actor, timeout_s, max_restarts, opts["name"])
     try:
         client.info()
     except Exception:

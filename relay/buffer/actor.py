@@ -23,6 +23,7 @@ first, removed from the buffer).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -43,6 +44,7 @@ class PutResult:
     accepted: int
     duplicates: int
     size: int
+    pid: int = 0  # the actor's process (set by the actor): a later, different pid means it was restarted empty
 
 
 def trim(e: Experience) -> Experience:
@@ -220,6 +222,7 @@ class _BufferActor:
                 raise BufferFull(f"buffer full for {timeout_s:g} s ({len(self.store)}/{self.store.limit} used); "
                                  "nothing stored") from None
             result = self.store.put(experience)
+            result.pid = os.getpid()
             cond.notify_all()  # wake `take` callers waiting for samples
             return result
 
@@ -264,7 +267,8 @@ class _BufferActor:
         return len(self.store)
 
     async def stats(self, current_version: int | None = None) -> dict[str, Any]:
-        return self.store.stats(current_version)
+        # the pid tells a driver that Ray restarted the actor (a new process, an empty buffer)
+        return {**self.store.stats(current_version), "pid": os.getpid()}
 
 
 ExperienceBuffer = ray.remote(_BufferActor)
@@ -277,11 +281,12 @@ class BufferClient:
 
     actor: Any
     timeout_s: float = 300.0
+    name: str = "relay/buffer"
 
     def _get(self, ref: Any, what: str, timeout_s: float | None = None) -> Any:
         from relay.launch.cluster import get
 
-        return get(ref, timeout_s or self.timeout_s, f"relay/buffer.{what}")
+        return get(ref, timeout_s or self.timeout_s, f"{self.name}.{what}")
 
     def put(self, experience: Experience, timeout_s: float | None = None) -> PutResult:
         """Blocks while the buffer is full (BufferFull after `timeout_s`, default the actor's)."""
@@ -312,8 +317,12 @@ class BufferClient:
     def size(self) -> int:
         return self._get(self.actor.size.remote(), "size", 60)
 
-    def stats(self, current_version: int | None = None) -> dict[str, Any]:
-        return self._get(self.actor.stats.remote(current_version), "stats", 60)
+    def stats(self, current_version: int | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
+        return self._get(self.actor.stats.remote(current_version), "stats", timeout_s)
+
+    def info(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Its process id and counters (`stats`; the name every Relay actor client answers to)."""
+        return self.stats(timeout_s=timeout_s)
 
     def kill(self) -> None:
         ray.kill(self.actor, no_restart=True)
@@ -321,11 +330,15 @@ class BufferClient:
 
 def start_buffer(limit: int, name: str = "buffer", pad_token_id: int = 0, seed: int = 0,
                  put_timeout_s: float = 300.0, num_cpus: float = 0.5, timeout_s: float = 300.0,
-                 **options: Any) -> BufferClient:
-    """Start the `relay/<name>` buffer actor and wait until it answers."""
+                 max_restarts: int = 0, **options: Any) -> BufferClient:
+    """Start the `relay/<name>` buffer actor and wait until it answers. Ray restarts it (empty) up to
+    `max_restarts` times if its process dies, without re-running the calls in flight: what the buffer held is
+    gone, so its caller redoes its exchange (`relay.launch.ppo_buffer`)."""
     from relay.launch.cluster import actor_options, get
+    from relay.restarts import restart_options
 
-    actor = ExperienceBuffer.options(**actor_options(name=name, num_cpus=num_cpus, **options)).remote(
-        limit, pad_token_id, seed, put_timeout_s)
+    opts = actor_options(name=name, num_cpus=num_cpus, **{**restart_options(max_restarts, retry_calls=False),
+                                                          **options})
+    actor = ExperienceBuffer.options(**opts).remote(limit, pad_token_id, seed, put_timeout_s)
     get(actor.size.remote(), 120, f"relay/{name} start")
-    return BufferClient(actor, timeout_s)
+    return BufferClient(actor, timeout_s, opts["name"])

@@ -93,3 +93,8 @@ class ClusterConfig(Group):
     num_cpus: PosInt | None = doc("Logical CPUs of a new local cluster (declare generously; actors use quotas).", 16)
     dashboard_host: str = doc("Dashboard bind address of a new local cluster (127.0.0.1 keeps it private).", "127.0.0.1")
     timeout_s: PosFloat = doc("Timeout for every remote call from the driver, in seconds.", 1800.0)
+    max_restarts: NonNegInt = doc(
+        "PPO: how many times Ray restarts the reference, reward or buffer actor after its process died; the "
+        "run carries on (calls in flight are re-run, the buffer's episode is put again) and logs each restart. "
+        "One more death stops the run with an error naming the actor (0: no restarts). Generators are "
+        "replaced by their pool instead; learner ranks are not restarted yet.", 3)

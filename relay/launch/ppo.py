@@ -16,6 +16,11 @@ batch before its first update (ratio exactly 1 at the first step; always so in a
 with fp32 generators and learners, taken from the generators as they are: there the two agree to ~1e-6, and
 the actor forward saved is a sizeable share of a small episode. With kl_coef 0 no reference actor runs.
 
+Faults: the reference, reward and buffer actors come back when their process dies (Ray restarts them up to
+`cluster.max_restarts` times; scoring calls in flight are re-run, the buffer's episode is put again, see
+`relay.restarts` and `relay.launch.ppo_buffer`); each restart is logged and counted (restarts_<role> metrics).
+Dead generators are replaced by the pool. A learner rank's death still stops the run (resume with --resume auto).
+
 Accumulation: the seed's buffer-size identity makes one episode exactly one global batch
 (train_batch_size x accumulation_steps x dp), so each update pass is one optimizer step on all of it, run by
 each rank as micro-batches of train_batch_size rows whose gradients accumulate (one micro-batch's activations
@@ -35,7 +40,9 @@ from relay.launch import safe_points
 from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, sampling_config, score_rollout
 from relay.launch.ppo_checkpoint import PPOCheckpoints, PPOState
 from relay.launch.ppo_eval import PPOEvaluation
+from relay.launch.ppo_buffer import exchange
 from relay.launch.ppo_update import PPOUpdates, dp_size
+from relay.restarts import RestartWatch, call_or_explain
 
 
 def log(msg: str) -> None:
@@ -68,6 +75,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         self.save_dir = Path(cfg.save_dir)
         self.run_name = self.save_dir.name or "ppo"
         self.pool = self.ref = self.reward = self.buffer = self.actor = self.critic = None
+        self.watch = RestartWatch(cfg.cluster.max_restarts)  # restarts of ref/reward/buffer seen (pid changes)
         self.logger = self.gauges = None
         self.pending: dict[str, Any] | None = None  # async: the submitted next batch {ids, t0}
         self.history: list[dict[str, Any]] = []
@@ -131,11 +139,15 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
                            num_gpus=g.num_gpus_per_generator or None)
         # Generators start in the background (vLLM start is the slowest part) while the rest comes up.
         self.pool = GeneratorPool(gen_cfg, g.num_generators, opts, wait=False)
-        timeout = cfg.cluster.timeout_s
-        self.ref = start_reference(self.actor_path, "ref", timeout_s=timeout) if needs_reference(cfg) else None
-        self.reward = start_reward_actor(cfg.reward, self.actor_path, timeout_s=timeout)
+        timeout, restarts = cfg.cluster.timeout_s, cfg.cluster.max_restarts
+        # Reference, reward and buffer come back if their process dies (Ray restarts them, see relay.restarts)
+        self.ref = (start_reference(self.actor_path, "ref", timeout_s=timeout, max_restarts=restarts)
+                    if needs_reference(cfg) else None)
+        self.reward = start_reward_actor(cfg.reward, self.actor_path, timeout_s=timeout, max_restarts=restarts)
         limit = cfg.buffer_limit or ppo_buffer_size(cfg) * (2 if a.mode == "async" else 1)
-        self.buffer = start_buffer(limit, "buffer", pad_token_id=self.pad_id, seed=cfg.seed, timeout_s=timeout)
+        self.buffer = start_buffer(limit, "buffer", pad_token_id=self.pad_id, seed=cfg.seed, timeout_s=timeout,
+                                   max_restarts=restarts)
+        self._watch_restarts()
         al, cl = cfg.actor_learner, cfg.critic_learner
         self.actor = LearnerGroup.create(al.num_ranks, self.actor_path, "causal_lm", role="actor",
                                          num_cpus=al.num_cpus_per_rank, num_gpus=al.num_gpus_per_rank or None,
@@ -262,11 +274,11 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
             t_score = time.monotonic()
             exp, m = score_rollout(rollout, self.scorers, self.kl_ctl.value)
             score_s = time.monotonic() - t_score
-            self.buffer.put(exp)
-            buffer_size = self.buffer.size()
-            evicted = self.buffer.evict_stale(self.state.version, a.max_staleness) if a.mode == "async" else 0
-            taken = self.buffer.take_all()
-            exp = Experience.collate(taken, self.pad_id)
+            through = exchange(self.buffer, exp, version=self.state.version,
+                               max_staleness=a.max_staleness if a.mode == "async" else None,
+                               max_restarts=cfg.cluster.max_restarts, note=log)
+            buffer_size, evicted = through.size, through.evicted
+            exp = Experience.collate(through.taken, self.pad_id)
             staleness = (self.state.version - exp.weight_version).float()
             t_up = time.monotonic()
             up = self._update(exp)
@@ -278,10 +290,11 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
             if not versions:  # every generator died (e.g. was killed); replacements load the weights just pushed
                 self.pool.wait_ready(cfg.cluster.timeout_s)
                 versions = self.pool.versions()
+            self._watch_restarts()
             self.state.episode = ep + 1
             episode_s = time.monotonic() - t_ep
             rec = {
-                **m, **up, "episode": ep + 1, "weight_version": self.state.version,
+                **m, **up, **self.watch.counts(), "episode": ep + 1, "weight_version": self.state.version,
                 "gen_version_min": min(versions.values()), "gen_version_max": max(versions.values()),
                 "num_generators": len(versions), "buffer_size": buffer_size, "buffer_evicted": evicted,
                 "samples": len(exp), "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
@@ -304,6 +317,17 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         bar.close()
         self.history += records
         return records
+
+    def _watch_restarts(self) -> None:
+        """Ask the restartable actors for their pid: a new one means Ray restarted it (logged once, counted in
+        the metrics as restarts_<role>). The run's timeout: a restarting reference first reloads its model."""
+        cluster = self.cfg.cluster
+        for client in (self.ref, self.reward, self.buffer):
+            if client is None:
+                continue
+            info = call_or_explain(lambda: client.info(timeout_s=cluster.timeout_s), client.name, cluster.max_restarts)
+            if msg := self.watch.observe(client.name, int(info["pid"])):
+                log(msg)
 
     def close(self) -> None:
         if self._forget_cleanup is not None:

@@ -17,7 +17,6 @@ from relay.algos.advantages import compute_advantages
 from relay.algos.kl import kl_estimate
 from relay.algos.masked import masked_mean
 from relay.buffer.experience import Experience
-from relay.launch.cluster import get
 
 
 @dataclass
@@ -121,8 +120,9 @@ def score_rollout(r: Rollout, sc: Scorers, kl_coef: float) -> tuple[Experience, 
         from relay.learners.ppo import response_values
 
         values = response_values(sc.critic.forward_values(inputs), A) * r.action_mask
-    ref_lp = None if ref_ref is None else get(ref_ref, sc.timeout_s, "relay/ref.logprobs")[:, -A:] * r.action_mask
-    raw_scores = torch.tensor(get(reward_ref, sc.timeout_s, "relay/reward.score_ids"), dtype=torch.float32)
+    # the clients' waits: Ray re-runs a call whose scorer died on the restarted actor; ActorLost once it gave up
+    ref_lp = None if ref_ref is None else sc.ref.result(ref_ref)[:, -A:] * r.action_mask
+    raw_scores = torch.tensor(sc.reward.result(reward_ref), dtype=torch.float32)
     scores = raw_scores
     a = sc.algo
     if a.normalize_reward:
