@@ -154,7 +154,7 @@ class MembershipMixin:
                 self.scale(n)
 
     def _recover_push(self, targets: list[_Member], version: int, err: BaseException,
-                      previous: _Weights | None) -> dict:
+                      previous: _Weights | None, rewind: bool = False) -> dict:
         """After a failed push: replace dead/broken generators, retry healthy laggards once."""
         health = {}
         for m in targets:
@@ -174,7 +174,7 @@ class MembershipMixin:
         if lagging:
             # Retry once from the kept buckets (works for both keep_weights modes and any node).
             blobs = self._weights.blob_refs()
-            refs = [m.actor.update_weights_from_blobs.remote(version, *blobs) for m in lagging]
+            refs = [m.actor.update_weights_from_blobs.remote(version, *blobs, rewind=rewind) for m in lagging]
             ray.wait(refs, num_returns=len(refs), timeout=self.options.weight_timeout_s)
             for m, ref in zip(lagging, refs):
                 try:

@@ -237,6 +237,44 @@ class LearnerGroup:
         the current build (build it with the same plugin, tp and LoRA settings as the one that saved)."""
         return self._call("load_checkpoint", str(path), what="load_checkpoint")[0]
 
+    def pids(self) -> list[int]:
+        """Each rank's process id, in rank order."""
+        return self._call_each("pid", what="pid")
+
+    def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
+        """Ranks whose process is gone. A rank still waiting in a collective for a dead peer does not answer
+        either (its calls run one at a time), but it is alive: only Ray's actor-died error counts."""
+        refs = [w.node_id.remote() for w in self.workers]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        dead = []
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=0.01)
+            except ray.exceptions.RayActorError:
+                dead.append(rank)
+            except Exception:  # noqa: BLE001 - busy or slow, not dead
+                pass
+        return dead
+
+    def kill(self, timeout_s: float = 30.0) -> None:
+        """End every rank at once (no goodbye: survivors of a dead peer are stuck in collectives) and wait until
+        their names are free, so a new group of the same role can start."""
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        names = [f"relay/{self.role}-rank{i}" for i in range(len(self.workers))]
+        self.workers = []
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(name, namespace=cluster.NAMESPACE)
+                except ValueError:
+                    break
+                time.sleep(0.1)
+
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Close the process group and end the actors (kills them if they do not answer in time)."""
         refs = [w.shutdown.remote() for w in self.workers]
