@@ -35,6 +35,8 @@ def test_watch_counts_pid_changes_once_each():
     assert w.counts() == {"restarts_ref": 1, "restarts_reward": 0}
     w.observe("relay/ref", 12)
     assert w.counts()["restarts_ref"] == 2
+    w.observe("relay/buffer@run-7", 30)
+    assert w.observe("relay/buffer@run-7", 31) and w.counts()["restarts_buffer"] == 1  # the metric names the role
 
 
 def test_redo_on_loss_redoes_whole_work_then_gives_up_naming_the_role():

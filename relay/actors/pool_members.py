@@ -23,7 +23,7 @@ from relay.actors.pool_types import (
     _Weights,
     is_generator_failure,
 )
-from relay.launch.cluster import NAMESPACE, RemoteCallTimeout, actor_options, get
+from relay.launch.cluster import NAMESPACE, RemoteCallTimeout, actor_options, get, scoped
 
 # One logger name for every pool line, as before the pool was split into modules.
 logger = logging.getLogger("relay.actors.pool")
@@ -56,7 +56,7 @@ class MembershipMixin:
     def _free_name(self) -> tuple[int, str]:
         while True:
             index, self._next_index = self._next_index, self._next_index + 1
-            name = f"{self.options.name_prefix}-{index}"
+            name = scoped(f"{self.options.name_prefix}-{index}", self.options.run)
             try:  # a leftover actor from an earlier pool may hold the name: skip the index
                 ray.get_actor(f"relay/{name}", namespace=NAMESPACE)
             except ValueError:

@@ -129,18 +129,21 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
             tensor_parallel_size=g.tensor_parallel_size, cpu_kvcache_gib=max(1, int(round(g.kv_cache_gib))),
             trust_remote_code=cfg.actor.trust_remote_code,
         )
-        opts = PoolOptions(control_name=f"control-{self.run_name}", num_cpus=g.num_cpus_per_generator,
+        self._claim_run_name()
+        run = self.run_name
+        opts = PoolOptions(control_name=f"control-{run}", run=run, num_cpus=g.num_cpus_per_generator,
                            num_gpus=g.num_gpus_per_generator or None)
         # Generators start in the background (vLLM start is the slowest part) while the rest comes up.
         self.pool = GeneratorPool(gen_cfg, g.num_generators, opts, wait=False)
         timeout, restarts = cfg.cluster.timeout_s, cfg.cluster.max_restarts
         # Reference, reward and buffer come back if their process dies (Ray restarts them, see relay.restarts)
-        self.ref = (start_reference(self.actor_path, "ref", timeout_s=timeout, max_restarts=restarts)
-                    if needs_reference(cfg) else None)
-        self.reward = start_reward_actor(cfg.reward, self.actor_path, timeout_s=timeout, max_restarts=restarts)
+        self.ref = (start_reference(self.actor_path, cluster.scoped("ref", run), timeout_s=timeout,
+                                    max_restarts=restarts) if needs_reference(cfg) else None)
+        self.reward = start_reward_actor(cfg.reward, self.actor_path, name=cluster.scoped("reward", run),
+                                         timeout_s=timeout, max_restarts=restarts)
         limit = cfg.buffer_limit or ppo_buffer_size(cfg) * (2 if a.mode == "async" else 1)
-        self.buffer = start_buffer(limit, "buffer", pad_token_id=self.pad_id, seed=cfg.seed, timeout_s=timeout,
-                                   max_restarts=restarts)
+        self.buffer = start_buffer(limit, cluster.scoped("buffer", run), pad_token_id=self.pad_id, seed=cfg.seed,
+                                   timeout_s=timeout, max_restarts=restarts)
         self._watch_restarts()
         self._start_learners()
         self.pool.wait_ready(timeout)
@@ -183,13 +186,14 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
 
         cfg, timeout = self.cfg, self.cfg.cluster.timeout_s
         al, cl = cfg.actor_learner, cfg.critic_learner
+        common = dict(run=self.run_name, timeout_s=timeout)
         self.actor = LearnerGroup.create(al.num_ranks, self.actor_path, "causal_lm", role="actor",
                                          num_cpus=al.num_cpus_per_rank, num_gpus=al.num_gpus_per_rank or None,
-                                         timeout_s=timeout, **learner_options(cfg, "actor"))
+                                         **common, **learner_options(cfg, "actor"))
         if self.critic_path:
             self.critic = LearnerGroup.create(cl.num_ranks, self.critic_path, "critic", role="critic",
                                               num_cpus=cl.num_cpus_per_rank, num_gpus=cl.num_gpus_per_rank or None,
-                                              timeout_s=timeout, **learner_options(cfg, "critic"))
+                                              **common, **learner_options(cfg, "critic"))
 
     def _reset_run_state(self) -> None:
         """Everything a checkpoint restores, as at the start of a run: data positions, KL controller, reward
@@ -386,23 +390,34 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         self._remove_temp_files()
 
 
-    def _wait_names_free(self, timeout_s: float = 30.0) -> None:
-        """ray.kill is asynchronous: wait until our actor names are released, so that a next run in the same
-        cluster (a resumed run, the next test) can take them."""
+    def _wait_names_free(self, timeout_s: float = 30.0) -> list[str]:
+        """ray.kill is asynchronous: wait until this run's actor names are released, so that a next run in the
+        same cluster (a resumed run, the next test) can take them. Returns the names still taken."""
         import ray
 
-        from relay.launch.cluster import NAMESPACE
+        from relay.launch.cluster import NAMESPACE, scoped
 
-        names = ["relay/ref", "relay/reward", "relay/buffer", "relay/actor-rank0", "relay/critic-rank0",
-                 f"relay/control-{self.run_name}"]
-        deadline = time.monotonic() + timeout_s
-        for name in names:
-            while time.monotonic() < deadline:
+        run = self.run_name
+        names = [f"relay/{scoped(n, run)}" for n in ("ref", "reward", "buffer", "actor-rank0", "critic-rank0")]
+        deadline, taken = time.monotonic() + timeout_s, []
+        for name in [*names, f"relay/control-{run}"]:
+            while True:
                 try:
                     ray.get_actor(name, namespace=NAMESPACE)
                 except ValueError:
                     break
+                if time.monotonic() > deadline:
+                    taken.append(name)
+                    break
                 time.sleep(0.2)
+        return taken
+
+    def _claim_run_name(self, wait_s: float = 20.0) -> None:
+        """Actor names carry the run name (SAVE_DIR's last folder), so runs of other names share a cluster; one of
+        the same name cannot. A killed driver's actors go with its job within seconds: wait for those first."""
+        if taken := self._wait_names_free(wait_s):
+            raise RuntimeError(f"a run named {self.run_name!r} is already on this cluster ({', '.join(taken)}): "
+                               f"give this run another save_dir (its last folder names the run)")
 
 
 def run_ppo(cfg: PPOConfig) -> int:

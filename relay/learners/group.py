@@ -75,6 +75,7 @@ class LearnerGroup:
         self.device = "cpu"
         self.info: dict[str, Any] = {}
         self.broken: str | None = None  # why the ranks are out of step, once they are
+        self.run: str | None = None  # in the ranks' names
 
     @classmethod
     def create(
@@ -84,6 +85,7 @@ class LearnerGroup:
         kind: str = "causal_lm",
         *,
         role: str | None = None,
+        run: str | None = None,
         num_cpus: float = 1.0,
         num_gpus: float | None = None,
         timeout_s: float = cluster.DEFAULT_TIMEOUT_S,
@@ -92,6 +94,7 @@ class LearnerGroup:
     ) -> "LearnerGroup":
         """Start `num_ranks` actors, form their process group (gloo on CPU, nccl on GPU) and build the booster.
 
+        Ranks are named `relay/<role>-rank<i>` (`...@<run>` with `run`, so two runs share a cluster).
         `options` are `LearnerSpec` fields (plugin, tp, zero_stage, precision, lr, lora_rank, ...); an
         unsupported combination raises ValueError here, before any actor starts."""
         from relay.learners.plugins import check_plugin_support
@@ -107,12 +110,13 @@ class LearnerGroup:
         remote_cls = ray.remote(LearnerWorker)
         workers = [
             remote_cls.options(
-                **cluster.actor_options(name=f"{role}-rank{i}", num_cpus=num_cpus, num_gpus=num_gpus or 0)
+                **cluster.actor_options(name=cluster.scoped(f"{role}-rank{i}", run), num_cpus=num_cpus,
+                                        num_gpus=num_gpus or 0)
             ).remote(i, num_ranks)
             for i in range(num_ranks)
         ]
         group = cls(workers, spec, role, timeout_s)
-        group.device = device
+        group.device, group.run = device, run
         try:
             nodes = group._call_each("node_id", what="learner start")
             node0, ip0, port = cluster.get(workers[0].address.remote(), timeout_s, f"{role}: rendezvous address")
@@ -264,7 +268,7 @@ class LearnerGroup:
                 ray.kill(w, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        names = [f"relay/{self.role}-rank{i}" for i in range(len(self.workers))]
+        names = [f"relay/{cluster.scoped(f'{self.role}-rank{i}', self.run)}" for i in range(len(self.workers))]
         self.workers = []
         deadline = time.monotonic() + timeout_s
         for name in names:

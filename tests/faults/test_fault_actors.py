@@ -148,15 +148,16 @@ def _check(system, taken, killer: Killer, role: str, records, first: int, out: s
     assert [r["step"] for r in rows] == list(range(1, first + len(records) + 1))
     assert all(r["samples"] == size for r in rows)
     assert [r[key] for r in rows[first:]] == [int(r["step"] > killer.episode) for r in rows[first:]], rows
-    assert f"relay/{role} was restarted (pid {killer.killed['pid']} -> {new_pid}" in out, out[-3000:]
+    actor_name = f"relay/{role}@{system.run_name}"  # actor names carry the run (SAVE_DIR's last folder)
+    assert f"{actor_name} was restarted (pid {killer.killed['pid']} -> {new_pid}" in out, out[-3000:]
     kill_rec = records[killer.episode - first]
     others = [r["episode_s"] for r in rows if r["step"] != killer.episode + 1]
     restart = f"{killer.restart_s:.1f} s" if killer.restart_s is not None else "not measured"
-    print(f"\n[fault] relay/{role} SIGKILLed in episode {killer.episode + 1}: restart (kill -> new process "
+    print(f"\n[fault] {actor_name} SIGKILLed in episode {killer.episode + 1}: restart (kill -> new process "
           f"answering) {restart}; that episode {kill_rec['episode_s']:.1f} s (score {kill_rec['score_s']:.1f} s) "
           f"vs median {statistics.median(others):.1f} s of the others; {size} samples per episode, each once")
     for line in out.splitlines():  # what the driver said about it
-        if f"relay/{role}" in line:
+        if actor_name in line:
             print(f"[fault]   {line.strip()[:240]}")
 
 

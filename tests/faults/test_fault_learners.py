@@ -249,3 +249,24 @@ def test_killed_driver_finishes_with_resume_auto(ray_session, tiny_demo_data, tm
     assert worst <= 1e-6, worst
     print(f"\n[fault] driver SIGKILLed {killed_at:.1f} s in (after the episode-2 checkpoint); --resume auto "
           f"finished episodes 3-4; final actor vs uninterrupted run: largest relative difference {worst:.2e}")
+
+
+def test_a_second_run_of_the_same_name_is_refused_before_it_starts_anything(ray_session, tiny_demo_data, tmp_path):
+    """Runs of other names share the cluster (the driver test above ran beside `learners`); one of the same name
+    would take its actors' names, so it stops at once, naming what is in the way."""
+    from relay.launch.cluster import NAMESPACE
+    from relay.launch.ppo import PPOSystem
+
+    @ray_session.remote
+    class Stand:
+        def ping(self):
+            return 1
+
+    held = Stand.options(name="relay/control-twin", namespace=NAMESPACE).remote()
+    ray_session.get(held.ping.remote())
+    try:
+        system = PPOSystem(_cfg(tiny_demo_data / "prompt", tmp_path / "twin"))
+        with pytest.raises(RuntimeError, match=r"a run named 'twin' is already on this cluster \(relay/control-twin\)"):
+            system._claim_run_name(wait_s=1.0)
+    finally:
+        ray_session.kill(held)
