@@ -183,3 +183,19 @@ def test_exchange_refuses_samples_lost_by_a_buffer_that_did_not_restart():
     with pytest.raises(BufferMismatch, match="2 missing"):
         exchange(Flaky(die_at=["take_all"]), Batch(["a", "b"]), version=0, max_staleness=None, max_restarts=3,
                  is_loss=is_lost, sleep=lambda s: None)
+
+
+def test_learner_deaths_past_the_budget_stop_the_run_saying_how_to_go_on(tmp_path):
+    """The PPO driver's learner recovery (relay.launch.ppo_recovery) counts deaths against cluster.max_restarts
+    before touching anything; one too many raises LearnerLost naming the rank, the limit and the checkpoint."""
+    from types import SimpleNamespace
+
+    from relay.launch.ppo_recovery import LearnerLost, PPORecovery
+
+    system = PPORecovery()
+    system.cfg = SimpleNamespace(cluster=SimpleNamespace(max_restarts=1))
+    system.last_checkpoint = tmp_path / "checkpoints" / "step-00000002"
+    system.learner_restarts = 1  # one rebuild already used
+    with pytest.raises(LearnerLost, match=r"learner actor rank 1 died \(RuntimeError: gone\): restart 2 is over "
+                                          r"cluster.max_restarts=1, the run stops; `--resume auto` goes on from .*step-00000002"):
+        system._recover_learners("actor rank 1", RuntimeError("gone"))
