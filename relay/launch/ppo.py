@@ -162,7 +162,6 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         from relay.metrics import MetricsLogger, RayGauges
 
         al, cl = cfg.actor_learner, cfg.critic_learner
-
         lg = cfg.logging
         self.logger = MetricsLogger(self.save_dir, lg.log_dir, lg.use_tensorboard, lg.use_wandb, lg.wandb_project,
                                     run_name=f"ppo-{self.run_name}", config=to_dict(cfg),
