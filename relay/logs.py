@@ -91,7 +91,7 @@ def actor_env_vars(name: str | None = None) -> dict[str, str]:
         env[LOG_DIR_ENV] = os.environ[LOG_DIR_ENV]
         env.update({k: os.environ.get(k, v) for k, v in QUIET_ENV.items()})
         if name:
-            env[ROLE_ENV] = name.removeprefix("relay/")
+            env[ROLE_ENV] = name.removeprefix("relay/").split("@", 1)[0]  # the run is in the folder already
     return env
 
 

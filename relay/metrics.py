@@ -49,12 +49,9 @@ class MetricsLogger:
         self.save_dir = Path(save_dir)
         self.save_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.save_dir / "metrics.jsonl"
+        self._note = note
         if resume_step is not None and self.path.exists():
-            records, torn = parse_metrics(self.path)
-            if torn is not None:
-                note(f"{self.path}: dropped a torn last line (the run was stopped while writing it): {torn[:80]!r}")
-            kept = [r for r in records if r.get("step", 0) < resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self._keep_before(resume_step)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")
@@ -76,6 +73,20 @@ class MetricsLogger:
                 reinit="finish_previous",
             )
         self._start = time.time()
+
+    def _keep_before(self, step: int) -> None:
+        records, torn = parse_metrics(self.path)
+        if torn is not None:
+            self._note(f"{self.path}: dropped a torn last line (the run was stopped while writing it): {torn[:80]!r}")
+        kept = [r for r in records if r.get("step", 0) < step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def truncate(self, step: int) -> None:
+        """Drop the lines at or after `step` (a run that went back to a checkpoint logs those steps again);
+        TensorBoard and wandb keep what they were sent."""
+        self._file.close()
+        self._keep_before(step)
+        self._file = self.path.open("a")
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         record = {"step": int(step), "time": round(time.time() - self._start, 3), **_clean(metrics)}

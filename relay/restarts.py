@@ -67,8 +67,8 @@ class RestartWatch:
                 f"restarts used); the run goes on")
 
     def counts(self) -> dict[str, int]:
-        """Metrics: restarts seen so far per role, as `restarts_<role without relay/>`."""
-        return {f"restarts_{role.removeprefix('relay/')}": n for role, n in self.restarts.items()}
+        """Metrics: restarts seen so far per role, as `restarts_<role without relay/ and @run>`."""
+        return {f"restarts_{role.removeprefix('relay/').split('@', 1)[0]}": n for role, n in self.restarts.items()}
 
 
 def redo_on_loss(work: Callable[[int], T], role: str, max_restarts: int, *,

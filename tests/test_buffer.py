@@ -125,6 +125,16 @@ def test_take_is_fifo_and_clear_counts():
     assert (s["put"], s["taken"], s["cleared"], s["size"]) == (6, 4, 2, 0) and s["balanced"]
 
 
+def test_clear_forget_lets_a_rewound_run_put_the_same_ids_again():
+    store = ExperienceStore(limit=10)
+    store.put(_exp(["e2-0", "e2-1"]))
+    store.take_all()
+    assert store.put(_exp(["e2-0", "e2-1"])).accepted == 0  # seen: a repeat is dropped
+    store.clear(forget=True)
+    assert store.put(_exp(["e2-0", "e2-1"])).accepted == 2
+    assert [str(i) for b in store.take_all() for i in b.sample_ids] == ["e2-0", "e2-1"]
+
+
 # ------------------------------------------------------------------------------------------ Ray actor
 
 

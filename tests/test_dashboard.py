@@ -18,7 +18,8 @@ from relay.launch import ray_auth
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-EXPECTED = ["relay/generator-0", "relay/ref", "relay/reward", "relay/actor-rank0", "relay/buffer"]
+EXPECTED = ["relay/generator-0@ppo", "relay/ref@ppo", "relay/reward@ppo", "relay/actor-rank0@ppo",
+            "relay/buffer@ppo"]  # the run is named after its save_dir, .../ppo
 TOKEN_DIALOG = "Authentication Token Required"  # Ray 2.60's dashboard, when a request comes back 401
 
 

@@ -33,6 +33,19 @@ def test_resume_drops_the_partial_tail(tmp_path):
     assert read_metrics(tmp_path)[-1]["loss"] == 30.0
 
 
+def test_truncate_mid_run_drops_the_rewound_steps_and_keeps_appending(tmp_path):
+    logger = MetricsLogger(tmp_path, use_tensorboard=False)
+    for step in range(0, 5):
+        logger.log(step, {"loss": float(step)})
+    logger.truncate(3)  # the run went back to its episode-2 checkpoint
+    for step in (3, 4):
+        logger.log(step, {"loss": 10.0 * step})
+    logger.close()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == [0.0, 1.0, 2.0, 30.0, 40.0]
+
+
 def test_plot_draws_known_metrics(tmp_path):
     logger = MetricsLogger(tmp_path, use_tensorboard=False)
     for step in range(1, 5):

@@ -63,8 +63,9 @@ def e2e_run(ray_session, prompt_data, tmp_path_factory):
             "export_dir": export_dir, "export_mode": export_mode}
 
 
-EXPECTED_ACTORS = ("relay/generator-0", "relay/generator-1", "relay/ref", "relay/reward", "relay/actor-rank0",
-                   "relay/actor-rank1", "relay/critic-rank0", "relay/buffer", "relay/control-e2e")
+EXPECTED_ACTORS = ("relay/generator-0@e2e", "relay/generator-1@e2e", "relay/ref@e2e", "relay/reward@e2e",
+                   "relay/actor-rank0@e2e", "relay/actor-rank1@e2e", "relay/critic-rank0@e2e", "relay/buffer@e2e",
+                   "relay/control-e2e")
 
 
 def _named_actors() -> set[str]:

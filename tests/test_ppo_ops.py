@@ -174,7 +174,7 @@ class TestOneSystem:
         from relay.launch.cluster import NAMESPACE
 
         with pytest.raises(ValueError):  # kl_coef 0 (the GRPO preset): the reference is never started
-            ray.get_actor("relay/ref", namespace=NAMESPACE)
+            ray.get_actor(f"relay/ref@{RUN}", namespace=NAMESPACE)
 
         system, spy = ops_system
         nus = system.cfg.algo.num_update_steps
@@ -192,18 +192,18 @@ class TestOneSystem:
         recs += system.run_episodes(until=2)
         status = system.pool.status()
         assert status["target"] == 2 and len(status["members"]) == 2, status
-        new = [name for name in status["members"] if name != "generator-0"]
+        new = [name for name in status["members"] if name != f"generator-0@{RUN}"]
         assert len(new) == 1
         new = new[0]
         # once it is active it holds the current version (loaded before it is given any prompt)
         system.pool.wait_ready(TIMEOUT)
-        assert system.pool.versions() == {"generator-0": 2 * nus, new: 2 * nus}
+        assert system.pool.versions() == {f"generator-0@{RUN}": 2 * nus, new: 2 * nus}
         assert control_status(f"control-{RUN}")["desired"] == 2
 
         recs += system.run_episodes(until=4)
         by_ep = spy.by_episode()
         for ep in (2, 3):  # both generators produced, each at the episode's starting version
-            assert {r.generator for r in by_ep[ep]} == {"generator-0", new}, [r.generator for r in by_ep[ep]]
+            assert {r.generator for r in by_ep[ep]} == {f"generator-0@{RUN}", new}, [r.generator for r in by_ep[ep]]
             assert all(r.weight_version == ep * nus for r in by_ep[ep])
             assert recs[ep]["num_generators"] == 2
         first_new = min(ep for ep, rs in by_ep.items() for r in rs if r.generator == new)
@@ -214,8 +214,8 @@ class TestOneSystem:
         recs += system.run_episodes(until=5)
         assert recs[4]["num_generators"] == 1
         # the driver applies pending requests before each episode: both generators were idle, the newest went
-        assert {r.generator for r in spy.by_episode()[4]} == {"generator-0"}
-        assert list(system.pool.status()["members"]) == ["generator-0"]
+        assert {r.generator for r in spy.by_episode()[4]} == {f"generator-0@{RUN}"}
+        assert list(system.pool.status()["members"]) == [f"generator-0@{RUN}"]
         status = system.pool.status()
         assert status["target"] == 1 and status["active"] == 1 and status["removed"] == 1 and status["failed"] == 0
         assert status["reassigned"] == 0 and status["submitted"] == status["completed"] == 5 * 4, status

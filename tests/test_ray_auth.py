@@ -111,3 +111,13 @@ def test_cluster_relay_starts_refuses_clients_without_the_token(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_a_user_who_turns_token_mode_off_is_told_once(monkeypatch, capsys):
+    from relay.launch import ray_auth
+
+    monkeypatch.setattr(ray_auth, "_warned", False)
+    monkeypatch.setenv(ray_auth.MODE_ENV, "off")  # any mode but token
+    assert ray_auth.enable() is False and ray_auth.enable() is False
+    err = capsys.readouterr().err
+    assert err.count("Ray token authentication is off at your request") == 1, err

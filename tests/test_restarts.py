@@ -35,6 +35,8 @@ def test_watch_counts_pid_changes_once_each():
     assert w.counts() == {"restarts_ref": 1, "restarts_reward": 0}
     w.observe("relay/ref", 12)
     assert w.counts()["restarts_ref"] == 2
+    w.observe("relay/buffer@run-7", 30)
+    assert w.observe("relay/buffer@run-7", 31) and w.counts()["restarts_buffer"] == 1  # the metric names the role
 
 
 def test_redo_on_loss_redoes_whole_work_then_gives_up_naming_the_role():
@@ -181,3 +183,19 @@ def test_exchange_refuses_samples_lost_by_a_buffer_that_did_not_restart():
     with pytest.raises(BufferMismatch, match="2 missing"):
         exchange(Flaky(die_at=["take_all"]), Batch(["a", "b"]), version=0, max_staleness=None, max_restarts=3,
                  is_loss=is_lost, sleep=lambda s: None)
+
+
+def test_learner_deaths_past_the_budget_stop_the_run_saying_how_to_go_on(tmp_path):
+    """The PPO driver's learner recovery (relay.launch.ppo_recovery) counts deaths against cluster.max_restarts
+    before touching anything; one too many raises LearnerLost naming the rank, the limit and the checkpoint."""
+    from types import SimpleNamespace
+
+    from relay.launch.ppo_recovery import LearnerLost, PPORecovery
+
+    system = PPORecovery()
+    system.cfg = SimpleNamespace(cluster=SimpleNamespace(max_restarts=1))
+    system.last_checkpoint = tmp_path / "checkpoints" / "step-00000002"
+    system.learner_restarts = 1  # one rebuild already used
+    with pytest.raises(LearnerLost, match=r"learner actor rank 1 died \(RuntimeError: gone\): restart 2 is over "
+                                          r"cluster.max_restarts=1, the run stops; `--resume auto` goes on from .*step-00000002"):
+        system._recover_learners("actor rank 1", RuntimeError("gone"))

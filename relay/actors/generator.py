@@ -291,17 +291,19 @@ class VLLMGenerator:
                 ))
         return results
 
-    def update_weights(self, paths: list[str], version: int | None = None, allow_partial: bool = False) -> dict:
+    def update_weights(self, paths: list[str], version: int | None = None, allow_partial: bool = False,
+                       rewind: bool = False) -> dict:
         """Load safetensors bucket files (HF names) in place, reset the prefix cache, set the version.
 
-        `version` must be newer than the current one (None = current + 1). Returns a report with the new
+        `version` must be newer than the current one (None = current + 1) unless `rewind` (a run that went back
+        to a checkpoint loads that checkpoint's older weights and version). Returns a report with the new
         version and timings. An update that does not fit the model raises WeightUpdateError and changes
         nothing; a failure while loading marks the generator broken (see GeneratorBroken).
         """
         if self._broken:
             raise GeneratorBroken(self._broken)
         new_version = self._version + 1 if version is None else int(version)
-        if new_version <= self._version:
+        if new_version <= self._version and not rewind:
             raise WeightUpdateError(f"weight version {new_version} is not newer than the loaded {self._version}")
         start = time.perf_counter()
         check_update(read_manifest(paths), self._manifest, allow_partial=allow_partial, tied_embeddings=self._tied)
@@ -319,14 +321,15 @@ class VLLMGenerator:
         total_s = time.perf_counter() - start
         return {"version": new_version, "check_s": check_s, "load_s": total_s, "workers": reports}
 
-    def update_weights_from_blobs(self, version: int | None, *blobs: bytes, allow_partial: bool = False) -> dict:
+    def update_weights_from_blobs(self, version: int | None, *blobs: bytes, allow_partial: bool = False,
+                                  rewind: bool = False) -> dict:
         """Object-store path: safetensors bucket bytes (resolved by Ray on this node) -> local files -> load."""
         start = time.perf_counter()
         folder = new_transfer_folder(sum(len(b) for b in blobs))
         try:
             paths = [str(p) for p in write_blobs(blobs, folder)]
             write_s = time.perf_counter() - start
-            report = self.update_weights(paths, version, allow_partial=allow_partial)
+            report = self.update_weights(paths, version, allow_partial=allow_partial, rewind=rewind)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         report["write_s"] = write_s

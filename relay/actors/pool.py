@@ -177,27 +177,30 @@ class GeneratorPool(MembershipMixin, DispatchMixin):
         with self._lock:
             return self._ledger.unfinished()
 
-    def push_weights(self, state_dict: Mapping[str, Any], version: int, timeout_s: float | None = None) -> dict:
+    def push_weights(self, state_dict: Mapping[str, Any], version: int, timeout_s: float | None = None,
+                     rewind: bool = False) -> dict:
         """Load `state_dict` (HF names) into every active generator as `version` (via `weight_sync`) and keep
         it for generators started later. Generators that die or break during the push are replaced (the
         replacement starts with these weights). Raises WeightUpdateError when no generator could load it
-        (e.g. it does not fit the model); the previous weights then stay current."""
+        (e.g. it does not fit the model); the previous weights then stay current. `rewind`: `version` may be
+        older than the current one (a run that went back to a checkpoint; call it while no work is queued)."""
         timeout_s = timeout_s or self.options.weight_timeout_s
         with self._lock:
-            if version <= self.version:
+            if version <= self.version and not rewind:
                 raise ValueError(f"push_weights: version {version} is not newer than the current {self.version}")
             previous, self._weights = self._weights, _Weights(version, state_dict, self.options.keep_weights)
             targets = [m for m in self._members.values() if m.state == ACTIVE]
             try:
                 report = weight_sync.push_weights([m.actor for m in targets], state_dict, version,
-                                                  strategy=self.options.push_strategy, timeout_s=timeout_s)
+                                                  strategy=self.options.push_strategy, timeout_s=timeout_s,
+                                                  rewind=rewind)
             except (weight_sync.WeightUpdateError, RemoteCallTimeout) as err:
-                report = self._recover_push(targets, version, err, previous)
+                report = self._recover_push(targets, version, err, previous, rewind)
             except Exception as err:  # noqa: BLE001 - a generator that died since the last step (e.g. its
                 # `node_id` probe raises ActorDiedError) is replaced like one that fails the load itself
                 if not is_generator_failure(err):
                     raise
-                report = self._recover_push(targets, version, err, previous)
+                report = self._recover_push(targets, version, err, previous, rewind)
             for m in targets:
                 if m.name in self._members:
                     m.version = version

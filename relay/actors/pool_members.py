@@ -23,7 +23,7 @@ from relay.actors.pool_types import (
     _Weights,
     is_generator_failure,
 )
-from relay.launch.cluster import NAMESPACE, RemoteCallTimeout, actor_options, get
+from relay.launch.cluster import NAMESPACE, RemoteCallTimeout, actor_options, get, scoped
 
 # One logger name for every pool line, as before the pool was split into modules.
 logger = logging.getLogger("relay.actors.pool")
@@ -56,7 +56,7 @@ class MembershipMixin:
     def _free_name(self) -> tuple[int, str]:
         while True:
             index, self._next_index = self._next_index, self._next_index + 1
-            name = f"{self.options.name_prefix}-{index}"
+            name = scoped(f"{self.options.name_prefix}-{index}", self.options.run)
             try:  # a leftover actor from an earlier pool may hold the name: skip the index
                 ray.get_actor(f"relay/{name}", namespace=NAMESPACE)
             except ValueError:
@@ -154,7 +154,7 @@ class MembershipMixin:
                 self.scale(n)
 
     def _recover_push(self, targets: list[_Member], version: int, err: BaseException,
-                      previous: _Weights | None) -> dict:
+                      previous: _Weights | None, rewind: bool = False) -> dict:
         """After a failed push: replace dead/broken generators, retry healthy laggards once."""
         health = {}
         for m in targets:
@@ -174,7 +174,7 @@ class MembershipMixin:
         if lagging:
             # Retry once from the kept buckets (works for both keep_weights modes and any node).
             blobs = self._weights.blob_refs()
-            refs = [m.actor.update_weights_from_blobs.remote(version, *blobs) for m in lagging]
+            refs = [m.actor.update_weights_from_blobs.remote(version, *blobs, rewind=rewind) for m in lagging]
             ray.wait(refs, num_returns=len(refs), timeout=self.options.weight_timeout_s)
             for m, ref in zip(lagging, refs):
                 try:

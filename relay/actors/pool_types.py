@@ -26,7 +26,9 @@ class PoolOptions:
     """How a `GeneratorPool` starts, feeds and watches its generators."""
 
     name_prefix: str = "generator"
-    """Actors are named `relay/<name_prefix>-<i>`."""
+    """Actors are named `relay/<name_prefix>-<i>` (`relay/<name_prefix>-<i>@<run>` with `run`)."""
+    run: str | None = None
+    """The run these generators belong to (in their names, so two runs share a cluster)."""
     num_cpus: float | None = None
     """Logical CPUs per generator; None = what `start_generator` would reserve (cpu_threads)."""
     num_gpus: float | None = None

@@ -301,11 +301,13 @@ def push_weights(
     timeout_s: float = DEFAULT_PUSH_TIMEOUT_S,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     allow_partial: bool = False,
+    rewind: bool = False,
 ) -> dict[str, Any]:
     """Load `state_dict` into every generator as weight version `version`; return timings.
 
     `generators`: Generator actor handles (or `GeneratorClient`s). `strategy`: "shm" (all on this node),
     "object_store", or "auto" (shm for generators on the caller's node, object store for the others).
+    `rewind`: `version` may be older than the generators' (a run that went back to a checkpoint).
     Raises WeightUpdateError naming the generators that failed, or RemoteCallTimeout after `timeout_s`;
     transfer files are removed in every case. A generator that failed keeps its old version and refuses to
     generate if its engine was left half-loaded (see `Generator.update_weights`).
@@ -352,7 +354,7 @@ def push_weights(
             remaining()  # nothing is sent once the deadline has passed
             for i, a in enumerate(actors):
                 if kinds[i] == "shm":
-                    refs.append(a.update_weights.remote(paths, version, allow_partial=allow_partial))
+                    refs.append(a.update_weights.remote(paths, version, allow_partial=allow_partial, rewind=rewind))
                     owners.append(i)
         if "object_store" in kinds:
             t = time.perf_counter()
@@ -363,7 +365,8 @@ def push_weights(
             for i, a in enumerate(actors):
                 if kinds[i] == "object_store":
                     # Top-level ObjectRef arguments are resolved by Ray on the receiving node.
-                    ref = a.update_weights_from_blobs.remote(version, *blob_refs, allow_partial=allow_partial)
+                    ref = a.update_weights_from_blobs.remote(version, *blob_refs, allow_partial=allow_partial,
+                                                             rewind=rewind)
                     refs.append(ref)
                     owners.append(i)
         # Wait for all, then report every failure together (not just the first one).

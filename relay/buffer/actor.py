@@ -163,10 +163,13 @@ class ExperienceStore:
         self._remove(ids, "taken")
         return out
 
-    def clear(self) -> int:
-        """Discard everything (e.g. after the PPO epochs of a sync episode); returns how many."""
+    def clear(self, forget: bool = False) -> int:
+        """Discard everything (e.g. after the PPO epochs of a sync episode); returns how many. `forget`: also
+        forget which sample ids were seen, so they may be put again (a run that went back to a checkpoint)."""
         n = len(self._items)
         self._remove(list(self._items), "cleared")
+        if forget:
+            self._seen.clear()
         return n
 
     def evict_stale(self, current_version: int, max_staleness: int) -> int:
@@ -257,8 +260,8 @@ class _BufferActor:
                        seed: int | None = None) -> list[Experience]:
         return await self._freed(self.store.take_all(batch_size, shuffle, seed))
 
-    async def clear(self) -> int:
-        return await self._freed(self.store.clear())
+    async def clear(self, forget: bool = False) -> int:
+        return await self._freed(self.store.clear(forget))
 
     async def evict_stale(self, current_version: int, max_staleness: int) -> int:
         return await self._freed(self.store.evict_stale(current_version, max_staleness))
@@ -308,8 +311,8 @@ class BufferClient:
                  seed: int | None = None) -> list[Experience]:
         return self._get(self.actor.take_all.remote(batch_size, shuffle, seed), "take_all")
 
-    def clear(self) -> int:
-        return self._get(self.actor.clear.remote(), "clear")
+    def clear(self, forget: bool = False) -> int:
+        return self._get(self.actor.clear.remote(forget), "clear")
 
     def evict_stale(self, current_version: int, max_staleness: int) -> int:
         return self._get(self.actor.evict_stale.remote(current_version, max_staleness), "evict_stale")

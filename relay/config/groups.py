@@ -96,5 +96,6 @@ class ClusterConfig(Group):
     max_restarts: NonNegInt = doc(
         "PPO: how many times Ray restarts the reference, reward or buffer actor after its process died; the "
         "run carries on (calls in flight are re-run, the buffer's episode is put again) and logs each restart. "
-        "One more death stops the run with an error naming the actor (0: no restarts). Generators are "
-        "replaced by their pool instead; learner ranks are not restarted yet.", 3)
+        "One more death stops the run with an error naming the actor (0: no restarts). Also how many times a "
+        "learner rank's death rebuilds both learner groups from the newest checkpoint. Generators are "
+        "replaced by their pool instead.", 3)

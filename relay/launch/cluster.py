@@ -110,6 +110,12 @@ def init_ray(
     return {"address": ctx.address_info.get("address"), "dashboard_url": ctx.dashboard_url}
 
 
+def scoped(name: str, run: str | None) -> str:
+    """An actor name that carries its run: `ref@myrun` (Ray names it relay/ref@myrun), so two runs share a
+    cluster. Log files keep the part before `@` (each run has its own log folder)."""
+    return f"{name}@{run}" if run else name
+
+
 def actor_options(
     name: str | None = None,
     num_cpus: float = 1.0,

@@ -19,7 +19,8 @@ the actor forward saved is a sizeable share of a small episode. With kl_coef 0 n
 Faults: the reference, reward and buffer actors come back when their process dies (Ray restarts them up to
 `cluster.max_restarts` times; scoring calls in flight are re-run, the buffer's episode is put again, see
 `relay.restarts` and `relay.launch.ppo_buffer`); each restart is logged and counted (restarts_<role> metrics).
-Dead generators are replaced by the pool. A learner rank's death still stops the run (resume with --resume auto).
+Dead generators are replaced by the pool. A learner rank's death restarts both learner groups from the newest
+checkpoint and runs the episodes since again (`relay.launch.ppo_recovery`, also up to `cluster.max_restarts`).
 
 Accumulation: the seed's buffer-size identity makes one episode exactly one global batch
 (train_batch_size x accumulation_steps x dp), so each update pass is one optimizer step on all of it, run by
@@ -41,6 +42,7 @@ from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, sampling_c
 from relay.launch.ppo_checkpoint import PPOCheckpoints, PPOState
 from relay.launch.ppo_eval import PPOEvaluation
 from relay.launch.ppo_buffer import exchange
+from relay.launch.ppo_recovery import PPORecovery, dead_learner
 from relay.launch.ppo_update import PPOUpdates, dp_size
 from relay.restarts import RestartWatch, call_or_explain
 
@@ -66,7 +68,7 @@ def learner_options(cfg: PPOConfig, role: str) -> dict[str, Any]:
     return opts
 
 
-class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
+class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
     """Every actor of a PPO run plus the episode loop. `run_ppo` builds one, runs it and closes it; tests may
     call `run_episodes` more than once (e.g. switch `cfg.algo.mode`) on one set of actors."""
 
@@ -91,12 +93,9 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         from relay.actors.pool import GeneratorPool, PoolOptions
         from relay.actors.rewards import start_reward_actor
         from relay.actors.scorers import start_reference
-        from relay.algos.kl import make_kl_controller
         from relay.buffer.actor import start_buffer
-        from relay.data.batches import BatchOrder
         from relay.data.shards import load_prepared
         from relay.launch import cluster
-        from relay.learners.group import LearnerGroup
         from relay.models.local import local_folder
         from relay.models.smollm2 import resolve_model_path
         from transformers import AutoTokenizer
@@ -121,12 +120,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         log(f"stop ids {self.stop_ids} (from {stops.source}), EOS ids for rewards {self.eos_ids}")
 
         self.prompts = load_prepared(cfg.prompt_dataset, "prompt")
-        self.prompt_order = BatchOrder(len(self.prompts), a.num_collect_steps * a.experience_batch_size, cfg.seed)
-        self.ptx = self.ptx_order = None
-        if a.ptx_coef > 0:
-            self.ptx = load_prepared(cfg.pretrain_dataset, "ptx")
-            self.ptx_order = BatchOrder(len(self.ptx), a.ptx_batch_size * dp_size(cfg), cfg.seed + 1)
-        self.kl_ctl = make_kl_controller(a.kl_coef, a.adaptive_kl, a.target_kl, a.kl_horizon)
+        self.ptx = load_prepared(cfg.pretrain_dataset, "ptx") if a.ptx_coef > 0 else None
 
         cluster.init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard_host=cfg.cluster.dashboard_host)
         t0 = time.time()
@@ -135,31 +129,25 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
             tensor_parallel_size=g.tensor_parallel_size, cpu_kvcache_gib=max(1, int(round(g.kv_cache_gib))),
             trust_remote_code=cfg.actor.trust_remote_code,
         )
-        opts = PoolOptions(control_name=f"control-{self.run_name}", num_cpus=g.num_cpus_per_generator,
+        self._claim_run_name()
+        run = self.run_name
+        opts = PoolOptions(control_name=f"control-{run}", run=run, num_cpus=g.num_cpus_per_generator,
                            num_gpus=g.num_gpus_per_generator or None)
         # Generators start in the background (vLLM start is the slowest part) while the rest comes up.
         self.pool = GeneratorPool(gen_cfg, g.num_generators, opts, wait=False)
         timeout, restarts = cfg.cluster.timeout_s, cfg.cluster.max_restarts
         # Reference, reward and buffer come back if their process dies (Ray restarts them, see relay.restarts)
-        self.ref = (start_reference(self.actor_path, "ref", timeout_s=timeout, max_restarts=restarts)
-                    if needs_reference(cfg) else None)
-        self.reward = start_reward_actor(cfg.reward, self.actor_path, timeout_s=timeout, max_restarts=restarts)
+        self.ref = (start_reference(self.actor_path, cluster.scoped("ref", run), timeout_s=timeout,
+                                    max_restarts=restarts) if needs_reference(cfg) else None)
+        self.reward = start_reward_actor(cfg.reward, self.actor_path, name=cluster.scoped("reward", run),
+                                         timeout_s=timeout, max_restarts=restarts)
         limit = cfg.buffer_limit or ppo_buffer_size(cfg) * (2 if a.mode == "async" else 1)
-        self.buffer = start_buffer(limit, "buffer", pad_token_id=self.pad_id, seed=cfg.seed, timeout_s=timeout,
-                                   max_restarts=restarts)
+        self.buffer = start_buffer(limit, cluster.scoped("buffer", run), pad_token_id=self.pad_id, seed=cfg.seed,
+                                   timeout_s=timeout, max_restarts=restarts)
         self._watch_restarts()
-        al, cl = cfg.actor_learner, cfg.critic_learner
-        self.actor = LearnerGroup.create(al.num_ranks, self.actor_path, "causal_lm", role="actor",
-                                         num_cpus=al.num_cpus_per_rank, num_gpus=al.num_gpus_per_rank or None,
-                                         timeout_s=timeout, **learner_options(cfg, "actor"))
-        if self.critic_path:
-            self.critic = LearnerGroup.create(cl.num_ranks, self.critic_path, "critic", role="critic",
-                                              num_cpus=cl.num_cpus_per_rank, num_gpus=cl.num_gpus_per_rank or None,
-                                              timeout_s=timeout, **learner_options(cfg, "critic"))
+        self._start_learners()
         self.pool.wait_ready(timeout)
-        self.scorers = Scorers(self.ref, self.reward, self.critic, a, g.n_samples_per_prompt, self.eos_ids, timeout,
-                               temperature=learner_temperature(cfg), actor=self.actor)
-        self.state = PPOState(kl_coef=self.kl_ctl.value)
+        self._reset_run_state()
         # Weight sync goes through tmpfs: the actor's rank 0 writes, the driver maps it and pushes. A private
         # folder (0700, random name), on disk when /dev/shm cannot hold an fp32 export.
         from relay.actors.weight_sync import model_bytes
@@ -173,6 +161,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         resumed = self._maybe_resume()
         from relay.metrics import MetricsLogger, RayGauges
 
+        al, cl = cfg.actor_learner, cfg.critic_learner
         lg = cfg.logging
         self.logger = MetricsLogger(self.save_dir, lg.log_dir, lg.use_tensorboard, lg.use_wandb, lg.wandb_project,
                                     run_name=f"ppo-{self.run_name}", config=to_dict(cfg),
@@ -189,6 +178,38 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
             f"critic {'%d ranks (%s)' % (cl.num_ranks, cl.plugin) if self.critic else 'none'}, "
             f"{len(self.prompts)} prompts, {ppo_buffer_size(cfg)} experiences per episode, ready in {time.time() - t0:.1f} s")
         return self
+
+    def _start_learners(self) -> None:
+        """The actor (and, for GAE, critic) learner groups, freshly built from the model folders."""
+        from relay.learners.group import LearnerGroup
+
+        cfg, timeout = self.cfg, self.cfg.cluster.timeout_s
+        al, cl = cfg.actor_learner, cfg.critic_learner
+        common = dict(run=self.run_name, timeout_s=timeout)
+        self.actor = LearnerGroup.create(al.num_ranks, self.actor_path, "causal_lm", role="actor",
+                                         num_cpus=al.num_cpus_per_rank, num_gpus=al.num_gpus_per_rank or None,
+                                         **common, **learner_options(cfg, "actor"))
+        if self.critic_path:
+            self.critic = LearnerGroup.create(cl.num_ranks, self.critic_path, "critic", role="critic",
+                                              num_cpus=cl.num_cpus_per_rank, num_gpus=cl.num_gpus_per_rank or None,
+                                              **common, **learner_options(cfg, "critic"))
+
+    def _reset_run_state(self) -> None:
+        """Everything a checkpoint restores, as at the start of a run: data positions, KL controller, reward
+        moments (in the scorers), episode and version, the driver's random state."""
+        from relay.algos.kl import make_kl_controller
+        from relay.data.batches import BatchOrder
+
+        cfg, a = self.cfg, self.cfg.algo
+        self.prompt_order = BatchOrder(len(self.prompts), a.num_collect_steps * a.experience_batch_size, cfg.seed)
+        self.ptx_order = (BatchOrder(len(self.ptx), a.ptx_batch_size * dp_size(cfg), cfg.seed + 1)
+                          if self.ptx is not None else None)
+        self.kl_ctl = make_kl_controller(a.kl_coef, a.adaptive_kl, a.target_kl, a.kl_horizon)
+        self.scorers = Scorers(self.ref, self.reward, self.critic, a, cfg.generation.n_samples_per_prompt,
+                               self.eos_ids, cfg.cluster.timeout_s, temperature=learner_temperature(cfg),
+                               actor=self.actor)
+        self.state = PPOState(kl_coef=self.kl_ctl.value)
+        torch.manual_seed(cfg.seed)
 
     def _check_async(self) -> None:
         """Versions count optimizer steps: an async batch is trained num_update_steps versions after it was
@@ -235,13 +256,14 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
                 got[r.prompt_id] = r
         return [got[i] for i in want], time.monotonic() - job["t0"]
 
-    def sync_weights(self) -> float:
-        """Actor group -> safetensors (tmpfs) -> every generator at `state.version`; returns seconds."""
+    def sync_weights(self, rewind: bool = False) -> float:
+        """Actor group -> safetensors (tmpfs) -> every generator at `state.version` (`rewind`: older than
+        theirs, after going back to a checkpoint); returns seconds."""
         from safetensors.torch import load_file
 
         t0 = time.monotonic()
         path = self.actor.export_weights(self.weights_file)
-        self.pool.push_weights(load_file(path), self.state.version)
+        self.pool.push_weights(load_file(path), self.state.version, rewind=rewind)
         return time.monotonic() - t0
 
     # ------------------------------------------------------------------------------------------ episodes
@@ -249,9 +271,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         """Run episodes state.episode .. until-1 (default num_episodes); returns their metrics records."""
         from tqdm import tqdm
 
-        from relay.buffer.experience import Experience
-
-        cfg, a = self.cfg, self.cfg.algo
+        a = self.cfg.algo
         until = a.num_episodes if until is None else until
         self._check_async()  # the mode may have been switched since start()
         records = []
@@ -263,60 +283,77 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
             if safe_points.stop_requested():  # safe point: between episodes
                 self._stop_here()
                 break
-            ep, t_ep = self.state.episode, time.monotonic()
-            self.pool.poll_control()  # a `relay scale` request takes effect at the latest here
-            job = self.pending if (self.pending and self.pending["episode"] == ep) else self._submit(ep)
-            self.pending = None
-            results, gen_s = self._wait(job)
-            if a.mode == "async" and ep + 1 < until:
-                self.pending = self._submit(ep + 1)  # generated with the current weights while we train
-            rollout: Rollout = build_rollout(results, self.pad_id)
-            t_score = time.monotonic()
-            exp, m = score_rollout(rollout, self.scorers, self.kl_ctl.value)
-            score_s = time.monotonic() - t_score
-            through = exchange(self.buffer, exp, version=self.state.version,
-                               max_staleness=a.max_staleness if a.mode == "async" else None,
-                               max_restarts=cfg.cluster.max_restarts, note=log)
-            buffer_size, evicted = through.size, through.evicted
-            exp = Experience.collate(through.taken, self.pad_id)
-            staleness = (self.state.version - exp.weight_version).float()
-            t_up = time.monotonic()
-            up = self._update(exp)
-            update_s = time.monotonic() - t_up
-            self.kl_ctl.update(m["kl"], len(exp))
-            self.state.kl_coef = self.kl_ctl.value
-            sync_s = self.sync_weights()
-            versions = self.pool.versions()
-            if not versions:  # every generator died (e.g. was killed); replacements load the weights just pushed
-                self.pool.wait_ready(cfg.cluster.timeout_s)
-                versions = self.pool.versions()
-            self._watch_restarts()
-            self.state.episode = ep + 1
-            episode_s = time.monotonic() - t_ep
-            rec = {
-                **m, **up, **self.watch.counts(), "episode": ep + 1, "weight_version": self.state.version,
-                "gen_version_min": min(versions.values()), "gen_version_max": max(versions.values()),
-                "num_generators": len(versions), "buffer_size": buffer_size, "buffer_evicted": evicted,
-                "samples": len(exp), "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
-                "kl_coef": self.kl_ctl.value, "gen_s": gen_s, "score_s": score_s, "update_s": update_s,
-                "sync_s": sync_s, "episode_s": episode_s, "rollout_tokens_per_s": rollout.num_tokens / max(gen_s, 1e-9),
-                "samples_per_s": len(exp) / max(episode_s, 1e-9), "sync_share": sync_s / max(episode_s, 1e-9),
-            }
-            if self._eval_due(ep + 1, final=ep + 1 == a.num_episodes):
-                t_eval = time.monotonic()
-                rec.update(self.evaluate(ep + 1), eval_s=time.monotonic() - t_eval)
-            self.logger.log(ep + 1, rec)
-            self.gauges.set(rec)
+            try:
+                rec = self._episode(until)
+            except Exception as err:
+                if (what := dead_learner({"actor": self.actor, "critic": self.critic}, err)) is None:
+                    raise
+                self._recover_learners(what, err)  # back to the newest checkpoint, learners rebuilt
+                records = [r for r in records if r["episode"] <= self.state.episode]
+                bar.reset(total=until)
+                bar.update(self.state.episode)
+                continue
             records.append(rec)
             bar.update(1)
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", v=self.state.version)
-            log(f"episode {ep + 1}/{a.num_episodes} reward {m['reward_mean']:.3f} kl {m['kl']:.4f} "
-                f"length {m['response_length']:.1f} {episode_s:.1f} s")
-            if self.schedule.due(ep + 1) and ep + 1 < a.num_episodes:
-                self.save_checkpoint()
+            bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", kl=f"{rec['kl']:.3f}", v=self.state.version)
         bar.close()
         self.history += records
         return records
+
+    def _episode(self, until: int) -> dict[str, Any]:
+        """One episode: generate, score, buffer, update, push weights, log (and maybe evaluate and save)."""
+        from relay.buffer.experience import Experience
+
+        cfg, a = self.cfg, self.cfg.algo
+        ep, t_ep = self.state.episode, time.monotonic()
+        self.pool.poll_control()  # a `relay scale` request takes effect at the latest here
+        job = self.pending if (self.pending and self.pending["episode"] == ep) else self._submit(ep)
+        self.pending = None
+        results, gen_s = self._wait(job)
+        if a.mode == "async" and ep + 1 < until:
+            self.pending = self._submit(ep + 1)  # generated with the current weights while we train
+        rollout: Rollout = build_rollout(results, self.pad_id)
+        t_score = time.monotonic()
+        exp, m = score_rollout(rollout, self.scorers, self.kl_ctl.value)
+        score_s = time.monotonic() - t_score
+        through = exchange(self.buffer, exp, version=self.state.version,
+                           max_staleness=a.max_staleness if a.mode == "async" else None,
+                           max_restarts=cfg.cluster.max_restarts, note=log)
+        buffer_size, evicted = through.size, through.evicted
+        exp = Experience.collate(through.taken, self.pad_id)
+        staleness = (self.state.version - exp.weight_version).float()
+        t_up = time.monotonic()
+        up = self._update(exp)
+        update_s = time.monotonic() - t_up
+        self.kl_ctl.update(m["kl"], len(exp))
+        self.state.kl_coef = self.kl_ctl.value
+        sync_s = self.sync_weights()
+        versions = self.pool.versions()
+        if not versions:  # every generator died (e.g. was killed); replacements load the weights just pushed
+            self.pool.wait_ready(cfg.cluster.timeout_s)
+            versions = self.pool.versions()
+        self._watch_restarts()
+        self.state.episode = ep + 1
+        episode_s = time.monotonic() - t_ep
+        rec = {
+            **m, **up, **self.watch.counts(), "restarts_learners": self.learner_restarts, "episode": ep + 1, "weight_version": self.state.version,
+            "gen_version_min": min(versions.values()), "gen_version_max": max(versions.values()),
+            "num_generators": len(versions), "buffer_size": buffer_size, "buffer_evicted": evicted,
+            "samples": len(exp), "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
+            "kl_coef": self.kl_ctl.value, "gen_s": gen_s, "score_s": score_s, "update_s": update_s,
+            "sync_s": sync_s, "episode_s": episode_s, "rollout_tokens_per_s": rollout.num_tokens / max(gen_s, 1e-9),
+            "samples_per_s": len(exp) / max(episode_s, 1e-9), "sync_share": sync_s / max(episode_s, 1e-9),
+        }
+        if self._eval_due(ep + 1, final=ep + 1 == a.num_episodes):
+            t_eval = time.monotonic()
+            rec.update(self.evaluate(ep + 1), eval_s=time.monotonic() - t_eval)
+        self.logger.log(ep + 1, rec)
+        self.gauges.set(rec)
+        log(f"episode {ep + 1}/{a.num_episodes} reward {m['reward_mean']:.3f} kl {m['kl']:.4f} "
+            f"length {m['response_length']:.1f} {episode_s:.1f} s")
+        if self.schedule.due(ep + 1) and ep + 1 < a.num_episodes:
+            self.save_checkpoint()
+        return rec
 
     def _watch_restarts(self) -> None:
         """Ask the restartable actors for their pid: a new one means Ray restarted it (logged once, counted in
@@ -352,23 +389,34 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation):
         self._remove_temp_files()
 
 
-    def _wait_names_free(self, timeout_s: float = 30.0) -> None:
-        """ray.kill is asynchronous: wait until our actor names are released, so that a next run in the same
-        cluster (a resumed run, the next test) can take them."""
+    def _wait_names_free(self, timeout_s: float = 30.0) -> list[str]:
+        """ray.kill is asynchronous: wait until this run's actor names are released, so that a next run in the
+        same cluster (a resumed run, the next test) can take them. Returns the names still taken."""
         import ray
 
-        from relay.launch.cluster import NAMESPACE
+        from relay.launch.cluster import NAMESPACE, scoped
 
-        names = ["relay/ref", "relay/reward", "relay/buffer", "relay/actor-rank0", "relay/critic-rank0",
-                 f"relay/control-{self.run_name}"]
-        deadline = time.monotonic() + timeout_s
-        for name in names:
-            while time.monotonic() < deadline:
+        run = self.run_name
+        names = [f"relay/{scoped(n, run)}" for n in ("ref", "reward", "buffer", "actor-rank0", "critic-rank0")]
+        deadline, taken = time.monotonic() + timeout_s, []
+        for name in [*names, f"relay/control-{run}"]:
+            while True:
                 try:
                     ray.get_actor(name, namespace=NAMESPACE)
                 except ValueError:
                     break
+                if time.monotonic() > deadline:
+                    taken.append(name)
+                    break
                 time.sleep(0.2)
+        return taken
+
+    def _claim_run_name(self, wait_s: float = 20.0) -> None:
+        """Actor names carry the run name (SAVE_DIR's last folder), so runs of other names share a cluster; one of
+        the same name cannot. A killed driver's actors go with its job within seconds: wait for those first."""
+        if taken := self._wait_names_free(wait_s):
+            raise RuntimeError(f"a run named {self.run_name!r} is already on this cluster ({', '.join(taken)}): "
+                               f"give this run another save_dir (its last folder names the run)")
 
 
 def run_ppo(cfg: PPOConfig) -> int:

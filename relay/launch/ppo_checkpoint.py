@@ -70,14 +70,24 @@ class PPOCheckpoints:
         return STATE_FILES + tuple(f"{role}/{f}" for role in roles for f in LEARNER_FILES)
 
     def _maybe_resume(self) -> bool:
+        """Resume from `checkpoint_path` (a folder, or `auto`: SAVE_DIR's newest) if there is one."""
         from relay.launch.ppo import log
-        from relay.learners.checkpoint import load_trainer_state
 
         if removed := clean_stale(self.save_dir):  # what a killed run left half-written
             log(stale_line(removed))
         path = find_resume(self.cfg.checkpoint_path, self.save_dir, self._required_files(), log)
         if path is None:
             return False
+        self._restore(path)
+        if self.state.version > 0:
+            self.sync_weights()  # generators start from the model folder: bring them to the checkpoint's weights
+        log(f"resumed from {path}: episode {self.state.episode}, weight version {self.state.version}")
+        return True
+
+    def _restore(self, path: Path) -> None:
+        """Learners (built as the checkpoint's were), PPOState, data positions, KL coef, reward moments, RNG."""
+        from relay.learners.checkpoint import load_trainer_state
+
         st = load_trainer_state(path, restore=False)
         st.pop("rng", None)
         unknown = set(st) - {f.name for f in fields(PPOState)}
@@ -97,10 +107,6 @@ class PPOCheckpoints:
         if self.state.reward_moments:
             for k, v in self.state.reward_moments.items():
                 setattr(self.scorers.moments, k, v)
-        if self.state.version > 0:
-            self.sync_weights()  # generators start from the model folder: bring them to the checkpoint's weights
-        log(f"resumed from {path}: episode {self.state.episode}, weight version {self.state.version}")
-        return True
 
     def _stop_here(self) -> None:
         """A signal asked the run to stop: checkpoint what was trained since the last save, then leave the loop."""

@@ -59,6 +59,7 @@ class PPOUpdates:
                         num_threads=cfg.actor_learner.num_threads)
         guard = self._nonfinite_guard()
         out["nonfinite_skipped"] = 0.0
+        out["samples_skipped"] = 0.0  # experiences in actor steps the guard dropped (rows x dropped steps)
         for step in range(a.num_update_steps):
             n = self.state.version
             self.actor.set_lr(lr_at(n, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio))
@@ -67,6 +68,7 @@ class PPOUpdates:
                 actor_batch.update(self._ptx_rows(micro))
             m = self.actor.train_step(actor_batch, loss=ppo_actor_loss, micro_batches=micro, **actor_kw)
             skipped = m.get("nonfinite_skipped", 0.0)
+            out["samples_skipped"] += keep * skipped
             if step == 0:
                 out["approx_kl_first"] = m["approx_kl"]
                 if reuse:  # before any update the loss compares the learner with the generator's logprobs

@@ -23,8 +23,18 @@ def token_path() -> Path:
     return Path(os.environ.get(TOKEN_PATH_ENV) or Path.home() / ".ray" / "auth_token").expanduser()
 
 
+_warned = False
+
+
 def enable() -> bool:
-    """Token mode unless the user chose otherwise (RAY_AUTH_MODE); returns whether it is on."""
+    """Token mode unless the user chose otherwise (RAY_AUTH_MODE, said once on stderr); returns whether it is on."""
+    global _warned
+    mode = os.environ.get(MODE_ENV)
+    if mode is not None and mode.lower() != "token" and not _warned:
+        _warned = True
+        print(f"[relay] {MODE_ENV}={mode}: Ray token authentication is off at your request; anyone who reaches "
+              "the cluster's ports can run code on it (unset it to turn authentication back on)",
+              file=sys.stderr, flush=True)
     if MODE_ENV not in os.environ:
         os.environ[MODE_ENV] = "token"
         raylet = sys.modules.get("ray._raylet")

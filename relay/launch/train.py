@@ -228,7 +228,8 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
     if own_group:
         cluster.init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard_host=cfg.cluster.dashboard_host)
         group = LearnerGroup.create(
-            cfg.learner.num_ranks, first_path, role=f"{stage.name}-learner", num_cpus=cfg.learner.num_cpus_per_rank,
+            cfg.learner.num_ranks, first_path, role=f"{stage.name}-learner", run=Path(cfg.save_dir).name or None,
+            num_cpus=cfg.learner.num_cpus_per_rank,
             num_gpus=cfg.learner.num_gpus_per_rank or None, timeout_s=cfg.cluster.timeout_s, **opts,
         )
     else:

@@ -75,6 +75,7 @@ class LearnerGroup:
         self.device = "cpu"
         self.info: dict[str, Any] = {}
         self.broken: str | None = None  # why the ranks are out of step, once they are
+        self.run: str | None = None  # in the ranks' names
 
     @classmethod
     def create(
@@ -84,6 +85,7 @@ class LearnerGroup:
         kind: str = "causal_lm",
         *,
         role: str | None = None,
+        run: str | None = None,
         num_cpus: float = 1.0,
         num_gpus: float | None = None,
         timeout_s: float = cluster.DEFAULT_TIMEOUT_S,
@@ -92,6 +94,7 @@ class LearnerGroup:
     ) -> "LearnerGroup":
         """Start `num_ranks` actors, form their process group (gloo on CPU, nccl on GPU) and build the booster.
 
+        Ranks are named `relay/<role>-rank<i>` (`...@<run>` with `run`, so two runs share a cluster).
         `options` are `LearnerSpec` fields (plugin, tp, zero_stage, precision, lr, lora_rank, ...); an
         unsupported combination raises ValueError here, before any actor starts."""
         from relay.learners.plugins import check_plugin_support
@@ -107,12 +110,13 @@ class LearnerGroup:
         remote_cls = ray.remote(LearnerWorker)
         workers = [
             remote_cls.options(
-                **cluster.actor_options(name=f"{role}-rank{i}", num_cpus=num_cpus, num_gpus=num_gpus or 0)
+                **cluster.actor_options(name=cluster.scoped(f"{role}-rank{i}", run), num_cpus=num_cpus,
+                                        num_gpus=num_gpus or 0)
             ).remote(i, num_ranks)
             for i in range(num_ranks)
         ]
         group = cls(workers, spec, role, timeout_s)
-        group.device = device
+        group.device, group.run = device, run
         try:
             nodes = group._call_each("node_id", what="learner start")
             node0, ip0, port = cluster.get(workers[0].address.remote(), timeout_s, f"{role}: rendezvous address")
@@ -236,6 +240,44 @@ class LearnerGroup:
         """Restore weights (or the LoRA adapter), optimizer state and step from a `save_checkpoint` folder into
         the current build (build it with the same plugin, tp and LoRA settings as the one that saved)."""
         return self._call("load_checkpoint", str(path), what="load_checkpoint")[0]
+
+    def pids(self) -> list[int]:
+        """Each rank's process id, in rank order."""
+        return self._call_each("pid", what="pid")
+
+    def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
+        """Ranks whose process is gone. A rank still waiting in a collective for a dead peer does not answer
+        either (its calls run one at a time), but it is alive: only Ray's actor-died error counts."""
+        refs = [w.node_id.remote() for w in self.workers]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        dead = []
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=0.01)
+            except ray.exceptions.RayActorError:
+                dead.append(rank)
+            except Exception:  # noqa: BLE001 - busy or slow, not dead
+                pass
+        return dead
+
+    def kill(self, timeout_s: float = 30.0) -> None:
+        """End every rank at once (no goodbye: survivors of a dead peer are stuck in collectives) and wait until
+        their names are free, so a new group of the same role can start."""
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        names = [f"relay/{cluster.scoped(f'{self.role}-rank{i}', self.run)}" for i in range(len(self.workers))]
+        self.workers = []
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(name, namespace=cluster.NAMESPACE)
+                except ValueError:
+                    break
+                time.sleep(0.1)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Close the process group and end the actors (kills them if they do not answer in time)."""

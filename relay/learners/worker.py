@@ -80,6 +80,9 @@ class LearnerWorker(WeightsAndCheckpoints):
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def setup(self, master_addr: str, master_port: int, seed: int) -> int:
         import colossalai
 

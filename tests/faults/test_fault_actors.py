@@ -4,7 +4,8 @@ Ray actors), tiny GRPO with a KL term so the reference is used.
 
 One system for the three tests (vLLM and learner start-up are most of the cost on a 2-core machine), two
 episodes each, in order (1-based): the reference dies as episode 2 is scored (just before its call goes out),
-the reward as episode 4 is scored, the buffer right after it stored episode 6's experiences. Thin
+the reward as episode 4 is scored, the buffer right after it stored episode 6's experiences; then a NaN is
+injected into episode 7's first update (the non-finite guard skips that step; the run goes on). Thin
 call-through wrappers ("spies") on the clients do the killing and record the sample ids each episode trained
 on; nothing is replaced.
 
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300
-EPISODES = 6
+EPISODES = 8
 
 
 @pytest.fixture(scope="module")
@@ -147,15 +148,16 @@ def _check(system, taken, killer: Killer, role: str, records, first: int, out: s
     assert [r["step"] for r in rows] == list(range(1, first + len(records) + 1))
     assert all(r["samples"] == size for r in rows)
     assert [r[key] for r in rows[first:]] == [int(r["step"] > killer.episode) for r in rows[first:]], rows
-    assert f"relay/{role} was restarted (pid {killer.killed['pid']} -> {new_pid}" in out, out[-3000:]
+    actor_name = f"relay/{role}@{system.run_name}"  # actor names carry the run (SAVE_DIR's last folder)
+    assert f"{actor_name} was restarted (pid {killer.killed['pid']} -> {new_pid}" in out, out[-3000:]
     kill_rec = records[killer.episode - first]
     others = [r["episode_s"] for r in rows if r["step"] != killer.episode + 1]
     restart = f"{killer.restart_s:.1f} s" if killer.restart_s is not None else "not measured"
-    print(f"\n[fault] relay/{role} SIGKILLed in episode {killer.episode + 1}: restart (kill -> new process "
+    print(f"\n[fault] {actor_name} SIGKILLed in episode {killer.episode + 1}: restart (kill -> new process "
           f"answering) {restart}; that episode {kill_rec['episode_s']:.1f} s (score {kill_rec['score_s']:.1f} s) "
           f"vs median {statistics.median(others):.1f} s of the others; {size} samples per episode, each once")
     for line in out.splitlines():  # what the driver said about it
-        if f"relay/{role}" in line:
+        if actor_name in line:
             print(f"[fault]   {line.strip()[:240]}")
 
 
@@ -186,9 +188,44 @@ def test_killed_buffer_redoes_the_episode(fault_system, capsys):
     if system.state.episode != 4:
         pytest.skip("needs the state test_killed_reward_restarts leaves (4 episodes)")
     killer = Killer(system, system.buffer, "put", episode=5, first=False)
-    records = system.run_episodes(until=EPISODES)
+    records = system.run_episodes(until=6)
     out = capsys.readouterr().err
     _check(system, taken, killer, "buffer", records, 4, out)
     assert "relay/buffer" in out and ("redoing its part of the episode" in out), out[-3000:]
     stats = system.buffer.stats()
     assert stats["balanced"] and stats["size"] == 0 and stats["put"] == stats["taken"] == 16, stats
+
+
+def test_nan_gradient_is_skipped_counted_and_the_run_goes_on(fault_system, capsys):
+    """Episode 7's first actor update gets NaN advantages: the learners skip that optimizer step (weights and
+    optimizer state untouched), the episode reports the skipped step and its 16 experiences, and the run trains
+    episodes 7 (second update) and 8 as usual."""
+    import math
+
+    import torch
+
+    system, taken = fault_system
+    if system.state.episode != 6:
+        pytest.skip("needs the state test_killed_buffer_redoes_the_episode leaves (6 episodes)")
+    real = system.actor.train_step
+    poisoned = []
+
+    def spy(batch, *args, **kwargs):
+        if not poisoned and system.state.episode == 6:
+            batch = {**batch, "advantages": torch.full_like(batch["advantages"], float("nan"))}
+            poisoned.append(system.state.version)
+        return real(batch, *args, **kwargs)
+
+    system.actor.train_step = spy
+    records = system.run_episodes(until=EPISODES)
+    assert poisoned and [r["episode"] for r in records] == [7, 8]
+    nan_ep, after = records
+    assert nan_ep["nonfinite_skipped"] == 1.0 and nan_ep["samples_skipped"] == 16, nan_ep
+    assert after["nonfinite_skipped"] == 0.0 and after["samples_skipped"] == 0, after
+    assert math.isfinite(after["actor_loss"]) and after["weight_version"] == 8 * system.cfg.algo.num_update_steps
+    for ep in (6, 7):
+        ids = taken[ep]
+        assert len(ids) == len(set(ids)) == 16 and all(s.startswith(f"e{ep}-") for s in ids), ids
+    print(f"\n[fault] NaN advantages in episode 7's first update: {nan_ep['nonfinite_skipped']:.0f} step skipped, "
+          f"{nan_ep['samples_skipped']:.0f} experiences reported untrained in that step; episode 8 loss "
+          f"{after['actor_loss']:.4f}, reward {after['reward_mean']:.3f}")
