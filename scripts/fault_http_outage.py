@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.episodes < 3:
         parser.error("--episodes must be >= 3 (2 before the outage, 1 in it)")
 
+    from relay import logs
     from relay.config import load_config, validate
     from relay.launch.ppo import PPOSystem
 
@@ -77,8 +78,20 @@ def main(argv: list[str] | None = None) -> int:
             f"reward.url=http://127.0.0.1:{port}/reward", "save_every_minutes=0"]
     cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml", sets)
     validate(cfg, "cpu")
-    system = PPOSystem(cfg).start()
+    log_folder = Path(args.out) / "logs"
     back: list[ThreadingHTTPServer] = []
+    with logs.run_logs(log_folder):  # vLLM, Ray and actor output go to files; the console keeps Relay's lines
+        records, up_s = _run(system_cls=PPOSystem, cfg=cfg, srv=srv, port=port, back=back, args=args)
+    waits = [line.strip() for f in sorted(log_folder.glob("*reward*.log"))
+             for line in f.read_text(errors="replace").splitlines() if "unavailable" in line]
+    for line in waits[:3] + (["..."] if len(waits) > 4 else []) + waits[3:][-1:]:
+        print(f"[drill] reward actor: {line}")
+    return _report(records, up_s, args)
+
+
+def _run(system_cls, cfg, srv, port, back, args):
+    """Two episodes, the outage (service back on a timer), the rest; returns (episode records, seconds)."""
+    system = system_cls(cfg).start()
     try:
         before = system.run_episodes(until=2)
         stop(srv)
@@ -94,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         system.close()
         for s in back:
             stop(s)
-    records = before + after
+    return before + after, up_s
+
+
+def _report(records, up_s, args) -> int:
     size = records[0]["samples"]
     for r in records:
         print(f"[drill] episode {r['episode']}: {r['episode_s']:.1f} s (score {r['score_s']:.1f} s), "
