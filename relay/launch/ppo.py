@@ -127,7 +127,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         gen_cfg = GeneratorConfig(
             model=self.actor_path, dtype=g.dtype, max_model_len=self._max_model_len(), seed=cfg.seed,
             tensor_parallel_size=g.tensor_parallel_size, cpu_kvcache_gib=max(1, int(round(g.kv_cache_gib))),
-            trust_remote_code=cfg.actor.trust_remote_code,
+            trust_remote_code=cfg.actor.trust_remote_code, in_process=g.in_process,
         )
         self._claim_run_name()
         run = self.run_name
