@@ -78,7 +78,7 @@ def test_killed_engine_process_is_reported_and_blocked_calls_wake(engine_process
     assert not reader.is_alive(), "the blocked reader was not woken"
     assert owner.reasons == [watch.reason]
     reason = watch.reason
-    assert f"pid {engine_process.pid}" in reason and "EngineCore_DP0" in reason and "died" in reason
+    assert f"EngineCore_DP0 (pid {engine_process.pid}) died (killed by SIGKILL)" in reason
     assert owner.queued_when_told == [0]  # told first: a woken call finds its generator already broken
     assert isinstance(got[0], EngineDied) and str(got[0]) == reason
     assert isinstance(rpc.exception(timeout=0), EngineDied)
@@ -107,7 +107,7 @@ def test_stopped_watch_reports_nothing(engine_process):
     engine_process.join(WAIT_S)
     assert owner.reasons == [] and watch.reason is None and client.outputs_queue.empty()
     # the probe itself still sees the ended process
-    assert "died (exit code -9)" in dead_reason(EngineProcs(client, [engine_process]), 0)
+    assert "died (killed by SIGKILL)" in dead_reason(EngineProcs(client, [engine_process]), 0)
 
 
 def test_engine_procs_finds_the_processes_of_a_multiprocess_engine_only(engine_process):
@@ -133,3 +133,11 @@ def test_is_engine_death_follows_causes():
     except RuntimeError as outer:
         assert is_engine_death(outer)
     assert not is_engine_death(ValueError("prompt too long"))
+
+
+def test_dead_reason_names_the_exit_code():
+    proc = multiprocessing.get_context("fork").Process(target=os._exit, args=(3,), name="EngineCore_DP0")
+    proc.start()
+    reason = dead_reason(EngineProcs(_client(), [proc]), WAIT_S)  # waits for the process to end
+    proc.join(WAIT_S)
+    assert reason == f"vLLM engine process EngineCore_DP0 (pid {proc.pid}) died (exit code 3)"

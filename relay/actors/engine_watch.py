@@ -17,7 +17,9 @@ This module touches vLLM only through the attributes `engine_procs` reads, so it
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import connection
@@ -51,6 +53,25 @@ def engine_procs(llm: Any) -> EngineProcs | None:
     return EngineProcs(client, processes) if processes else None
 
 
+def _exit_code(proc: Any, wait_s: float = 0.2) -> int | None:
+    # The sentinel fires as the process closes its files, a moment before it can be reaped: wait briefly.
+    deadline = time.monotonic() + wait_s
+    while (code := proc.exitcode) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return code
+
+
+def _how(code: int | None) -> str:
+    if code is None:
+        return "exit status not known"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 def dead_reason(procs: EngineProcs, timeout_s: float) -> str | None:
     """Wait up to `timeout_s` for an engine process to end; why the engine is dead, or None while it lives."""
     by_sentinel = {p.sentinel: p for p in procs.processes}
@@ -60,10 +81,7 @@ def dead_reason(procs: EngineProcs, timeout_s: float) -> str | None:
         ended = list(by_sentinel)
     for sentinel in ended:
         p = by_sentinel[sentinel]
-        # exitcode can still be None here: vLLM's own monitor may not have reaped the process yet
-        code = p.exitcode
-        how = f"exit code {code}" if code is not None else "exit code not known yet"
-        return f"vLLM engine process {p.name} (pid {p.pid}) died ({how})"
+        return f"vLLM engine process {p.name} (pid {p.pid}) died ({_how(_exit_code(p))})"
     resources = getattr(procs.client, "resources", None)
     if getattr(resources, "engine_dead", False):
         return "vLLM reported its engine dead (an engine worker process failed)"
