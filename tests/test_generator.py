@@ -63,11 +63,12 @@ def _max_logprob_diff(model, results) -> float:
 def test_ready_and_control(generator):
     info = generator.info
     assert info["in_process"] is True and info["device"] == "cpu" and info["version"] == 0
+    assert info["engine_pids"] == []  # in-process: the engine has no process of its own to watch
     pid = generator.pid()
     assert pid == info["pid"] and pid != os.getpid() and os.path.exists(f"/proc/{pid}")
     assert generator.version() == 0
     health = generator.health()
-    assert health["ok"] and health["broken"] is None
+    assert health["ok"] and health["broken"] is None and health["engine_pids"] == []
     assert generator.generate([], SamplingConfig()) == []
 
 

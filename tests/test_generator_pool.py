@@ -109,6 +109,109 @@ def test_ledger_random_schedule_never_loses_or_doubles():
     assert all(led.state(p) == DONE for p in done)
 
 
+# ------------------------------------------------------------------------------------------ stall timeout (no Ray)
+
+
+def test_pool_options_stall_timeout_defaults_to_twice_the_chunk_timeout_and_is_validated():
+    from relay.actors.pool import PoolOptions
+    from relay.actors.pool_types import stalled
+
+    assert PoolOptions().stall_limit_s() == 1200.0
+    assert PoolOptions(generate_timeout_s=30).stall_limit_s() == 60.0
+    assert PoolOptions(generate_timeout_s=30, stall_timeout_s=5).stall_limit_s() == 5.0
+    for field in ("stall_timeout_s", "generate_timeout_s", "start_timeout_s", "weight_timeout_s",
+                  "health_interval_s", "control_poll_s"):
+        for bad in (0, -1.0, float("nan"), float("inf"), "10", True):
+            with pytest.raises(ValueError, match=f"PoolOptions.{field}"):
+                PoolOptions(**{field: bad})
+    for bad in (dict(max_attempts=0), dict(max_failures=-1)):
+        with pytest.raises(ValueError):
+            PoolOptions(**bad)
+    # a wait counts from its own start or the last progress, whichever is later
+    assert not stalled(started=100, progress_at=0, now=150, limit_s=60)
+    assert stalled(started=0, progress_at=10, now=71, limit_s=60)
+    assert not stalled(started=0, progress_at=20, now=71, limit_s=60)
+
+
+class FakeTime:
+    """Stands in for the `time` module inside relay.actors.pool: a clock that moves only when told."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _bare_pool(monkeypatch, **options):
+    """A GeneratorPool that starts no generators (no Ray) and whose `_step` the test scripts."""
+    from relay.actors import pool as pool_mod
+
+    clock = FakeTime()
+    monkeypatch.setattr(pool_mod, "time", clock)
+    monkeypatch.setattr(pool_mod.GeneratorPool, "_reconcile", lambda self: None)
+    pool = pool_mod.GeneratorPool(object(), 1, pool_mod.PoolOptions(**options), wait=False)
+    return pool, clock
+
+
+def _finish_all(pool) -> None:
+    from relay.actors.pool import PromptResult
+
+    chunk = pool._ledger.take("w", 1000)
+    pool._ledger.complete(chunk.chunk_id)
+    for pid in chunk.prompt_ids:
+        pool._done[pid] = PromptResult(pid, [], 0, "w", 1)
+
+
+def test_generate_without_timeout_gives_up_when_the_pool_makes_no_progress(monkeypatch):
+    from relay.launch.cluster import RemoteCallTimeout
+
+    pool, clock = _bare_pool(monkeypatch, generate_timeout_s=30)  # stall limit 60 s
+    steps = []
+
+    def step(timeout):  # nothing ever finishes
+        steps.append(clock.now)
+        clock.now += timeout
+
+    pool._step = step
+    start = clock.now
+    with pytest.raises(RemoteCallTimeout, match=r"no progress in 60 s .* 3 of 3 prompts not done"):
+        pool.generate([[1], [2], [3]])
+    assert 60 < clock.now - start <= 60.5 and len(steps) == 121  # stepped until just past the limit
+    assert pool.pending() == 3  # the prompts stay queued for a later collect
+
+
+def test_generate_without_timeout_waits_as_long_as_the_pool_progresses(monkeypatch):
+    pool, clock = _bare_pool(monkeypatch, generate_timeout_s=30)
+
+    def step(timeout):  # progress every 50 s (a generator became active, a chunk finished), done at 300 s
+        clock.now += timeout
+        if clock.now - start >= 300:
+            _finish_all(pool)
+        elif (clock.now - start) % 50 == 0:
+            pool._progress_at = clock.now
+
+    pool._step = step
+    start = clock.now
+    results = pool.generate([[1], [2]], ids=["a", "b"])
+    assert [r.prompt_id for r in results] == ["a", "b"] and clock.now - start == 300
+
+
+def test_an_explicit_timeout_replaces_the_stall_limit(monkeypatch):
+    from relay.launch.cluster import RemoteCallTimeout
+
+    pool, clock = _bare_pool(monkeypatch, generate_timeout_s=30)
+
+    def step(timeout):
+        clock.now += timeout
+
+    pool._step = step
+    start = clock.now
+    with pytest.raises(RemoteCallTimeout, match="not done in 100 s"):
+        pool.generate([[1]], timeout_s=100)
+    assert clock.now - start > 100
+
+
 # ------------------------------------------------------------------------------------------ real Ray + vLLM
 
 PROMPTS = [[(7 * i + j) % 1000 + 3 for j in range(4 + i % 5)] for i in range(64)]

@@ -16,6 +16,11 @@ update is validated against the model's tensor names and shapes before the engin
 reload that fails half way leaves vLLM's model unusable; if loading still fails, the generator marks itself
 broken and every later `generate` raises until it is restarted: it never serves old weights under a new
 version, nor new weights under an old one.
+
+A multi-process engine's EngineCore process can die while the actor lives (OOM killer, a crash in a kernel):
+`engine_watch.EngineWatch` notices, marks the generator broken (`health()` says so) and wakes a `generate` or
+weight load blocked on it, which then raises `GeneratorBroken`; the pool replaces the generator as if the actor
+had died. `ready()` and `health()` list the engine's process ids (`engine_pids`; empty in-process).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from typing import Any
 
 import ray
 
+from relay.actors.engine_watch import EngineWatch, engine_procs, is_engine_death
 from relay.actors.sampling import GenerationResult, SamplingConfig
 from relay.actors.weight_sync import (
     WeightUpdateError,
@@ -113,7 +119,8 @@ def cpu_dtype_note(dtype: str, hf_config: dict[str, Any]) -> str | None:
 
 
 class GeneratorBroken(RuntimeError):
-    """The engine's weights are in an unknown state after a failed update: restart the generator."""
+    """The engine cannot serve: its weights are in an unknown state after a failed update, or its engine
+    process died. Restart the generator."""
 
 
 def _to_sampling_params(cfg: SamplingConfig, prompt_index: int):
@@ -207,9 +214,28 @@ class VLLMGenerator:
             kwargs["max_num_batched_tokens"] = max(4096, longest)  # vLLM: >= max_model_len without chunking
         kwargs.update(cfg.engine_kwargs)
         self.llm = LLM(**kwargs)
+        procs = engine_procs(self.llm)  # None in-process: the engine then dies only with this actor
+        self._watch = EngineWatch(procs, self._engine_died).start() if procs else None
         self._start_s = time.perf_counter() - start
         logger.info("generator pid %d: %s engine on %s started in %.1f s", os.getpid(),
                     "in-process" if in_process else "multi-process", self._device, self._start_s)
+
+    def _engine_died(self, reason: str) -> None:
+        """EngineWatch's callback (its thread): from now on every call raises GeneratorBroken."""
+        busy = self._busy_since
+        doing = f"while generating for {time.monotonic() - busy:.1f} s" if busy is not None else "while idle"
+        self._broken = self._broken or f"{reason} {doing}"
+        logger.error("generator pid %d: %s", os.getpid(), self._broken)
+
+    def _engine_pids(self) -> list[int]:
+        return self._watch.procs.pids if self._watch is not None else []
+
+    def _broken_error(self, err: BaseException) -> GeneratorBroken | None:
+        """GeneratorBroken for an error that came from a dead engine (the watch may not have noticed yet)."""
+        if not (self._broken or is_engine_death(err)):
+            return None
+        self._broken = self._broken or f"vLLM engine died ({type(err).__name__}: {err})"
+        return GeneratorBroken(self._broken)
 
     # -- control: cheap, in their own concurrency group, answered even while a generate call runs ----------
 
@@ -227,9 +253,10 @@ class VLLMGenerator:
 
     @ray.method(concurrency_group="control")
     def ready(self) -> dict[str, Any]:
-        """Engine is up: pid, node, version, mode and start time."""
+        """Engine is up: pid, engine process ids, node, version, mode and start time."""
         return {
             "pid": os.getpid(),
+            "engine_pids": self._engine_pids(),
             "node_id": self.node_id(),
             "version": self._version,
             "device": self._device,
@@ -246,6 +273,7 @@ class VLLMGenerator:
             "broken": self._broken,
             "version": self._version,
             "pid": os.getpid(),
+            "engine_pids": self._engine_pids(),
             "busy_s": time.monotonic() - busy if busy is not None else 0.0,
         }
 
@@ -269,6 +297,10 @@ class VLLMGenerator:
         self._busy_since = time.monotonic()
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as err:
+            if (broken := self._broken_error(err)) is not None:
+                raise broken from err
+            raise
         finally:
             self._busy_since = None
         results: list[GenerationResult] = []
@@ -314,6 +346,8 @@ class VLLMGenerator:
             if not self.llm.reset_prefix_cache():
                 raise RuntimeError("vLLM refused to reset the prefix cache")
         except Exception as err:
+            if (broken := self._broken_error(err)) is not None:
+                raise broken from err
             self._broken = f"weight update to v{new_version} failed while loading ({type(err).__name__}: {err})"
             logger.error("generator pid %d: %s", os.getpid(), self._broken)
             raise WeightUpdateError(self._broken) from err
@@ -342,6 +376,8 @@ class VLLMGenerator:
 
     def shutdown(self) -> None:
         """Free the engine and its temp folder (the actor can then be killed)."""
+        if getattr(self, "_watch", None) is not None:
+            self._watch.stop()  # the engine ends on purpose now: not a death to report
         llm = getattr(self, "llm", None)
         if llm is not None:
             del self.llm

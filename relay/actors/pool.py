@@ -5,8 +5,9 @@ How it keeps its promises:
 
 - **Exactly once.** Prompts are split into chunks (contiguous runs of one submission) and tracked by the pure
   `DispatchLedger`. A chunk counts only while it is live; when its generator dies, hangs past
-  `generate_timeout_s` or is removed, the generator is killed first and the chunk's prompts go back to the
-  queue, so a late reply can never be counted as well.
+  `generate_timeout_s`, reports itself broken (e.g. its vLLM engine process died: the generator notices, and
+  the pool health-checks busy and idle generators) or is removed, the generator is killed first and the
+  chunk's prompts go back to the queue, so a late reply can never be counted as well.
 - **Current weights only.** The pool remembers the last pushed weights (the state dict, or its safetensors
   buckets in the object store). A new or replacement generator loads them before it is given any work, and
   its reported version is checked; Ray's own actor restart is not used because it would bring a generator
@@ -63,6 +64,7 @@ from relay.actors.pool_types import (
     _Member,
     _Weights,
     is_generator_failure,
+    stalled,
 )
 from relay.actors.sampling import SamplingConfig
 from relay.launch.cluster import RemoteCallTimeout, get
@@ -94,6 +96,7 @@ class GeneratorPool(MembershipMixin, DispatchMixin):
         self._next_job = 0
         self._target = num_generators
         self._weights: _Weights | None = None
+        self._progress_at = time.monotonic()  # a chunk finished or a generator became active (see stall_timeout_s)
         self.counters = {"started": 0, "failed": 0, "removed": 0, "start_failures": 0}
         self._control = None
         self._control_seq = 0
@@ -159,17 +162,26 @@ class GeneratorPool(MembershipMixin, DispatchMixin):
     def generate(self, prompts: Sequence[Sequence[int]] | Mapping[Hashable, Sequence[int]],
                  sampling: SamplingConfig | None = None, ids: Sequence[Hashable] | None = None,
                  timeout_s: float | None = None) -> list[PromptResult]:
-        """Submit and wait: one PromptResult per prompt, in input order. RemoteCallTimeout after `timeout_s`
-        (the prompts stay in the pool; a later `collect` returns them)."""
+        """Submit and wait: one PromptResult per prompt, in input order. RemoteCallTimeout after `timeout_s`, or
+        without one after `options.stall_timeout_s` without progress (the prompts stay in the pool; a later
+        `collect` returns them)."""
         ids = self.submit(prompts, sampling, ids)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = None if timeout_s is None else started + timeout_s
+        stall_s = self.options.stall_limit_s() if timeout_s is None else None
         wanted = set(ids)
         while True:
             with self._lock:
                 if all(i in self._done for i in wanted):
                     return self._pop(ids)
-            if deadline is not None and time.monotonic() > deadline:
+                left = sum(1 for i in wanted if i not in self._done)
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise RemoteCallTimeout(f"GeneratorPool.generate: {len(ids)} prompts not done in {timeout_s:.0f} s")
+            if stall_s is not None and stalled(started, self._progress_at, now, stall_s):
+                raise RemoteCallTimeout(
+                    f"GeneratorPool.generate: no progress in {stall_s:.0f} s (no chunk finished, no generator "
+                    f"became active), {left} of {len(ids)} prompts not done: {self.status()}")
             self._step(0.5)
 
     def pending(self) -> int:

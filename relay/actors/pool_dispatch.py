@@ -94,7 +94,7 @@ class DispatchMixin:
     def _on_generated(self, m: _Member, results: list[GenerationResult]) -> None:
         chunk = self._ledger.complete(m.chunk_id) if m.chunk_id is not None else None
         m.chunk_id = None
-        m.last_health = time.monotonic()
+        m.last_health = self._progress_at = time.monotonic()
         if chunk is not None:
             job = self._jobs[chunk.group]
             by_prompt: dict[int, list[GenerationResult]] = defaultdict(list)

@@ -113,6 +113,7 @@ class MembershipMixin:
             self._reconcile()
         else:
             m.state, m.last_health = ACTIVE, time.monotonic()
+            self._progress_at = m.last_health
             logger.info("generator pool: %s active (pid %s, version %d)", m.name, m.pid, m.version)
 
     def _check_deadlines(self) -> None:
@@ -129,7 +130,9 @@ class MembershipMixin:
                 self.counters["start_failures"] += m.state in (STARTING, LOADING)
                 self._remove(m, failed=True, reason=late)
                 self._reconcile()
-            elif m.state == ACTIVE and m.chunk_id is None and now - m.last_health > o.health_interval_s:
+            elif m.state in (ACTIVE, DRAINING) and now - m.last_health > o.health_interval_s:
+                # Busy ones too: a generator whose engine process died reports itself broken while its
+                # generate call may still be waiting (health runs in the actor's control thread).
                 m.last_health = now
                 if not any(k == "health" and n == m.name for k, n in self._refs.values()):
                     self._refs[m.actor.health.remote()] = ("health", m.name)

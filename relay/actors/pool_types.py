@@ -3,6 +3,7 @@ per generator and per submission, the weights it keeps for late joiners, and how
 from a failed request."""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
@@ -37,9 +38,17 @@ class PoolOptions:
     """Most prompts per generate call. None = split the queue evenly over idle generators (best throughput);
     a small value lets newly added generators share a long batch and shortens the tail."""
     start_timeout_s: float = 300.0
+    """A generator whose engine is not up (and loaded with the current weights) this long after its start is
+    killed and replaced."""
     generate_timeout_s: float = 600.0
     """Per chunk: a generator that takes longer is killed and replaced; its prompts are re-dispatched."""
+    stall_timeout_s: float | None = None
+    """`generate` without a `timeout_s` raises RemoteCallTimeout when the pool makes no progress (no chunk
+    finished, no generator became active) for this long, so it cannot wait for ever. None = 2 x
+    generate_timeout_s: a hung chunk is killed after generate_timeout_s and its replacement's activation is
+    progress, so a pool still without progress after twice that is stuck (e.g. generators Ray cannot place)."""
     weight_timeout_s: float = 600.0
+    """Per weight load (a push, or a new generator catching up): a generator that takes longer is replaced."""
     max_attempts: int = 3
     """Dispatches per prompt before the pool gives up on it (PoolError)."""
     max_failures: int = 16
@@ -55,13 +64,32 @@ class PoolOptions:
     """Create and poll this control actor (e.g. "control" -> relay/control); None = no outside control."""
     control_poll_s: float = 1.0
     health_interval_s: float = 5.0
-    """Idle generators are health-checked this often, so one that died while idle is replaced early."""
+    """Active generators, busy or idle, are health-checked this often, so one that died while idle, or whose
+    engine process died (it reports itself broken), is replaced early."""
 
     def __post_init__(self) -> None:
+        for name in ("start_timeout_s", "generate_timeout_s", "stall_timeout_s", "weight_timeout_s",
+                     "control_poll_s", "health_interval_s"):
+            value = getattr(self, name)
+            if value is None and name == "stall_timeout_s":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"PoolOptions.{name} must be a finite number of seconds > 0, not {value!r}")
+        if self.max_attempts < 1 or self.max_failures < 0:
+            raise ValueError("PoolOptions: max_attempts must be >= 1 and max_failures >= 0")
         if self.keep_weights not in ("memory", "object_store"):
             raise ValueError(f"PoolOptions.keep_weights must be memory or object_store, not {self.keep_weights!r}")
         if self.max_chunk_size is not None and self.max_chunk_size < 1:
             raise ValueError("PoolOptions.max_chunk_size must be >= 1 or None")
+
+    def stall_limit_s(self) -> float:
+        """`stall_timeout_s`, its default resolved."""
+        return self.stall_timeout_s if self.stall_timeout_s is not None else 2 * self.generate_timeout_s
+
+
+def stalled(started: float, progress_at: float, now: float, limit_s: float) -> bool:
+    """Whether a wait that began at `started` has seen no progress (last at `progress_at`) for over `limit_s`."""
+    return now - max(started, progress_at) > limit_s
 
 
 @dataclass

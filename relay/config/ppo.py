@@ -21,6 +21,10 @@ class GenerationConfig(Group):
     num_gpus_per_generator: NonNegFloat = doc("GPUs each generator reserves in Ray.", 0.0)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = doc("vLLM weight dtype (fp32 is faster for tiny models on CPU).", "float32")
     kv_cache_gib: PosFloat = doc("KV-cache size per engine on CPU, GiB.", 1.0)
+    in_process: bool | None = doc(
+        "Run each vLLM engine inside its generator actor (true) or in an engine process of its own (false; its "
+        "death is noticed and the generator replaced). None: in-process on CPU (half the CPU for the same "
+        "tokens), own process on GPU.", None)
     max_model_len: PosInt = doc("Longest prompt + response an engine accepts.", 1024)
     n_samples_per_prompt: PosInt = doc("Responses sampled per prompt (group size for grpo/rloo).", 1)
     temperature: NonNegFloat = doc(

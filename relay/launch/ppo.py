@@ -19,7 +19,8 @@ the actor forward saved is a sizeable share of a small episode. With kl_coef 0 n
 Faults: the reference, reward and buffer actors come back when their process dies (Ray restarts them up to
 `cluster.max_restarts` times; scoring calls in flight are re-run, the buffer's episode is put again, see
 `relay.restarts` and `relay.launch.ppo_buffer`); each restart is logged and counted (restarts_<role> metrics).
-Dead generators are replaced by the pool. A learner rank's death restarts both learner groups from the newest
+Dead generators, and generators whose vLLM engine process died, are replaced by the pool (up to
+`PoolOptions.max_failures`; counted as restarts_generators). A learner rank's death restarts both learner groups from the newest
 checkpoint and runs the episodes since again (`relay.launch.ppo_recovery`, also up to `cluster.max_restarts`).
 
 Accumulation: the seed's buffer-size identity makes one episode exactly one global batch
@@ -127,7 +128,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         gen_cfg = GeneratorConfig(
             model=self.actor_path, dtype=g.dtype, max_model_len=self._max_model_len(), seed=cfg.seed,
             tensor_parallel_size=g.tensor_parallel_size, cpu_kvcache_gib=max(1, int(round(g.kv_cache_gib))),
-            trust_remote_code=cfg.actor.trust_remote_code,
+            trust_remote_code=cfg.actor.trust_remote_code, in_process=g.in_process,
         )
         self._claim_run_name()
         run = self.run_name
@@ -336,7 +337,8 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         self.state.episode = ep + 1
         episode_s = time.monotonic() - t_ep
         rec = {
-            **m, **up, **self.watch.counts(), "restarts_learners": self.learner_restarts, "episode": ep + 1, "weight_version": self.state.version,
+            **m, **up, **self.watch.counts(), "restarts_learners": self.learner_restarts,
+            "restarts_generators": self.pool.counters["failed"], "episode": ep + 1, "weight_version": self.state.version,
             "gen_version_min": min(versions.values()), "gen_version_max": max(versions.values()),
             "num_generators": len(versions), "buffer_size": buffer_size, "buffer_evicted": evicted,
             "samples": len(exp), "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
