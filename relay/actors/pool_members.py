@@ -23,7 +23,8 @@ from relay.actors.pool_types import (
     _Weights,
     is_generator_failure,
 )
-from relay.launch.cluster import NAMESPACE, RemoteCallTimeout, actor_options, get, scoped
+from relay.cluster.calls import RemoteCallTimeout, get
+from relay.cluster.options import NAMESPACE, actor_options, scoped
 
 # One logger name for every pool line, as before the pool was split into modules.
 logger = logging.getLogger("relay.actors.pool")

@@ -15,7 +15,8 @@ from typing import Any
 
 import ray
 
-from relay.launch.cluster import actor_options, get
+from relay.cluster.calls import get
+from relay.cluster.options import actor_options
 from relay.restarts import call_or_explain, restart_options
 
 

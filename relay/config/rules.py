@@ -8,6 +8,7 @@ from typing import Any
 
 from relay.config.fields import ConfigError
 from relay.config.groups import LearnerConfig, LoraConfig
+from relay.config.plugin_rules import check_plugin_support
 from relay.config.ppo import PPOConfig, learner_temperature, ppo_buffer_size
 from relay.config.schema import field_problems
 from relay.config.train import TrainConfig
@@ -47,10 +48,6 @@ def _check_learner(path: str, lc: LearnerConfig, lora: LoraConfig | None, device
     problems = []
     if lc.num_ranks % (lc.tp * lc.pp):
         problems.append((f"{path}.num_ranks", f"{lc.num_ranks} is not divisible by tp*pp = {lc.tp * lc.pp}"))
-    try:  # plugin/platform rules live beside the plugin factory; imported lazily (it does not import ColossalAI)
-        from relay.learners.plugins import check_plugin_support
-    except ImportError:
-        return problems
     for msg in check_plugin_support(
         plugin=lc.plugin, tp=lc.tp, pp=lc.pp, sp=lc.sp, zero_stage=lc.zero_stage,
         precision=lc.mixed_precision, lora_rank=lora.lora_rank if lora else 0, device=device,

@@ -95,6 +95,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         from relay.actors.scorers import start_reference
         from relay.buffer.actor import start_buffer
         from relay.data.shards import load_prepared
+        from relay.cluster.options import scoped
         from relay.launch import cluster
         from relay.models.local import local_folder
         from relay.models.smollm2 import resolve_model_path
@@ -137,12 +138,12 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         self.pool = GeneratorPool(gen_cfg, g.num_generators, opts, wait=False)
         timeout, restarts = cfg.cluster.timeout_s, cfg.cluster.max_restarts
         # Reference, reward and buffer come back if their process dies (Ray restarts them, see relay.restarts)
-        self.ref = (start_reference(self.actor_path, cluster.scoped("ref", run), timeout_s=timeout,
+        self.ref = (start_reference(self.actor_path, scoped("ref", run), timeout_s=timeout,
                                     max_restarts=restarts) if needs_reference(cfg) else None)
-        self.reward = start_reward_actor(cfg.reward, self.actor_path, name=cluster.scoped("reward", run),
+        self.reward = start_reward_actor(cfg.reward, self.actor_path, name=scoped("reward", run),
                                          timeout_s=timeout, max_restarts=restarts)
         limit = cfg.buffer_limit or ppo_buffer_size(cfg) * (2 if a.mode == "async" else 1)
-        self.buffer = start_buffer(limit, cluster.scoped("buffer", run), pad_token_id=self.pad_id, seed=cfg.seed,
+        self.buffer = start_buffer(limit, scoped("buffer", run), pad_token_id=self.pad_id, seed=cfg.seed,
                                    timeout_s=timeout, max_restarts=restarts)
         self._watch_restarts()
         self._start_learners()
@@ -245,7 +246,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         return {"ids": ids, "t0": time.monotonic(), "episode": episode, "order_before": order_before}
 
     def _wait(self, job: dict[str, Any]) -> tuple[list[Any], float]:
-        from relay.launch.cluster import RemoteCallTimeout
+        from relay.cluster.calls import RemoteCallTimeout
 
         want, got = list(job["ids"]), {}
         deadline = time.monotonic() + self.cfg.cluster.timeout_s
@@ -394,7 +395,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         same cluster (a resumed run, the next test) can take them. Returns the names still taken."""
         import ray
 
-        from relay.launch.cluster import NAMESPACE, scoped
+        from relay.cluster.options import NAMESPACE, scoped
 
         run = self.run_name
         names = [f"relay/{scoped(n, run)}" for n in ("ref", "reward", "buffer", "actor-rank0", "critic-rank0")]

@@ -27,7 +27,9 @@ from typing import Any
 
 import ray
 
-from relay.launch import cluster
+from relay.cluster.calls import DEFAULT_TIMEOUT_S, RemoteCallTimeout, get
+from relay.cluster.options import NAMESPACE, actor_options, scoped
+from relay.config.plugin_rules import check_plugin_support
 from relay.learners.lossfn import (  # noqa: F401  (re-exported: the loss API belongs to the group's API)
     LossFn,
     causal_lm_loss,
@@ -88,7 +90,7 @@ class LearnerGroup:
         run: str | None = None,
         num_cpus: float = 1.0,
         num_gpus: float | None = None,
-        timeout_s: float = cluster.DEFAULT_TIMEOUT_S,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         spec: LearnerSpec | None = None,
         **options: Any,
     ) -> "LearnerGroup":
@@ -97,8 +99,6 @@ class LearnerGroup:
         Ranks are named `relay/<role>-rank<i>` (`...@<run>` with `run`, so two runs share a cluster).
         `options` are `LearnerSpec` fields (plugin, tp, zero_stage, precision, lr, lora_rank, ...); an
         unsupported combination raises ValueError here, before any actor starts."""
-        from relay.learners.plugins import check_plugin_support
-
         spec = spec or LearnerSpec(model_path=str(model_path), kind=kind, **options)
         device = "cuda" if num_gpus else "cpu"
         errors = check_plugin_support(
@@ -110,7 +110,7 @@ class LearnerGroup:
         remote_cls = ray.remote(LearnerWorker)
         workers = [
             remote_cls.options(
-                **cluster.actor_options(name=cluster.scoped(f"{role}-rank{i}", run), num_cpus=num_cpus,
+                **actor_options(name=scoped(f"{role}-rank{i}", run), num_cpus=num_cpus,
                                         num_gpus=num_gpus or 0)
             ).remote(i, num_ranks)
             for i in range(num_ranks)
@@ -119,7 +119,7 @@ class LearnerGroup:
         group.device, group.run = device, run
         try:
             nodes = group._call_each("node_id", what="learner start")
-            node0, ip0, port = cluster.get(workers[0].address.remote(), timeout_s, f"{role}: rendezvous address")
+            node0, ip0, port = get(workers[0].address.remote(), timeout_s, f"{role}: rendezvous address")
             addr = "127.0.0.1" if all(n == node0 for n in nodes) else ip0
             group._call("setup", addr, port, spec.seed, what="process group")
             group.info = group._call("build", spec, what="booster build")[0]
@@ -147,12 +147,12 @@ class LearnerGroup:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.broken = f"{what} timed out"
-                raise cluster.RemoteCallTimeout(f"{self.role}: {what} did not finish within {self.timeout_s:.0f} s")
+                raise RemoteCallTimeout(f"{self.role}: {what} did not finish within {self.timeout_s:.0f} s")
             done, pending = ray.wait(pending, num_returns=1, timeout=left)
             for ref in done:
                 try:
-                    cluster.get(ref, timeout=60.0, what=f"{self.role}: {what}")
-                except cluster.RemoteCallTimeout:
+                    get(ref, timeout=60.0, what=f"{self.role}: {what}")
+                except RemoteCallTimeout:
                     raise
                 except Exception as err:
                     _, still = ray.wait(pending, num_returns=len(pending), timeout=_FAILURE_GRACE_S)
@@ -160,7 +160,7 @@ class LearnerGroup:
                         self.broken = f"{what} failed on rank {refs.index(ref)} while others kept waiting"
                     rank = refs.index(ref)
                     raise LearnerGroupError(f"{self.role}: {what} failed on rank {rank}: {err}{self._log_hint(rank)}") from err
-        return cluster.get(refs, timeout=60.0, what=f"{self.role}: {what}")
+        return get(refs, timeout=60.0, what=f"{self.role}: {what}")
 
     def _log_hint(self, rank: int) -> str:
         """Where that rank's own output went (quiet runs: SAVE_DIR/logs/<role>-rank<i>.log), if anywhere."""
@@ -177,8 +177,6 @@ class LearnerGroup:
     def rebuild(self, **changes: Any) -> dict[str, Any]:
         """Build a new model/optimizer/booster on the same ranks (and process group) with some spec fields
         changed, e.g. another plugin or model; saves the actors' start-up and import time."""
-        from relay.learners.plugins import check_plugin_support
-
         spec = dataclasses.replace(self.spec, **changes)
         errors = check_plugin_support(
             spec.plugin, spec.tp, spec.pp, spec.sp, spec.zero_stage, spec.precision, spec.lora_rank,
@@ -268,13 +266,13 @@ class LearnerGroup:
                 ray.kill(w, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        names = [f"relay/{cluster.scoped(f'{self.role}-rank{i}', self.run)}" for i in range(len(self.workers))]
+        names = [f"relay/{scoped(f'{self.role}-rank{i}', self.run)}" for i in range(len(self.workers))]
         self.workers = []
         deadline = time.monotonic() + timeout_s
         for name in names:
             while time.monotonic() < deadline:
                 try:
-                    ray.get_actor(name, namespace=cluster.NAMESPACE)
+                    ray.get_actor(name, namespace=NAMESPACE)
                 except ValueError:
                     break
                 time.sleep(0.1)
