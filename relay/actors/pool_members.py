@@ -75,7 +75,8 @@ class MembershipMixin:
             num_gpus = self.options.num_gpus
             if num_gpus is None:
                 num_gpus = float(cfg.tensor_parallel_size) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-            opts = actor_options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
+            place = self.options.placement(index, name) if self.options.placement else {}
+            opts = actor_options(name=name, **{"num_cpus": num_cpus, "num_gpus": num_gpus, **place},
                                  env={"OMP_NUM_THREADS": str(cfg.cpu_threads)})
             actor = Generator.options(**opts).remote(asdict(cfg))
             self._members[name] = _Member(index, name, actor)

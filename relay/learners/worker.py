@@ -80,6 +80,12 @@ class LearnerWorker(WeightsAndCheckpoints):
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def device(self) -> str:
+        """'cuda' when torch sees a device in this process (a GPU id from Ray alone is not enough), else 'cpu'."""
+        from relay.cluster.devices import torch_device
+
+        return torch_device()
+
     def pid(self) -> int:
         return os.getpid()
 
