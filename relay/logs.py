@@ -13,10 +13,10 @@ DDP FutureWarnings, transformers progress bars, Ray's `(pid=...)` lines) goes to
 `--verbose` (or RELAY_VERBOSE=1) turns all of that off: nothing is redirected, Ray forwards the actors'
 output to the terminal as usual, and errors show their full traceback.
 
-How it reaches the actors: the driver sets RELAY_LOG_DIR (and RELAY_VERBOSE); `relay.launch.cluster.
+How it reaches the actors: the driver sets RELAY_LOG_DIR (and RELAY_VERBOSE); `relay.cluster.options.
 actor_env` copies them, plus RELAY_LOG_ROLE (the actor's name), into every actor's runtime env, and
-`init_ray` registers `worker_setup` as Ray's worker-process setup hook, which redirects the process before
-the actor's module is even imported. Without RELAY_LOG_DIR (tests, library use) nothing changes.
+`relay.launch.cluster.init_ray` registers `worker_setup` as Ray's worker-process setup hook, which redirects the
+process before the actor's module is even imported. Without RELAY_LOG_DIR (tests, library use) nothing changes.
 
 This module imports nothing heavy and nothing else of Relay's: Ray workers import it at process start.
 """
@@ -81,7 +81,7 @@ def role_file_name(role: str) -> str:
 
 
 def actor_env_vars(name: str | None = None) -> dict[str, str]:
-    """Variables an actor's runtime env needs for its logs (see `relay.launch.cluster.actor_env`)."""
+    """Variables an actor's runtime env needs for its logs (see `relay.cluster.options.actor_env`)."""
     env: dict[str, str] = {}
     if VERBOSE_ENV in os.environ:
         env[VERBOSE_ENV] = os.environ[VERBOSE_ENV]

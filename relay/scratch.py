@@ -9,7 +9,7 @@ per purpose and root). Files written into a folder go through `write_private` (O
 through a link) or `private_temp_file` (mkstemp).
 
 $RELAY_SHM_DIR replaces /dev/shm as the shared-memory root (tests point it at a small or full folder); it
-reaches every Relay actor (`relay.launch.cluster.actor_env`).
+reaches every Relay actor (`relay.cluster.options.actor_env`).
 """
 from __future__ import annotations
 

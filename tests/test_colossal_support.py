@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.learners.plugins import check_plugin_support, make_plugin
+from relay.config.plugin_rules import check_plugin_support
+from relay.learners.plugins import make_plugin
 
 
 def errors(**kw):

@@ -55,6 +55,8 @@ def bad_values(kind: FieldKind) -> list[Any]:
         return ["maybe", 2, [True], *wrong_type]
     if kind.base is str:
         return [[], *wrong_type]
+    if kind.base is dict:  # custom resources: numeric values >= 0, no names Ray reserves
+        return [{"a": v} for v in bad_values(kind.item)[:3] + _outside(kind.item)] + [{"CPU": 1}, {"GPU": 1}, "abc", [1]]
     if kind.item is not None and kind.item.numeric:
         item_ok = kind.item.range.bounds().get("ge", 0) if kind.item.range else 0
         n = kind.length[0] if kind.length else 1

@@ -69,7 +69,7 @@ def test_vllm_reload_warning_explained_once_then_dropped():
 
 
 def test_actor_env_carries_log_folder_and_role(monkeypatch, tmp_path):
-    from relay.launch.cluster import actor_env, actor_options
+    from relay.cluster.options import actor_env, actor_options
 
     monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)
     monkeypatch.delenv(logs.LOG_DIR_ENV, raising=False)

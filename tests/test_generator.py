@@ -127,7 +127,7 @@ def test_sampling_options(generator):
 
 @pytest.mark.slow
 def test_control_calls_answer_while_generating(generator):
-    from relay.launch.cluster import get
+    from relay.cluster.calls import get
 
     prompts = [[(7 * i + j) % 1000 + 3 for j in range(8)] for i in range(48)]
     ref = generator.generate_async(prompts, SamplingConfig(max_tokens=200, ignore_eos=True))

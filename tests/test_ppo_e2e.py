@@ -71,7 +71,7 @@ EXPECTED_ACTORS = ("relay/generator-0@e2e", "relay/generator-1@e2e", "relay/ref@
 def _named_actors() -> set[str]:
     import ray
 
-    from relay.launch.cluster import NAMESPACE
+    from relay.cluster.options import NAMESPACE
 
     found = set()
     for name in EXPECTED_ACTORS:

@@ -171,7 +171,7 @@ class TestOneSystem:
         import ray
 
         from relay.actors.control import control_status, request_generators
-        from relay.launch.cluster import NAMESPACE
+        from relay.cluster.options import NAMESPACE
 
         with pytest.raises(ValueError):  # kl_coef 0 (the GRPO preset): the reference is never started
             ray.get_actor(f"relay/ref@{RUN}", namespace=NAMESPACE)

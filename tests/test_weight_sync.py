@@ -214,7 +214,7 @@ def test_object_store_equals_shm(generator, tiny_llama_dir):
 def test_bad_updates_raise_and_keep_version(generator, tiny_llama_dir, tmp_path):
     from relay.actors.sampling import SamplingConfig
     from relay.actors.weight_sync import push_weights
-    from relay.launch.cluster import RemoteCallTimeout
+    from relay.cluster.calls import RemoteCallTimeout
 
     sampling = SamplingConfig(temperature=0.0, max_tokens=8)
     v = generator.version()

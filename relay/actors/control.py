@@ -11,7 +11,8 @@ from typing import Any
 
 import ray
 
-from relay.launch.cluster import NAMESPACE, actor_options, get
+from relay.cluster.calls import get
+from relay.cluster.options import NAMESPACE, actor_options
 
 DEFAULT_CONTROL_NAME = "control"
 

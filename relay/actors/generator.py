@@ -46,7 +46,8 @@ from relay.actors.weight_sync import (
     read_manifest,
     write_blobs,
 )
-from relay.launch.cluster import actor_options, get
+from relay.cluster.calls import get
+from relay.cluster.options import actor_options
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +404,7 @@ class GeneratorClient:
         return get(self.actor.generate.remote(prompt_token_ids, sampling), timeout_s, f"{self.name}.generate")
 
     def generate_async(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig | None = None):
-        """ObjectRef of `generate`; wait on it with `relay.launch.cluster.get(ref, timeout)`."""
+        """ObjectRef of `generate`; wait on it with `relay.cluster.calls.get(ref, timeout)`."""
         return self.actor.generate.remote(prompt_token_ids, sampling)
 
     def update_weights(self, paths: list[str], version: int | None = None, timeout_s: float = 300.0,

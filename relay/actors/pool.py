@@ -67,7 +67,7 @@ from relay.actors.pool_types import (
     stalled,
 )
 from relay.actors.sampling import SamplingConfig
-from relay.launch.cluster import RemoteCallTimeout, get
+from relay.cluster.calls import RemoteCallTimeout, get
 
 # Callers import the pool's data classes and error from here, where they lived before the split.
 __all__ = ["ACTIVE", "DRAINING", "LOADING", "STARTING", "GeneratorPool", "PoolError", "PoolOptions", "PromptResult",

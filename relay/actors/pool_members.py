@@ -23,7 +23,8 @@ from relay.actors.pool_types import (
     _Weights,
     is_generator_failure,
 )
-from relay.launch.cluster import NAMESPACE, RemoteCallTimeout, actor_options, get, scoped
+from relay.cluster.calls import RemoteCallTimeout, get
+from relay.cluster.options import NAMESPACE, actor_options, scoped
 
 # One logger name for every pool line, as before the pool was split into modules.
 logger = logging.getLogger("relay.actors.pool")
@@ -74,7 +75,8 @@ class MembershipMixin:
             num_gpus = self.options.num_gpus
             if num_gpus is None:
                 num_gpus = float(cfg.tensor_parallel_size) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-            opts = actor_options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
+            place = self.options.placement(index, name) if self.options.placement else {}
+            opts = actor_options(name=name, **{"num_cpus": num_cpus, "num_gpus": num_gpus, **place},
                                  env={"OMP_NUM_THREADS": str(cfg.cpu_threads)})
             actor = Generator.options(**opts).remote(asdict(cfg))
             self._members[name] = _Member(index, name, actor)

@@ -34,6 +34,10 @@ class PoolOptions:
     """Logical CPUs per generator; None = what `start_generator` would reserve (cpu_threads)."""
     num_gpus: float | None = None
     """GPUs per generator; None = tensor_parallel_size when the cluster has GPUs, else 0."""
+    placement: Any = None
+    """(index, name) -> Ray options that place that generator (resources, scheduling strategy; they win over
+    num_cpus / num_gpus), e.g. `lambda i, n: placement.options("generator", i, n)` with a
+    `relay.cluster.placement_groups.Placement`; None = Ray's default."""
     max_chunk_size: int | None = None
     """Most prompts per generate call. None = split the queue evenly over idle generators (best throughput);
     a small value lets newly added generators share a long batch and shortens the tail."""

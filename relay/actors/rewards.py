@@ -199,7 +199,7 @@ class RewardClient:
 
     def result(self, ref: Any, what: str = "score_ids", timeout_s: float | None = None) -> Any:
         """Wait for a call's ObjectRef (ActorLost once Ray gave up restarting the actor)."""
-        from relay.launch.cluster import get
+        from relay.cluster.calls import get
 
         return call_or_explain(lambda: get(ref, timeout_s or self.timeout_s, f"{self.name}.{what}"), self.name,
                                self.max_restarts)
@@ -230,7 +230,8 @@ def start_reward_actor(cfg: Any, tokenizer: str | None = None, name: str = "rewa
     """Start `relay/<name>` serving the source described by `cfg` (RewardConfig, RewardSpec or dict), and
     wait until it is built (a bad rule or an unloadable model fails here, not at the first score). Ray
     restarts it up to `max_restarts` times if its process dies."""
-    from relay.launch.cluster import actor_options, get
+    from relay.cluster.calls import get
+    from relay.cluster.options import actor_options
 
     if not isinstance(cfg, (dict, RewardSpec)):  # e.g. relay.config.RewardConfig: send plain fields
         cfg = RewardSpec(kind=cfg.kind, model=cfg.model, rule=cfg.rule, url=cfg.url,

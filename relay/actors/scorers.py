@@ -15,7 +15,8 @@ from typing import Any
 
 import ray
 
-from relay.launch.cluster import actor_options, get
+from relay.cluster.calls import get
+from relay.cluster.options import actor_options
 from relay.restarts import call_or_explain, restart_options
 
 
@@ -86,10 +87,10 @@ class ReferenceClient:
 
 
 def start_reference(model_path: str, name: str = "ref", num_cpus: float = 0.5, dtype: str = "float32",
-                    timeout_s: float = 600.0, max_restarts: int = 0) -> ReferenceClient:
+                    timeout_s: float = 600.0, max_restarts: int = 0, **options: Any) -> ReferenceClient:
     """Start `relay/<name>` on `model_path` and wait until the model is loaded; Ray restarts it up to
-    `max_restarts` times if its process dies."""
-    opts = actor_options(name=name, num_cpus=num_cpus, **restart_options(max_restarts))
+    `max_restarts` times if its process dies. `options` go to Ray (num_gpus, resources, scheduling_strategy)."""
+    opts = actor_options(name=name, num_cpus=num_cpus, **{**restart_options(max_restarts), **options})
     actor = ray.remote(ReferenceServer).options(**opts).remote(model_path, dtype)
     client = ReferenceClient(actor, timeout_s, max_restarts, opts["name"])
     try:

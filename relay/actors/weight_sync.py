@@ -314,7 +314,7 @@ def push_weights(
     """
     import ray
 
-    from relay.launch.cluster import RemoteCallTimeout
+    from relay.cluster.calls import RemoteCallTimeout
 
     if strategy not in ("auto", "shm", "object_store"):
         raise ValueError(f"push_weights: unknown strategy {strategy!r} (auto, shm, object_store)")

@@ -287,7 +287,7 @@ class BufferClient:
     name: str = "relay/buffer"
 
     def _get(self, ref: Any, what: str, timeout_s: float | None = None) -> Any:
-        from relay.launch.cluster import get
+        from relay.cluster.calls import get
 
         return get(ref, timeout_s or self.timeout_s, f"{self.name}.{what}")
 
@@ -337,7 +337,8 @@ def start_buffer(limit: int, name: str = "buffer", pad_token_id: int = 0, seed: 
     """Start the `relay/<name>` buffer actor and wait until it answers. Ray restarts it (empty) up to
     `max_restarts` times if its process dies, without re-running the calls in flight: what the buffer held is
     gone, so its caller redoes its exchange (`relay.launch.ppo_buffer`)."""
-    from relay.launch.cluster import actor_options, get
+    from relay.cluster.calls import get
+    from relay.cluster.options import actor_options
     from relay.restarts import restart_options
 
     opts = actor_options(name=name, num_cpus=num_cpus, **{**restart_options(max_restarts, retry_calls=False),

@@ -2,7 +2,8 @@
 `--set a.b=v` overrides, and validation that names the field (and file) before any actor starts.
 
 Modules: `fields` (doc, Range, ConfigError), `groups` / `train` / `ppo` (the dataclasses), `schema` (pydantic
-field checks), `rules` (cross-field rules, `validate`), `loading` (YAML, overrides), `reference` (field docs).
+field checks), `rules` (cross-field rules, `validate`), `plugin_rules`
+(which learner plugin setups run where), `loading` (YAML, overrides), `reference` (field docs).
 Imports nothing of Relay's outside this package and nothing heavy (pydantic, yaml).
 """
 from relay.config.fields import PLUGINS, PRECISIONS, ConfigError, Range, doc

@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Annotated, Any, ClassVar, Iterator, Literal
 
 import annotated_types
-from pydantic import BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BeforeValidator, ConfigDict
 
 Plugin = Literal["ddp", "zero2", "zero2_cpu", "gemini", "gemini_auto", "3d"]
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -115,6 +115,31 @@ Fraction = Annotated[float, Range(ge=0, le=1)]
 Seed = Annotated[int, Range(ge=0, lt=2**32)]  # numpy's limit; torch takes more
 StrList = Annotated[list[str], BeforeValidator(_one_or_many)]
 
+# Placement. Ray's own resource names have their own fields (num_cpus, num_gpus); a custom resource is any other
+# name a node was started with (`ray start --resources`), e.g. an accelerator type or a node's `node:<ip>`.
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+PlacementMode = Literal["separate", "colocate"]  # the modes of relay.cluster.placement.MODES
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    taken = sorted(k for k in value if k in RESERVED_RESOURCES or not k.strip())
+    if taken:
+        raise ValueError(f"{', '.join(map(repr, taken))} cannot be a custom resource (CPU/GPU have their own fields)")
+    return value
+
+
+def _node_pin(value: str) -> str:
+    key, eq, label = value.partition("=")
+    if not key.strip() or (eq and not label.strip()):
+        raise ValueError("expected a node label as KEY=VALUE or a custom resource name")
+    if not eq and value in RESERVED_RESOURCES:
+        raise ValueError(f"{value!r} is on every node; pin to a label or a custom resource")
+    return value
+
+
+Resources = Annotated[dict[str, Annotated[float, Range(ge=0)]], AfterValidator(_custom_resources)]
+NodePin = Annotated[str, AfterValidator(_node_pin)]
+
 
 # ------------------------------------------------------------------------------------------ introspection
 @dataclass
@@ -125,7 +150,7 @@ class FieldKind:
     optional: bool = False
     range: Range | None = None
     choices: tuple[Any, ...] = ()
-    item: FieldKind | None = None  # list items
+    item: FieldKind | None = None  # list items, or dict values
     length: tuple[int, int | None] | None = None  # list length bounds
 
     @property
@@ -156,6 +181,8 @@ def describe(hint: Any) -> FieldKind:
         kind.base = type(kind.choices[0])
     elif typing.get_origin(hint) is list:
         kind.base, kind.item = list, describe(typing.get_args(hint)[0])
+    elif typing.get_origin(hint) is dict:  # text keys; `item` describes the values
+        kind.base, kind.item = dict, describe(typing.get_args(hint)[1])
     return kind
 
 

@@ -7,8 +7,15 @@ from typing import Annotated, Literal
 import annotated_types
 
 from relay.config.fields import (
-    Fraction, Group, NonNegFloat, NonNegInt, Plugin, PosFloat, PosInt, Precision, Range, StrList, doc,
+    Fraction, Group, NodePin, NonNegFloat, NonNegInt, Plugin, PosFloat, PosInt, Precision, Range, Resources, StrList,
+    doc,
 )
+
+# The placement fields every role shares (relay.cluster.placement reads them).
+RESOURCES_HELP = ("Custom Ray resources {who} reserves besides CPUs and GPUs, e.g. {{accelerator_type:A100: "
+                  "0.001}}; each name must exist on some node (`ray start --resources`).")
+NODE_PIN_HELP = ("Keep {who} on matching nodes: a node label KEY=VALUE (`ray start --labels`) or a custom resource "
+                 "name only those nodes have (each bundle then asks 0.001 of it); unset: any node.")
 
 
 @dataclass
@@ -42,6 +49,12 @@ class LearnerConfig(Group):
     use_flash_attn: bool = doc("Use flash-attn when it is installed (GPU); otherwise PyTorch SDPA is used and logged.", False)
     num_cpus_per_rank: NonNegFloat = doc("Logical CPUs each rank reserves in Ray (a quota, not threads).", 1.0)
     num_gpus_per_rank: NonNegFloat = doc("GPUs each rank reserves in Ray (0 on CPU machines).", 0.0)
+    resources_per_rank: Resources = doc(RESOURCES_HELP.format(who="each rank"), factory=dict)
+    node_pin: NodePin | None = doc(NODE_PIN_HELP.format(who="the ranks"), None)
+    placement_strategy: Literal["PACK", "STRICT_PACK"] = doc(
+        "The group's Ray placement group (one bundle per rank, reserved before any rank starts): PACK (as few "
+        "nodes as possible; ranks are numbered by node, so tensor-parallel peers share one where the node count "
+        "allows) or STRICT_PACK (every rank on one node, or the run stops before it starts).", "PACK")
     num_threads: PosInt = doc("torch threads per rank (1 is fastest on small shared CPUs).", 1)
 
 
@@ -93,6 +106,9 @@ class ClusterConfig(Group):
     num_cpus: PosInt | None = doc("Logical CPUs of a new local cluster (declare generously; actors use quotas).", 16)
     dashboard_host: str = doc("Dashboard bind address of a new local cluster (127.0.0.1 keeps it private).", "127.0.0.1")
     timeout_s: PosFloat = doc("Timeout for every remote call from the driver, in seconds.", 1800.0)
+    placement_timeout_s: PosFloat = doc(
+        "How long to wait for the placement groups once the layout fits the cluster's nodes (resources held by "
+        "other jobs free up meanwhile); then the run stops with a table of what is still missing.", 300.0)
     max_restarts: NonNegInt = doc(
         "PPO: how many times Ray restarts the reference, reward or buffer actor after its process died; the "
         "run carries on (calls in flight are re-run, the buffer's episode is put again) and logs each restart. "

@@ -6,9 +6,12 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from relay.config.fields import (
-    Fraction, Group, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, Seed, StrList, doc,
+    Fraction, Group, NodePin, NonNegFloat, NonNegInt, PlacementMode, PosFloat, PosInt, Range, Resources, Seed, StrList,
+    doc,
 )
-from relay.config.groups import ClusterConfig, LearnerConfig, LoggingConfig, LoraConfig, ModelConfig, OptimConfig
+from relay.config.groups import (
+    NODE_PIN_HELP, RESOURCES_HELP, ClusterConfig, LearnerConfig, LoggingConfig, LoraConfig, ModelConfig, OptimConfig,
+)
 
 
 @dataclass
@@ -18,7 +21,15 @@ class GenerationConfig(Group):
     num_generators: PosInt = doc("vLLM engines (Ray actors); can be changed while a run goes on.", 1)
     tensor_parallel_size: PosInt = doc("vLLM tensor parallelism inside each generator (GPU).", 1)
     num_cpus_per_generator: NonNegFloat = doc("Logical CPUs each generator reserves in Ray.", 1.0)
-    num_gpus_per_generator: NonNegFloat = doc("GPUs each generator reserves in Ray.", 0.0)
+    num_gpus_per_generator: NonNegFloat = doc(
+        "GPUs each generator reserves in Ray: a share of one GPU with tensor_parallel_size 1, or "
+        "tensor_parallel_size (one GPU per vLLM worker, reserved as the engine's own STRICT_PACK placement group); "
+        "0: tensor_parallel_size on a cluster with GPUs, none (a CPU engine) on one without.", 0.0)
+    resources_per_generator: Resources = doc(RESOURCES_HELP.format(who="each generator"), factory=dict)
+    node_pin: NodePin | None = doc(NODE_PIN_HELP.format(who="the generators"), None)
+    placement_strategy: Literal["SPREAD", "PACK"] = doc(
+        "SPREAD: generators go to different nodes where they fit (a node's loss costs one engine); PACK: Ray's "
+        "default, fewest nodes.", "SPREAD")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = doc("vLLM weight dtype (fp32 is faster for tiny models on CPU).", "float32")
     kv_cache_gib: PosFloat = doc("KV-cache size per engine on CPU, GiB.", 1.0)
     in_process: bool | None = doc(
@@ -54,6 +65,33 @@ class RewardConfig(Group):
         "cluster.timeout_s. TLS/certificate errors are never retried.", 600.0)
     max_response_bytes: PosInt = doc("HTTP: largest reply accepted; a larger one is an error (not retried).",
                                      16 * 2**20)
+    num_cpus: NonNegFloat = doc("Logical CPUs the reward actor reserves in Ray.", 1.0)
+    num_gpus: NonNegFloat = doc("GPUs the reward actor reserves in Ray (kind=model); with placement colocate, its "
+                                "share of a critic rank's GPU (the actor's without a critic), e.g. 0.25.", 0.0)
+    resources: Resources = doc(RESOURCES_HELP.format(who="the reward actor"), factory=dict)
+    node_pin: NodePin | None = doc(NODE_PIN_HELP.format(who="the reward actor"), None)
+
+
+@dataclass
+class ReferenceConfig(Group):
+    """The frozen reference policy's actor (started when a KL term uses it)."""
+
+    num_cpus: NonNegFloat = doc("Logical CPUs the reference actor reserves in Ray.", 0.5)
+    num_gpus: NonNegFloat = doc("GPUs the reference actor reserves in Ray; with placement colocate, its share of "
+                                "an actor-learner rank's GPU, e.g. 0.25.", 0.0)
+    resources: Resources = doc(RESOURCES_HELP.format(who="the reference actor"), factory=dict)
+    node_pin: NodePin | None = doc(NODE_PIN_HELP.format(who="the reference actor"), None)
+
+
+@dataclass
+class BufferConfig(Group):
+    """The ExperienceBuffer actor (its capacity is `buffer_limit`)."""
+
+    num_cpus: NonNegFloat = doc("Logical CPUs the buffer actor reserves in Ray.", 0.5)
+    num_gpus: NonNegFloat = doc("GPUs the buffer actor reserves in Ray (it computes nothing on them: keep 0 "
+                                "unless a GPU node must hold it).", 0.0)
+    resources: Resources = doc(RESOURCES_HELP.format(who="the buffer actor"), factory=dict)
+    node_pin: NodePin | None = doc(NODE_PIN_HELP.format(who="the buffer actor"), None)
 
 
 @dataclass
@@ -136,6 +174,16 @@ class PPOConfig(Group):
     lora: LoraConfig = doc("LoRA for the actor.", factory=LoraConfig)
     generation: GenerationConfig = doc("Generators and sampling.", factory=GenerationConfig)
     reward: RewardConfig = doc("Reward source.", factory=RewardConfig)
+    reference: ReferenceConfig = doc("Reference actor resources.", factory=ReferenceConfig)
+    buffer: BufferConfig = doc("ExperienceBuffer actor resources.", factory=BufferConfig)
+    placement: PlacementMode = doc(
+        "How roles share the cluster (checked against its nodes before any actor starts). 'separate': every role "
+        "reserves its own resources. 'colocate': the reference lives in an actor-learner rank's bundle and a "
+        "reward model (kind=model) in a critic rank's (the actor's without a critic), sharing that rank's GPU "
+        "(reference.num_gpus / reward.num_gpus are their shares; the rank reserves the rest). Saves the scorers' "
+        "GPUs at a memory cost: the scorer's weights and activations sit beside the rank's weights, gradients "
+        "and optimizer state, so leave room (ZeRO, offload, smaller micro-batches) or the rank runs out of memory.",
+        "separate")
     algo: PPOAlgoConfig = doc("Algorithm.", factory=PPOAlgoConfig)
     logging: LoggingConfig = doc("Metrics and logging.", factory=LoggingConfig)
     cluster: ClusterConfig = doc("Ray cluster.", factory=ClusterConfig)

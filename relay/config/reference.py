@@ -9,7 +9,7 @@ from relay.config.fields import FieldKind, field_kinds, is_group
 
 
 def _type_name(kind: FieldKind) -> str:
-    name = f"list[{_type_name(kind.item)}]" if kind.item else kind.base.__name__
+    name = f"{kind.base.__name__}[{'str, ' if kind.base is dict else ''}{_type_name(kind.item)}]" if kind.item else kind.base.__name__
     return f"{name} | None" if kind.optional else name
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from relay.config.fields import ConfigError
 from relay.config.groups import LearnerConfig, LoraConfig
-from relay.config.ppo import PPOConfig, learner_temperature, ppo_buffer_size
+from relay.config.plugin_rules import check_plugin_support
+from relay.config.ppo import PPOConfig, learner_temperature, needs_reference, ppo_buffer_size
 from relay.config.schema import field_problems
 from relay.config.train import TrainConfig
 
@@ -38,7 +39,7 @@ def validate(cfg: Any, device: str | None = None) -> None:
     if isinstance(cfg, PPOConfig):
         problems += _check_learner("actor_learner", cfg.actor_learner, cfg.lora, device)
         problems += _check_learner("critic_learner", cfg.critic_learner, None, device)
-        problems += _check_ppo(cfg) + _check_ppo_sampling(cfg) + _check_ppo_logprobs(cfg)
+        problems += _check_ppo(cfg) + _check_ppo_sampling(cfg) + _check_ppo_logprobs(cfg) + _check_placement(cfg)
     if problems:
         raise ConfigError.invalid(problems)
 
@@ -47,10 +48,6 @@ def _check_learner(path: str, lc: LearnerConfig, lora: LoraConfig | None, device
     problems = []
     if lc.num_ranks % (lc.tp * lc.pp):
         problems.append((f"{path}.num_ranks", f"{lc.num_ranks} is not divisible by tp*pp = {lc.tp * lc.pp}"))
-    try:  # plugin/platform rules live beside the plugin factory; imported lazily (it does not import ColossalAI)
-        from relay.learners.plugins import check_plugin_support
-    except ImportError:
-        return problems
     for msg in check_plugin_support(
         plugin=lc.plugin, tp=lc.tp, pp=lc.pp, sp=lc.sp, zero_stage=lc.zero_stage,
         precision=lc.mixed_precision, lora_rank=lora.lora_rank if lora else 0, device=device,
@@ -133,4 +130,29 @@ def _check_ppo_logprobs(cfg: PPOConfig) -> Problems:
         problems.append(("algo.kl_estimator", "k1 as a loss term (kl_in_reward false) has zero gradient in "
                                               "expectation, so the KL penalty would not act; use k3 (low variance, "
                                               "unbiased) or k2"))
+    return problems
+
+
+def _check_placement(cfg: PPOConfig) -> Problems:
+    """Resource shapes the placement plan (relay.cluster.placement) can build; whether they fit the cluster is
+    checked against its nodes at launch."""
+    g, problems = cfg.generation, []
+    if g.tensor_parallel_size > 1 and g.num_gpus_per_generator not in (0, g.tensor_parallel_size):
+        problems.append(("generation.num_gpus_per_generator",
+                         f"{g.num_gpus_per_generator:g} with tensor_parallel_size {g.tensor_parallel_size}: a GPU "
+                         f"engine reserves one GPU per vLLM worker; use {g.tensor_parallel_size} (or 0 on CPU)"))
+    if cfg.placement == "colocate":
+        critic = cfg.critic_learner if cfg.algo.advantage_estimator == "gae" else None
+        guests = [("reference", cfg.reference.num_gpus, "actor_learner", cfg.actor_learner)] if needs_reference(cfg) else []
+        if cfg.reward.kind == "model":
+            guests.append(("reward", cfg.reward.num_gpus, *(("critic_learner", critic) if critic else
+                                                           ("actor_learner", cfg.actor_learner))))
+        for name, share, host_path, host in guests:
+            if share and not host.num_gpus_per_rank:
+                problems.append((f"{name}.num_gpus", f"placement colocate shares {host_path}'s GPUs, and its "
+                                                     "num_gpus_per_rank is 0; set it, or use placement separate"))
+            elif share >= host.num_gpus_per_rank > 0:
+                problems.append((f"{name}.num_gpus", f"with placement colocate this is the share of one "
+                                                     f"{host_path} rank's {host.num_gpus_per_rank:g} GPU(s) and must "
+                                                     f"be smaller, e.g. 0.25; got {share:g}"))
     return problems

@@ -69,7 +69,7 @@ def _problem(cls: type, e: Any) -> tuple[str, str]:
         "int_parsing": "expected an integer", "int_type": "expected an integer", "int_from_float": "expected an integer",
         "float_parsing": "expected a number", "float_type": "expected a number",
         "bool_parsing": "expected true or false", "bool_type": "expected true or false",
-        "string_type": "expected a string", "list_type": "expected a list",
+        "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected a mapping",
         "dataclass_type": f"expected a mapping of {ctx.get('class_name', '')} fields",
         "too_short": f"expected {ctx.get('min_length')} values", "too_long": f"expected {ctx.get('max_length')} values",
         "literal_error": f"not one of {ctx.get('expected', '').replace(' or ', ', ')}",

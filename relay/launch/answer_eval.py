@@ -72,7 +72,7 @@ def evaluate_answers(generate: GenerateFn, prompts: list[list[int]], sampling: S
                      show: int = 3) -> AnswerEvalResult:
     """Answers to `prompts` -> reward mean, spread across prompts, pass rate, length, KL to `ref` (only at
     temperature 1, where the generator's logprobs are the policy's) and `show` decoded samples."""
-    from relay.launch.cluster import get
+    from relay.cluster.calls import get
 
     groups = generate(prompts, sampling)
     flat = [s for g in groups for s in g]

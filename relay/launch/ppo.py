@@ -78,6 +78,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         self.save_dir = Path(cfg.save_dir)
         self.run_name = self.save_dir.name or "ppo"
         self.pool = self.ref = self.reward = self.buffer = self.actor = self.critic = None
+        self.placement = None  # the run's placement groups (relay.cluster.placement_groups), made before any actor
         self.watch = RestartWatch(cfg.cluster.max_restarts)  # restarts of ref/reward/buffer seen (pid changes)
         self.logger = self.gauges = None
         self.pending: dict[str, Any] | None = None  # async: the submitted next batch {ids, t0}
@@ -96,6 +97,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         from relay.actors.scorers import start_reference
         from relay.buffer.actor import start_buffer
         from relay.data.shards import load_prepared
+        from relay.cluster.options import scoped
         from relay.launch import cluster
         from relay.models.local import local_folder
         from relay.models.smollm2 import resolve_model_path
@@ -132,19 +134,22 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         )
         self._claim_run_name()
         run = self.run_name
+        self._reserve_placement()
+        place = self.placement.options
         opts = PoolOptions(control_name=f"control-{run}", run=run, num_cpus=g.num_cpus_per_generator,
-                           num_gpus=g.num_gpus_per_generator or None)
+                           num_gpus=g.num_gpus_per_generator or None,
+                           placement=lambda index, name: place("generator", index, name))
         # Generators start in the background (vLLM start is the slowest part) while the rest comes up.
         self.pool = GeneratorPool(gen_cfg, g.num_generators, opts, wait=False)
         timeout, restarts = cfg.cluster.timeout_s, cfg.cluster.max_restarts
         # Reference, reward and buffer come back if their process dies (Ray restarts them, see relay.restarts)
-        self.ref = (start_reference(self.actor_path, cluster.scoped("ref", run), timeout_s=timeout,
-                                    max_restarts=restarts) if needs_reference(cfg) else None)
-        self.reward = start_reward_actor(cfg.reward, self.actor_path, name=cluster.scoped("reward", run),
-                                         timeout_s=timeout, max_restarts=restarts)
+        self.ref = (start_reference(self.actor_path, scoped("ref", run), timeout_s=timeout,
+                                    max_restarts=restarts, **place("reference", 0)) if needs_reference(cfg) else None)
+        self.reward = start_reward_actor(cfg.reward, self.actor_path, name=scoped("reward", run),
+                                         timeout_s=timeout, max_restarts=restarts, **place("reward", 0))
         limit = cfg.buffer_limit or ppo_buffer_size(cfg) * (2 if a.mode == "async" else 1)
-        self.buffer = start_buffer(limit, cluster.scoped("buffer", run), pad_token_id=self.pad_id, seed=cfg.seed,
-                                   timeout_s=timeout, max_restarts=restarts)
+        self.buffer = start_buffer(limit, scoped("buffer", run), pad_token_id=self.pad_id, seed=cfg.seed,
+                                   timeout_s=timeout, max_restarts=restarts, **place("buffer", 0))
         self._watch_restarts()
         self._start_learners()
         self.pool.wait_ready(timeout)
@@ -186,14 +191,27 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
 
         cfg, timeout = self.cfg, self.cfg.cluster.timeout_s
         al, cl = cfg.actor_learner, cfg.critic_learner
-        common = dict(run=self.run_name, timeout_s=timeout)
+        common = dict(run=self.run_name, timeout_s=timeout, placement=self.placement)
         self.actor = LearnerGroup.create(al.num_ranks, self.actor_path, "causal_lm", role="actor",
                                          num_cpus=al.num_cpus_per_rank, num_gpus=al.num_gpus_per_rank or None,
-                                         **common, **learner_options(cfg, "actor"))
+                                         placement_role="actor_learner", **common, **learner_options(cfg, "actor"))
         if self.critic_path:
             self.critic = LearnerGroup.create(cl.num_ranks, self.critic_path, "critic", role="critic",
                                               num_cpus=cl.num_cpus_per_rank, num_gpus=cl.num_gpus_per_rank or None,
-                                              **common, **learner_options(cfg, "critic"))
+                                              placement_role="critic_learner", **common,
+                                              **learner_options(cfg, "critic"))
+
+    def _reserve_placement(self) -> None:
+        """Check the run's layout against the cluster's nodes (a table of what is missing when it cannot fit)
+        and reserve its placement groups, before any actor starts (relay.cluster.placement)."""
+        import ray
+
+        from relay.cluster.placement import plan_ppo
+        from relay.cluster.placement_groups import Placement
+
+        plan = plan_ppo(self.cfg, gpus_present=ray.cluster_resources().get("GPU", 0) > 0)
+        self.placement = Placement.reserve(plan, self.run_name, self.cfg.cluster.placement_timeout_s)
+        log(f"placement {plan.mode}: {self.placement.describe()}")
 
     def _reset_run_state(self) -> None:
         """Everything a checkpoint restores, as at the start of a run: data positions, KL controller, reward
@@ -246,7 +264,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         return {"ids": ids, "t0": time.monotonic(), "episode": episode, "order_before": order_before}
 
     def _wait(self, job: dict[str, Any]) -> tuple[list[Any], float]:
-        from relay.launch.cluster import RemoteCallTimeout
+        from relay.cluster.calls import RemoteCallTimeout
 
         want, got = list(job["ids"]), {}
         deadline = time.monotonic() + self.cfg.cluster.timeout_s
@@ -386,6 +404,9 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
                 except Exception:
                     pass
         self._wait_names_free()
+        if self.placement is not None:  # after the actors: removing a group ends the actors in it
+            self.placement.release()
+            self.placement = None
         if self.logger is not None:
             self.logger.close()
         self._remove_temp_files()
@@ -396,7 +417,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         same cluster (a resumed run, the next test) can take them. Returns the names still taken."""
         import ray
 
-        from relay.launch.cluster import NAMESPACE, scoped
+        from relay.cluster.options import NAMESPACE, scoped
 
         run = self.run_name
         names = [f"relay/{scoped(n, run)}" for n in ("ref", "reward", "buffer", "actor-rank0", "critic-rank0")]

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from relay.actors.control import control_actor_name, control_status, request_generators
     from relay.launch import ray_auth
-    from relay.launch.cluster import DRIVER_ENV, NAMESPACE
+    from relay.cluster.options import NAMESPACE
+    from relay.launch.cluster import DRIVER_ENV
 
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)

@@ -229,8 +229,9 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
         cluster.init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard_host=cfg.cluster.dashboard_host)
         group = LearnerGroup.create(
             cfg.learner.num_ranks, first_path, role=f"{stage.name}-learner", run=Path(cfg.save_dir).name or None,
-            num_cpus=cfg.learner.num_cpus_per_rank,
-            num_gpus=cfg.learner.num_gpus_per_rank or None, timeout_s=cfg.cluster.timeout_s, **opts,
+            num_cpus=cfg.learner.num_cpus_per_rank, num_gpus=cfg.learner.num_gpus_per_rank or None,
+            resources=cfg.learner.resources_per_rank, node_pin=cfg.learner.node_pin,
+            strategy=cfg.learner.placement_strategy, timeout_s=cfg.cluster.timeout_s, **opts,
         )
     else:
         group.rebuild(model_path=str(first_path), **opts)

@@ -27,7 +27,11 @@ from typing import Any
 
 import ray
 
-from relay.launch import cluster
+from relay.cluster.calls import DEFAULT_TIMEOUT_S, RemoteCallTimeout, get
+from relay.cluster.options import NAMESPACE, actor_options, scoped
+from relay.cluster.placement import learner_plan
+from relay.cluster.placement_groups import Placement
+from relay.config.plugin_rules import check_plugin_support
 from relay.learners.lossfn import (  # noqa: F401  (re-exported: the loss API belongs to the group's API)
     LossFn,
     causal_lm_loss,
@@ -76,6 +80,7 @@ class LearnerGroup:
         self.info: dict[str, Any] = {}
         self.broken: str | None = None  # why the ranks are out of step, once they are
         self.run: str | None = None  # in the ranks' names
+        self._placement: Placement | None = None  # a placement group this group made for itself
 
     @classmethod
     def create(
@@ -88,38 +93,53 @@ class LearnerGroup:
         run: str | None = None,
         num_cpus: float = 1.0,
         num_gpus: float | None = None,
-        timeout_s: float = cluster.DEFAULT_TIMEOUT_S,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         spec: LearnerSpec | None = None,
+        placement: Placement | None = None,
+        placement_role: str | None = None,
+        resources: dict[str, float] | None = None,
+        node_pin: str | None = None,
+        strategy: str = "PACK",
         **options: Any,
     ) -> "LearnerGroup":
         """Start `num_ranks` actors, form their process group (gloo on CPU, nccl on GPU) and build the booster.
 
-        Ranks are named `relay/<role>-rank<i>` (`...@<run>` with `run`, so two runs share a cluster).
+        Ranks are named `relay/<role>-rank<i>` (`...@<run>` with `run`, so two runs share a cluster) and live in
+        a placement group, one bundle per rank, numbered by node: `placement_role`'s group of `placement` (a
+        run's whole plan, reserved by its driver), or else a group of their own (`num_cpus`, `num_gpus`,
+        `resources` and `node_pin` per rank, `strategy` PACK or STRICT_PACK), removed with the group.
         `options` are `LearnerSpec` fields (plugin, tp, zero_stage, precision, lr, lora_rank, ...); an
-        unsupported combination raises ValueError here, before any actor starts."""
-        from relay.learners.plugins import check_plugin_support
-
+        unsupported combination, or one that does not fit the cluster, raises here, before any actor starts."""
         spec = spec or LearnerSpec(model_path=str(model_path), kind=kind, **options)
-        device = "cuda" if num_gpus else "cpu"
+        device = "cuda" if num_gpus else "cpu"  # asked for; the ranks say below what torch really sees
         errors = check_plugin_support(
             spec.plugin, spec.tp, spec.pp, spec.sp, spec.zero_stage, spec.precision, spec.lora_rank, device, num_ranks
         )
         if errors:
             raise ValueError("unsupported learner setup:\n- " + "\n- ".join(errors))
         role = role or ("critic" if spec.kind == "critic" else "actor")
+        owned = None
+        if placement is None:
+            plan = learner_plan(role, num_ranks, num_cpus, num_gpus or 0.0, resources, node_pin, strategy)
+            placement = owned = Placement.reserve(plan, run, timeout_s)
+            placement_role = role
         remote_cls = ray.remote(LearnerWorker)
-        workers = [
-            remote_cls.options(
-                **cluster.actor_options(name=cluster.scoped(f"{role}-rank{i}", run), num_cpus=num_cpus,
-                                        num_gpus=num_gpus or 0)
-            ).remote(i, num_ranks)
-            for i in range(num_ranks)
-        ]
+        try:
+            workers = [
+                remote_cls.options(**actor_options(name=scoped(f"{role}-rank{i}", run),
+                                                   **placement.options(placement_role or role, i))).remote(i, num_ranks)
+                for i in range(num_ranks)
+            ]
+        except BaseException:
+            if owned is not None:
+                owned.release()
+            raise
         group = cls(workers, spec, role, timeout_s)
-        group.device, group.run = device, run
+        group.device, group.run, group._placement = device, run, owned
         try:
             nodes = group._call_each("node_id", what="learner start")
-            node0, ip0, port = cluster.get(workers[0].address.remote(), timeout_s, f"{role}: rendezvous address")
+            group._check_device(num_ranks)
+            node0, ip0, port = get(workers[0].address.remote(), timeout_s, f"{role}: rendezvous address")
             addr = "127.0.0.1" if all(n == node0 for n in nodes) else ip0
             group._call("setup", addr, port, spec.seed, what="process group")
             group.info = group._call("build", spec, what="booster build")[0]
@@ -127,6 +147,24 @@ class LearnerGroup:
             group.shutdown()
             raise
         return group
+
+    def _check_device(self, num_ranks: int) -> None:
+        """The device is what torch sees in the ranks (CUDA only where it finds one, never from a GPU count
+        alone); the plugin rules are checked again when that differs from what was asked for."""
+        devices = set(self._call_each("device", what="learner device"))
+        device = "cuda" if devices == {"cuda"} else "cpu"
+        if device != self.device:
+            s = self.spec
+            errors = check_plugin_support(s.plugin, s.tp, s.pp, s.sp, s.zero_stage, s.precision, s.lora_rank, device,
+                                          num_ranks)
+            if errors:
+                raise ValueError(f"unsupported learner setup on the ranks' device ({device}):\n- " + "\n- ".join(errors))
+            self.device = device
+
+    def _release_placement(self) -> None:
+        if self._placement is not None:
+            self._placement.release()
+            self._placement = None
 
     # ---- fan-out plumbing --------------------------------------------------------------------------------
     def _call_each(self, method: str, *args: Any, what: str | None = None, **kwargs: Any) -> list[Any]:
@@ -147,12 +185,12 @@ class LearnerGroup:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.broken = f"{what} timed out"
-                raise cluster.RemoteCallTimeout(f"{self.role}: {what} did not finish within {self.timeout_s:.0f} s")
+                raise RemoteCallTimeout(f"{self.role}: {what} did not finish within {self.timeout_s:.0f} s")
             done, pending = ray.wait(pending, num_returns=1, timeout=left)
             for ref in done:
                 try:
-                    cluster.get(ref, timeout=60.0, what=f"{self.role}: {what}")
-                except cluster.RemoteCallTimeout:
+                    get(ref, timeout=60.0, what=f"{self.role}: {what}")
+                except RemoteCallTimeout:
                     raise
                 except Exception as err:
                     _, still = ray.wait(pending, num_returns=len(pending), timeout=_FAILURE_GRACE_S)
@@ -160,7 +198,7 @@ class LearnerGroup:
                         self.broken = f"{what} failed on rank {refs.index(ref)} while others kept waiting"
                     rank = refs.index(ref)
                     raise LearnerGroupError(f"{self.role}: {what} failed on rank {rank}: {err}{self._log_hint(rank)}") from err
-        return cluster.get(refs, timeout=60.0, what=f"{self.role}: {what}")
+        return get(refs, timeout=60.0, what=f"{self.role}: {what}")
 
     def _log_hint(self, rank: int) -> str:
         """Where that rank's own output went (quiet runs: SAVE_DIR/logs/<role>-rank<i>.log), if anywhere."""
@@ -177,8 +215,6 @@ class LearnerGroup:
     def rebuild(self, **changes: Any) -> dict[str, Any]:
         """Build a new model/optimizer/booster on the same ranks (and process group) with some spec fields
         changed, e.g. another plugin or model; saves the actors' start-up and import time."""
-        from relay.learners.plugins import check_plugin_support
-
         spec = dataclasses.replace(self.spec, **changes)
         errors = check_plugin_support(
             spec.plugin, spec.tp, spec.pp, spec.sp, spec.zero_stage, spec.precision, spec.lora_rank,
@@ -268,13 +304,14 @@ class LearnerGroup:
                 ray.kill(w, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        names = [f"relay/{cluster.scoped(f'{self.role}-rank{i}', self.run)}" for i in range(len(self.workers))]
+        names = [f"relay/{scoped(f'{self.role}-rank{i}', self.run)}" for i in range(len(self.workers))]
         self.workers = []
+        self._release_placement()
         deadline = time.monotonic() + timeout_s
         for name in names:
             while time.monotonic() < deadline:
                 try:
-                    ray.get_actor(name, namespace=cluster.NAMESPACE)
+                    ray.get_actor(name, namespace=NAMESPACE)
                 except ValueError:
                     break
                 time.sleep(0.1)
@@ -291,3 +328,4 @@ class LearnerGroup:
                 except Exception:  # already gone
                     pass
             self.workers = []
+            self._release_placement()

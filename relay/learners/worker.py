@@ -12,7 +12,7 @@ from typing import Any
 import ray
 
 from relay.config import PLAIN_FORWARD_PLUGINS
-from relay.launch import cluster
+from relay.cluster.calls import free_port
 from relay.learners.accumulate import StepStats
 from relay.learners.lossfn import (
     LossFn, causal_logits, last_token_logprobs, model_inputs, resolve_loss, row_group, split_micro_batches,
@@ -27,7 +27,7 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 @dataclass(frozen=True)
 class LearnerSpec:
-    """What every rank builds. Plugin rules: `relay.learners.plugins.check_plugin_support`."""
+    """What every rank builds. Plugin rules: `relay.config.plugin_rules.check_plugin_support`."""
 
     model_path: str
     kind: str = "causal_lm"  # 'causal_lm' (policy/SFT/DPO) or 'critic' (value head: critic/reward model)
@@ -75,10 +75,16 @@ class LearnerWorker(WeightsAndCheckpoints):
     def address(self) -> tuple[str, str, int]:
         """(node id, node ip, a free port on this node): rank 0's becomes the rendezvous address."""
         ctx = ray.get_runtime_context()
-        return ctx.get_node_id(), ray.util.get_node_ip_address(), cluster.free_port()
+        return ctx.get_node_id(), ray.util.get_node_ip_address(), free_port()
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def device(self) -> str:
+        """'cuda' when torch sees a device in this process (a GPU id from Ray alone is not enough), else 'cpu'."""
+        from relay.cluster.devices import torch_device
+
+        return torch_device()
 
     def pid(self) -> int:
         return os.getpid()

@@ -254,7 +254,7 @@ def test_killed_driver_finishes_with_resume_auto(ray_session, tiny_demo_data, tm
 def test_a_second_run_of_the_same_name_is_refused_before_it_starts_anything(ray_session, tiny_demo_data, tmp_path):
     """Runs of other names share the cluster (the driver test above ran beside `learners`); one of the same name
     would take its actors' names, so it stops at once, naming what is in the way."""
-    from relay.launch.cluster import NAMESPACE
+    from relay.cluster.options import NAMESPACE
     from relay.launch.ppo import PPOSystem
 
     @ray_session.remote

@@ -1,0 +1,29 @@
+"""Remote calls: `get` with a timeout on every call, and the error that says what timed out."""
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class RemoteCallTimeout(TimeoutError):
+    """A remote call did not finish in time."""
+
+
+def get(refs: Any, timeout: float | None = DEFAULT_TIMEOUT_S, what: str = "remote call") -> Any:
+    """`ray.get` that always has a timeout and says what timed out."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError as err:
+        raise RemoteCallTimeout(f"{what} did not finish within {timeout:.0f} s") from err
+
+
+def free_port() -> int:
+    """A free TCP port on this node (a learner group's rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

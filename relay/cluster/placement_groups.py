@@ -1,0 +1,170 @@
+"""The thin Ray layer of a placement plan: check it against the cluster's nodes, create its placement groups
+before any actor starts, and give each role's actors their options (`Placement.options`).
+
+Learner ranks are numbered by node (`relay.cluster.placement.rank_bundles`). Generators past the planned count
+(`relay scale`, replacements) get options too: plain actors as planned, and tensor-parallel GPU engines a free
+planned group, else a new one (removed with the rest by `release`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from relay.cluster.fit import Fit, Missing, check_fit, nodes_from_ray, table
+from relay.cluster.options import NAMESPACE
+from relay.cluster.placement import Bundle, GroupPlan, Member, Plan, PlacementError, rank_bundles
+
+logger = logging.getLogger("relay.cluster.placement")
+
+
+def actor_resources(ask: Bundle) -> dict[str, Any]:
+    """num_cpus / num_gpus / resources / label_selector of one actor (a resource pin is in `resources`)."""
+    opts: dict[str, Any] = {"num_cpus": ask.cpus, "num_gpus": ask.gpus}
+    custom = {k: v for k, v in ask.demand().items() if k not in ("CPU", "GPU")}
+    if custom:
+        opts["resources"] = custom
+    if ask.labels():
+        opts["label_selector"] = ask.labels()
+    return opts
+
+
+def _ray_bundle(b: Bundle) -> dict[str, float]:
+    # Ray refuses an empty bundle; a zero-CPU actor group (CPU 0 asked) still reserves a sliver.
+    return b.demand() or {"CPU": 0.001}
+
+
+class Placement:
+    """A plan's placement groups, created and ready; `options(role, i)` places role's actor i in them."""
+
+    def __init__(self, plan: Plan, run: str | None = None, fit: Fit | None = None):
+        self.plan, self.run, self.fit = plan, run, fit
+        self.groups: dict[str, PlacementGroup] = {}
+        self.bundle_nodes: dict[str, dict[int, str]] = {}
+        self.rank_order: dict[str, list[int]] = {}
+        self._slots: dict[str, str | None] = {}  # tensor-parallel engine group -> the generator holding it
+        self._extra = 0
+
+    # ---------------------------------------------------------------------------------------------- creation
+    @classmethod
+    def reserve(cls, plan: Plan, run: str | None = None, timeout_s: float = 300.0) -> Placement:
+        """Check the plan against the cluster's nodes (PlacementError with a table when it cannot fit), then
+        create every placement group and wait until all are ready (PlacementError naming the groups still
+        waiting, e.g. on resources other jobs hold; the groups made are removed)."""
+        fit = check_fit(plan, nodes_from_ray(ray.nodes()))
+        self = cls(plan, run, fit)
+        try:
+            for group in plan.groups:
+                if group.placement_group:
+                    self.groups[group.name] = self._create(group, fit.placed.get(group.name))
+            self._wait(list(self.groups), timeout_s)
+        except BaseException:
+            self.release()
+            raise
+        for name, pg in self.groups.items():
+            self.bundle_nodes[name] = dict(placement_group_table(pg)["bundles_to_node_id"])
+            self.rank_order[name] = rank_bundles(self.bundle_nodes[name])
+        self._slots = {g.name: None for g in plan.groups if g.role == "generator" and g.placement_group}
+        return self
+
+    def _create(self, group: GroupPlan, nodes: list[str] | None) -> PlacementGroup:
+        kwargs: dict[str, Any] = {}
+        labels = [b.labels() for b in group.bundles]
+        if any(labels):
+            kwargs["bundle_label_selector"] = labels
+        if group.spread and group.strategy == "STRICT_PACK" and nodes:
+            kwargs["_soft_target_node_id"] = nodes[0]  # the node the fit chose to spread the role's groups
+        name = f"relay/{group.name}@{self.run}" if self.run else f"relay/{group.name}"
+        return placement_group([_ray_bundle(b) for b in group.bundles], strategy=group.strategy, name=name, **kwargs)
+
+    def _wait(self, names: list[str], timeout_s: float) -> None:
+        refs = {self.groups[n].ready(): n for n in names}
+        _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        if pending:
+            free = ray.available_resources()
+            rows = [("role", "needed", "available now")]
+            for ref in pending:
+                group = self.plan.group(refs[ref])
+                keys = sorted({k for b in group.bundles for k in b.demand()})
+                rows.append((group.name, group.text(), "{" + ", ".join(f"{k} {free.get(k, 0.0):g}" for k in keys) + "}"))
+            raise PlacementError(
+                f"placement groups not ready after {timeout_s:.0f} s (the layout fits the cluster's nodes, but "
+                f"their resources are held, e.g. by another job); nothing was started:\n{table(rows)}")
+
+    # ---------------------------------------------------------------------------------------------- actors
+    def options(self, role: str, index: int, name: str | None = None) -> dict[str, Any]:
+        """Ray options (resources and scheduling strategy) for `role`'s actor `index` (a learner rank, a
+        generator's index). Generators past the plan use the first one's shape. Create the named actor right
+        away: a tensor-parallel engine's group counts as free again once its holder's name is gone."""
+        members = self.plan.roles[role]
+        member = members[index] if index < len(members) else dataclasses.replace(members[0])
+        if role == "generator":
+            return self._generator(member, name or f"generator-{index}")
+        return self._member(member)
+
+    def _member(self, member: Member) -> dict[str, Any]:
+        opts = actor_resources(member.ask)
+        if member.bundle is None:
+            group = self.plan.group(member.group)
+            if group.spread:
+                opts["scheduling_strategy"] = "SPREAD"
+            return opts
+        # Rank i (and a guest beside it) uses the i-th bundle in node order, so consecutive ranks share a node.
+        bundle = self.rank_order[member.group][member.bundle]
+        opts.pop("label_selector", None)  # the bundle carries the pin
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            self.groups[member.group], placement_group_bundle_index=bundle,
+            placement_group_capture_child_tasks=member.capture_children or None)
+        return opts
+
+    def _generator(self, member: Member, name: str) -> dict[str, Any]:
+        if member.bundle is None:
+            return self._member(member)
+        slot = next((g for g, holder in self._slots.items() if holder is None or not _alive(holder)), None)
+        if slot is None:  # every engine group is held: a new one, like the planned ones (no target node)
+            self._extra += 1
+            slot = f"generator-extra-{self._extra}"
+            shape = dataclasses.replace(self.plan.group(member.group), name=slot, spread=False)
+            self.plan.groups.append(shape)
+            self.groups[slot] = self._create(shape, None)
+            self.rank_order[slot] = [0]
+            logger.info("placement: new engine group %s for %s", slot, name)
+        self._slots[slot] = name
+        return self._member(dataclasses.replace(member, group=slot))
+
+    # ---------------------------------------------------------------------------------------------- queries
+    def node_of(self, group: str, bundle: int) -> str | None:
+        return self.bundle_nodes.get(group, {}).get(bundle)
+
+    def describe(self) -> str:
+        """One line per group: what it reserves and on which nodes (short ids)."""
+        lines = []
+        for g in self.plan.groups:
+            nodes = self.bundle_nodes.get(g.name) or (self.fit.placed.get(g.name) if self.fit else None) or []
+            where = ", ".join(sorted({n[:8] for n in (nodes.values() if isinstance(nodes, dict) else nodes)}))
+            lines.append(f"{g.name}: {g.text()}" + (f" on {where}" if g.placement_group and where else ""))
+        return "; ".join(lines)
+
+    def release(self) -> None:
+        """Remove every placement group (their actors end with them)."""
+        for name, pg in list(self.groups.items()):
+            try:
+                remove_placement_group(pg)
+            except Exception as err:  # noqa: BLE001 - the cluster may be gone already
+                logger.warning("placement: removing %s: %s", name, err)
+        self.groups.clear()
+
+
+def _alive(name: str) -> bool:
+    try:
+        ray.get_actor(f"relay/{name}" if not name.startswith("relay/") else name, namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+__all__ = ["Missing", "Placement", "PlacementError", "actor_resources"]

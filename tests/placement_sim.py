@@ -1,0 +1,174 @@
+"""Places configs/ppo_7b_tp4.yaml on a simulated 3-node cluster (`ray.cluster_utils.Cluster`, 8 fake GPUs per
+node) with light stand-in actors, and prints what Ray's state says about where each landed, as one JSON line.
+Run by tests/test_placement_cluster.py in its own process: a driver holds one Ray connection, and the suite's
+shared local cluster may already be up in the test process. Token authentication stays on (RAY_AUTH_TOKEN_PATH
+from the suite, or a private token made here).
+
+Scenarios: `layout` (the preset, with the buffer pinned by node label and the reward actor by custom resource:
+learners, engines, scorers, buffer; then a generator past the plan and a replacement for a dead one), `colocate` (the same preset with placement colocate), `too_big` (a layout that
+cannot fit: refused before anything is created).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = 3
+NODE = dict(num_cpus=40, num_gpus=8)
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.join(tempfile.mkdtemp(prefix="relay-auth-"), "auth_token")
+    from relay.launch import ray_auth
+
+    ray_auth.ensure_token()
+    import ray
+    from ray.cluster_utils import Cluster
+
+    t0 = time.monotonic()
+    # node pins to check: a label on the head node, a custom resource on the last node
+    cluster = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, labels={"pool": "head"}, **NODE))
+    for i in range(NODES - 1):
+        cluster.add_node(**NODE, **({"resources": {"scorers": 4}} if i == NODES - 2 else {}))
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="relay", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    out = {"nodes": [n["NodeID"] for n in nodes], "start_s": time.monotonic() - t0,
+           "head": next(n["NodeID"] for n in nodes if n.get("Labels", {}).get("pool") == "head"),
+           "scorers_node": next(n["NodeID"] for n in nodes if "scorers" in n["Resources"])}
+    try:
+        out["layout"] = layout()
+        out["colocate"] = colocate()
+        out["too_big"] = too_big()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    out["total_s"] = time.monotonic() - t0
+    print(json.dumps(out))
+
+
+def config(*overrides: str):
+    from relay.config import load_config
+
+    return load_config("ppo", ROOT / "configs" / "ppo_7b_tp4.yaml", list(overrides))
+
+
+def stand_in():
+    import ray
+
+    @ray.remote
+    class StandIn:
+        """A role's actor without its model: says where it is and what Ray gave it."""
+
+        def report(self) -> dict:
+            ctx = ray.get_runtime_context()
+            return {"node": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
+                    "gpu_ids": ctx.get_accelerator_ids().get("GPU", []), "pg": ctx.get_placement_group_id()}
+
+        def device(self) -> str:
+            from relay.cluster.devices import torch_device
+
+            return torch_device()
+
+    return StandIn
+
+
+def start(placement, role: str, index: int, name: str):
+    from relay.cluster.options import actor_options
+
+    return stand_in().options(**actor_options(name=name, **placement.options(role, index, name))).remote()
+
+
+def reports(actors: dict) -> dict:
+    import ray
+
+    got = ray.get([a.report.remote() for a in actors.values()], timeout=120)
+    return dict(zip(actors, got))
+
+
+def layout() -> dict:
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from relay.cluster.placement import plan_ppo
+    from relay.cluster.placement_groups import Placement
+
+    cfg = config("buffer.node_pin=pool=head", "reward.node_pin=scorers")
+    placement = Placement.reserve(plan_ppo(cfg, gpus_present=True), "sim", timeout_s=60)
+    actors = {}
+    for role, members in placement.plan.roles.items():
+        for i in range(len(members)):
+            name = f"{role}-{i}@sim"
+            actors[name] = start(placement, role, i, name)
+    out = {"actors": reports(actors), "device": ray.get(actors["actor_learner-0@sim"].device.remote(), timeout=120),
+           "groups": {name: {"id": pg.id.hex(), "nodes": placement_group_table(pg)["bundles_to_node_id"],
+                             "strategy": placement_group_table(pg)["strategy"]}
+                      for name, pg in placement.groups.items()},
+           "rank_order": placement.rank_order}
+    # A generator past the plan while both engine groups are held gets a new group; a replacement for a dead
+    # generator takes the dead one's group.
+    extra = {"generator-2@sim": start(placement, "generator", 2, "generator-2@sim")}
+    ray.kill(actors["generator-0@sim"], no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("relay/generator-0@sim", namespace="relay")
+            time.sleep(0.1)
+        except ValueError:
+            break
+    extra["generator-3@sim"] = start(placement, "generator", 3, "generator-3@sim")
+    out["extra"] = reports(extra)
+    out["extra_groups"] = {n: pg.id.hex() for n, pg in placement.groups.items() if n not in out["groups"]}
+    for a in [*actors.values(), *extra.values()]:
+        ray.kill(a, no_restart=True)
+    placement.release()
+    return out
+
+
+def colocate() -> dict:
+    from relay.cluster.placement import plan_ppo
+    from relay.cluster.placement_groups import Placement
+
+    cfg = config("placement=colocate", "reference.num_gpus=0.25", "reward.num_gpus=0.25")
+    placement = Placement.reserve(plan_ppo(cfg, gpus_present=True), "sim2", timeout_s=60)
+    actors = {name: start(placement, role, 0, name) for role, name in [
+        ("actor_learner", "actor_learner-0@sim2"), ("critic_learner", "critic_learner-0@sim2"),
+        ("reference", "reference-0@sim2"), ("reward", "reward-0@sim2")]}
+    out = {"actors": reports(actors), "groups": {n: pg.id.hex() for n, pg in placement.groups.items()}}
+    for a in actors.values():
+        import ray
+
+        ray.kill(a, no_restart=True)
+    placement.release()
+    return out
+
+
+def too_big() -> dict:
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from relay.cluster.placement import PlacementError, plan_ppo
+    from relay.cluster.placement_groups import Placement
+
+    before = {k for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+    try:
+        Placement.reserve(plan_ppo(config("generation.num_generators=8"), gpus_present=True), "sim3", timeout_s=60)
+    except PlacementError as err:
+        message = str(err)
+    else:
+        message = None
+    after = {k for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if "sim3" in str(a)]
+    return {"error": message, "new_groups": sorted(after - before), "actors": named}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Placement on a simulated multi-node cluster: configs/ppo_7b_tp4.yaml on 3 nodes x 8 fake GPUs with stand-in
+actors (no models), asserted role by role from what Ray reports (each actor's node, resources and GPU ids; the
+placement groups' bundle nodes); and a layout that cannot fit, refused before anything is created.
+The cluster runs in a child process (tests/placement_sim.py): the suite's own Ray session may be up here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.cluster.placement import split_tp_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sim():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "placement_sim.py")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ranks(actors: dict, role: str) -> list[dict]:
+    return [actors[f"{role}-{i}@sim"] for i in range(sum(1 for n in actors if n.startswith(f"{role}-")))]
+
+
+def test_each_learner_group_sits_on_one_node_with_a_gpu_per_rank(sim):
+    actors = sim["layout"]["actors"]
+    actor, critic = ranks(actors, "actor_learner"), ranks(actors, "critic_learner")
+    assert len(actor) == 8 and len(critic) == 4
+    for group in (actor, critic):
+        nodes = [r["node"] for r in group]
+        assert split_tp_groups(nodes, 4) == []  # tensor-parallel peers (tp 4) share a node
+        assert len(set(nodes)) == 1  # the 7B layout fits each group on one node: PACK keeps it there
+        assert all(r["resources"] == {"CPU": 4.0, "GPU": 1.0} for r in group)
+        assert len({g for r in group for g in r["gpu_ids"]}) == len(group)  # a GPU each, none shared
+        assert len({r["pg"] for r in group}) == 1
+    assert actor[0]["node"] != critic[0]["node"]  # 8 + 4 GPUs cannot share an 8-GPU node
+    groups = sim["layout"]["groups"]
+    assert groups["actor_learner"]["strategy"] == "PACK" and groups["actor_learner"]["id"] == actor[0]["pg"]
+
+
+def test_engines_spread_over_nodes_each_holding_its_gpus_on_one(sim):
+    layout = sim["layout"]
+    gens = [layout["actors"][f"generator-{i}@sim"] for i in range(2)]
+    assert gens[0]["node"] != gens[1]["node"]  # SPREAD: a node's loss costs one engine, not both
+    for i, g in enumerate(gens):
+        group = layout["groups"][f"generator-{i}"]
+        assert group["strategy"] == "STRICT_PACK" and g["pg"] == group["id"]
+        assert g["resources"] == {"CPU": 1.0, "GPU": 2.0} and len(g["gpu_ids"]) == 2  # tensor_parallel_size 2
+        assert set(group["nodes"].values()) == {g["node"]}
+
+
+def test_scorers_and_buffer_are_plain_actors_without_gpus_on_their_pinned_nodes(sim):
+    actors = sim["layout"]["actors"]
+    for role, cpus in (("reference", 0.5), ("reward", 1.0), ("buffer", 0.5)):
+        a = actors[f"{role}-0@sim"]
+        assert a["pg"] is None and a["gpu_ids"] == [] and a["resources"]["CPU"] == cpus, role
+    assert actors["buffer-0@sim"]["node"] == sim["head"]  # node_pin pool=head: a node label
+    assert actors["reward-0@sim"]["node"] == sim["scorers_node"]  # node_pin scorers: a custom resource
+    assert actors["reward-0@sim"]["resources"] == {"CPU": 1.0, "scorers": 0.001}
+
+
+def test_fake_gpu_ids_do_not_make_a_cuda_device(sim):
+    rank0 = sim["layout"]["actors"]["actor_learner-0@sim"]
+    assert rank0["gpu_ids"] and sim["layout"]["device"] == "cpu"
+
+
+def test_generators_past_the_plan_and_replacements_find_an_engine_group(sim):
+    layout = sim["layout"]
+    extra = layout["extra"]
+    # both planned groups held: generator-2 gets a new one; generator-3 replaces the killed generator-0 in its group
+    assert extra["generator-2@sim"]["pg"] == layout["extra_groups"]["generator-extra-1"]
+    assert extra["generator-3@sim"]["pg"] == layout["groups"]["generator-0"]["id"]
+    assert len(extra["generator-2@sim"]["gpu_ids"]) == 2
+
+
+def test_colocated_scorers_share_a_learner_rank_gpu(sim):
+    co = sim["colocate"]
+    a = co["actors"]
+    for guest, host in (("reference-0@sim2", "actor_learner-0@sim2"), ("reward-0@sim2", "critic_learner-0@sim2")):
+        assert a[guest]["node"] == a[host]["node"] and a[guest]["pg"] == a[host]["pg"]
+        assert a[guest]["gpu_ids"] == a[host]["gpu_ids"]  # the same device
+        assert a[guest]["resources"]["GPU"] == 0.25 and a[host]["resources"]["GPU"] == 0.75
+    assert set(co["groups"]) == {"actor_learner", "critic_learner", "generator-0", "generator-1"}
+
+
+def test_a_layout_that_cannot_fit_fails_up_front_with_a_table(sim):
+    big = sim["too_big"]
+    lines = big["error"].splitlines()
+    assert "does not fit this cluster (3 node(s), CPU 120, GPU 24 in all)" in lines[0]
+    header = next(line for line in lines if line.split()[:3] == ["role", "needed", "available"])
+    rows = lines[lines.index(header) + 1:-1]
+    # 8 + 4 + 6 x 2 = 24 GPUs are taken: the last two engines find none
+    assert [r.split()[:2] for r in rows] == [["generator", "(generator-6)"], ["generator", "(generator-7)"]]
+    assert all("{CPU 1, GPU 2}" in r and "GPU 0}" in r for r in rows)
+    assert big["new_groups"] == [] and big["actors"] == []  # nothing was created

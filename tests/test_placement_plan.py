@@ -1,0 +1,185 @@
+"""The placement plan as pure functions (no Ray): roles -> bundles -> groups, modes, the fit against node
+descriptions (plain dicts as `ray.nodes()` gives them) with its missing-resources table, rank ordering, and the
+config fields that feed it."""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+
+from relay.cluster.fit import check_fit, fit, nodes_from_ray
+from relay.cluster.placement import (
+    ACTOR, MODES, PIN_SHARE, PlacementError, learner_plan, plan_ppo, rank_bundles, split_tp_groups,
+)
+from relay.config import ConfigError, load_config
+from relay.config.fields import PlacementMode
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def ppo(preset: str = "ppo_tiny.yaml", *overrides: str):
+    return load_config("ppo", CONFIGS / preset, list(overrides))
+
+
+def gpu_nodes(n: int, gpus: int = 8, cpus: int = 48, labels: list[dict] | None = None) -> list:
+    """`ray.nodes()`-shaped records, one dead node among them (never used)."""
+    records = [{"NodeID": f"node{i}", "Alive": True, "Resources": {"CPU": cpus, "GPU": gpus, "node:10.0.0.%d" % i: 1},
+                "Labels": (labels or [{}] * n)[i]} for i in range(n)]
+    return nodes_from_ray(records + [{"NodeID": "dead", "Alive": False, "Resources": {"CPU": 999, "GPU": 99}}])
+
+
+def test_modes_registry_matches_the_config_choices():
+    assert set(MODES) == set(typing.get_args(PlacementMode))
+
+
+def test_tiny_preset_plan_fits_the_suite_machine():
+    plan = plan_ppo(ppo())
+    names = [g.name for g in plan.groups]
+    assert names[:2] == ["actor_learner", "critic_learner"]  # placement groups first, in creation order
+    assert plan.group("actor_learner").strategy == "PACK" and plan.group("buffer").strategy == ACTOR
+    assert plan.group("generator-0").spread  # SPREAD by default
+    cfg = ppo()
+    cpus = (cfg.actor_learner.num_ranks * cfg.actor_learner.num_cpus_per_rank
+            + cfg.critic_learner.num_ranks * cfg.critic_learner.num_cpus_per_rank
+            + cfg.generation.num_generators * cfg.generation.num_cpus_per_generator
+            + cfg.reference.num_cpus + cfg.reward.num_cpus + cfg.buffer.num_cpus)
+    assert plan.totals() == {"CPU": cpus}
+    one_node = nodes_from_ray([{"NodeID": "local", "Resources": {"CPU": 16}}])  # the test suite's cluster
+    assert check_fit(plan, one_node).ok
+
+
+CPU_PPO_PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml")
+                         if p.name.startswith(("ppo_", "demo_ppo", "demo_grpo")) and "7b" not in p.name)
+
+
+@pytest.mark.parametrize("preset", CPU_PPO_PRESETS)
+def test_every_cpu_preset_fits_sixteen_logical_cpus(preset):
+    cfg = ppo(preset)
+    assert check_fit(plan_ppo(cfg), nodes_from_ray([{"NodeID": "local", "Resources": {"CPU": 16}}])).ok
+
+
+def test_7b_layout_bundles_and_where_the_fit_puts_them():
+    plan = plan_ppo(ppo("ppo_7b_tp4.yaml"), gpus_present=True)
+    actor = plan.group("actor_learner")
+    assert actor.text() == "8 x {CPU 4, GPU 1} PACK"
+    assert plan.group("generator-1").text() == "{CPU 1, GPU 2} STRICT_PACK (one node) spread"
+    assert plan.totals()["GPU"] == 8 + 4 + 2 * 2
+    result = check_fit(plan, gpu_nodes(3))
+    placed = result.placed
+    assert len(set(placed["actor_learner"])) == 1 and len(set(placed["critic_learner"])) == 1
+    assert placed["actor_learner"][0] != placed["critic_learner"][0]
+    assert placed["generator-0"] != placed["generator-1"]  # spread over the nodes with room
+    assert "dead" not in {n for where in placed.values() for n in where}
+
+
+def test_unsatisfiable_layout_lists_what_is_missing_per_role():
+    plan = plan_ppo(ppo("ppo_7b_tp4.yaml", "generation.num_generators=3"), gpus_present=True)
+    with pytest.raises(PlacementError) as err:
+        check_fit(plan, gpu_nodes(2))
+    text = str(err.value)
+    assert "(2 node(s), CPU 96, GPU 16 in all)" in text
+    rows = {line.split()[0]: line for line in text.splitlines()[2:] if line.startswith("  ") and "needed" not in line}
+    # actor (8 GPUs, 32 CPUs) fills one node; critic (4) and two engines (2 + 2) the other; the third finds none
+    assert [r.split()[1] for r in text.splitlines() if r.startswith("  generator")] == ["(generator-2)"]
+    assert rows["generator"].split("  ")[2:] == ["{CPU 1, GPU 2} STRICT_PACK (one node) spread",
+                                                 "{CPU 46, GPU 0} free on 2 node(s), at most {CPU 30, GPU 0} on one"]
+
+
+def test_strict_pack_needs_one_node_even_when_the_totals_fit():
+    plan = plan_ppo(ppo("ppo_7b_tp4.yaml", "actor_learner.placement_strategy=STRICT_PACK",
+                        "actor_learner.num_ranks=16", "algo.train_batch_size=8"), gpus_present=True)
+    assert plan.totals()["GPU"] <= 3 * 8
+    missing = fit(plan, gpu_nodes(3)).missing
+    assert [m.group for m in missing] == ["actor_learner"] and "STRICT_PACK (one node)" in missing[0].needed
+    # PACK may use two nodes: ranks by node, tp groups of 4 stay whole on 8-GPU nodes
+    plan = plan_ppo(ppo("ppo_7b_tp4.yaml", "actor_learner.num_ranks=16", "algo.train_batch_size=8"), gpus_present=True)
+    where = check_fit(plan, gpu_nodes(3)).placed["actor_learner"]
+    order = rank_bundles(dict(enumerate(where)))
+    assert split_tp_groups([where[b] for b in order], 4) == []
+
+
+def test_label_and_resource_pins():
+    nodes = gpu_nodes(3, labels=[{}, {"pool": "gen"}, {"pool": "gen"}])
+    plan = plan_ppo(ppo("ppo_7b_tp4.yaml", "generation.node_pin=pool=gen"), gpus_present=True)
+    placed = check_fit(plan, nodes).placed
+    assert {placed["generator-0"][0], placed["generator-1"][0]} <= {"node1", "node2"}
+    plan = plan_ppo(ppo("ppo_7b_tp4.yaml", "generation.node_pin=pool=none"), gpus_present=True)
+    missing = fit(plan, nodes).missing
+    assert {m.role for m in missing} == {"generator"} and "no node has label pool=none" in missing[0].available
+    plan = plan_ppo(ppo("ppo_tiny.yaml", "buffer.node_pin=node:10.0.0.2", "reward.resources={ssd: 1}"))
+    assert plan.group("buffer").bundles[0].demand() == {"CPU": 0.5, "node:10.0.0.2": PIN_SHARE}
+    placed = fit(plan, gpu_nodes(3)).placed
+    assert placed["buffer"] == ["node2"] and "reward" not in placed  # no node has an `ssd` resource
+
+
+def test_colocate_moves_scorers_into_learner_bundles():
+    cfg = ppo("ppo_7b_tp4.yaml", "placement=colocate", "reference.num_gpus=0.25", "reward.num_gpus=0.25")
+    plan = plan_ppo(cfg, gpus_present=True)
+    assert "reference" not in [g.name for g in plan.groups] and "reward" not in [g.name for g in plan.groups]
+    ref, rew = plan.roles["reference"][0], plan.roles["reward"][0]
+    assert (ref.group, ref.bundle, ref.ask.gpus) == ("actor_learner", 0, 0.25)
+    assert (rew.group, rew.bundle, rew.ask.gpus) == ("critic_learner", 0, 0.25)
+    assert plan.roles["actor_learner"][0].ask.gpus == 0.75 and plan.roles["actor_learner"][1].ask.gpus == 1.0
+    assert plan.group("actor_learner").bundles[0].demand() == {"CPU": 4.5, "GPU": 1.0}  # + the reference's CPUs
+    assert plan.totals()["GPU"] == 16  # no GPUs of their own
+    # without a critic the reward model joins another actor rank; a rule reward stays on its own
+    grpo = ppo("ppo_7b_tp4.yaml", "placement=colocate", "reference.num_gpus=0.25", "reward.num_gpus=0.25",
+               "algo.advantage_estimator=grpo", "generation.n_samples_per_prompt=2", "algo.train_batch_size=32")
+    plan = plan_ppo(grpo, gpus_present=True)
+    assert [(m.group, m.bundle) for m in plan.roles["reward"]] == [("actor_learner", 1)]
+    rule = ppo("ppo_tiny.yaml", "placement=colocate", "reward.kind=rule", "reward.rule=arithmetic")
+    assert plan_ppo(rule).group("reward").strategy == ACTOR
+
+
+def test_colocated_share_must_leave_the_rank_some_gpu():
+    with pytest.raises(ConfigError, match=r"reference.num_gpus: with placement colocate"):
+        ppo("ppo_7b_tp4.yaml", "placement=colocate", "reference.num_gpus=1")
+    with pytest.raises(ConfigError, match=r"reward.num_gpus: placement colocate shares critic_learner's GPUs"):
+        ppo("ppo_tiny.yaml", "placement=colocate", "reward.kind=model", "reward.model=/models/rm", "reward.num_gpus=0.5")
+    cfg = ppo("ppo_7b_tp4.yaml", "placement=colocate", "reference.num_gpus=0.5", "reward.num_gpus=0.25",
+              "algo.advantage_estimator=grpo", "generation.n_samples_per_prompt=2", "algo.train_batch_size=32")
+    cfg.actor_learner.num_ranks = 1  # built in code past the rules: the plan still refuses an over-shared GPU
+    cfg.reward.num_gpus = 0.5
+    with pytest.raises(PlacementError, match="reward: its num_gpus 0.5 .* below what the rank has left"):
+        plan_ppo(cfg, gpus_present=True)
+
+
+def test_generator_gpus_follow_the_cluster_when_unset():
+    cfg = ppo("ppo_tiny.yaml", "generation.tensor_parallel_size=2")
+    assert plan_ppo(cfg).group("generator-0").strategy == ACTOR  # CPU engine: vLLM's own processes
+    gpu = plan_ppo(cfg, gpus_present=True).group("generator-0")
+    assert gpu.strategy == "STRICT_PACK" and gpu.bundles[0].gpus == 2.0
+    with pytest.raises(ConfigError, match="generation.num_gpus_per_generator: 1 with tensor_parallel_size 2"):
+        ppo("ppo_tiny.yaml", "generation.tensor_parallel_size=2", "generation.num_gpus_per_generator=1")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("generation.node_pin==gen", "generation.node_pin"),
+    ("reward.node_pin=zone=", "reward.node_pin"),
+    ("buffer.node_pin=GPU", "buffer.node_pin"),
+    ("actor_learner.resources_per_rank={CPU: 1}", "actor_learner.resources_per_rank"),
+    ("reference.resources={a100: -1}", "reference.resources.a100"),
+    ("placement=timeshare", "placement"),
+])
+def test_bad_placement_fields_are_named(override, field):
+    with pytest.raises(ConfigError, match=rf"{field}: "):
+        ppo("ppo_tiny.yaml", override)
+
+
+def test_ranks_are_numbered_by_node():
+    # Ray put bundles 0 and 2 on node b, 1 and 3 on node a: ranks 0,1 -> b, ranks 2,3 -> a
+    order = rank_bundles({0: "b", 1: "a", 2: "b", 3: "a"})
+    assert order == [0, 2, 1, 3]
+    nodes = {0: "b", 1: "a", 2: "b", 3: "a"}
+    assert split_tp_groups([nodes[b] for b in order], 2) == []
+    assert split_tp_groups([nodes[b] for b in range(4)], 2) == [0, 1]  # bundle order would split both pairs
+
+
+def test_a_learner_group_on_its_own():
+    plan = learner_plan("sft-learner", 2, num_cpus=1.0, resources={"ssd": 1}, node_pin="zone=a",
+                        strategy="STRICT_PACK")
+    group = plan.group("sft-learner")
+    assert group.strategy == "STRICT_PACK" and len(group.bundles) == 2
+    assert group.bundles[0].demand() == {"CPU": 1.0, "ssd": 1.0} and group.bundles[0].labels() == {"zone": "a"}
+    assert plan.roles["sft-learner"][1].ask.pin is None  # the bundle carries the pin, not the rank
