@@ -164,7 +164,7 @@ def _finish_all(pool) -> None:
 
 
 def test_generate_without_timeout_gives_up_when_the_pool_makes_no_progress(monkeypatch):
-    from relay.launch.cluster import RemoteCallTimeout
+    from relay.cluster.calls import RemoteCallTimeout
 
     pool, clock = _bare_pool(monkeypatch, generate_timeout_s=30)  # stall limit 60 s
     steps = []
@@ -198,7 +198,7 @@ def test_generate_without_timeout_waits_as_long_as_the_pool_progresses(monkeypat
 
 
 def test_an_explicit_timeout_replaces_the_stall_limit(monkeypatch):
-    from relay.launch.cluster import RemoteCallTimeout
+    from relay.cluster.calls import RemoteCallTimeout
 
     pool, clock = _bare_pool(monkeypatch, generate_timeout_s=30)
 
