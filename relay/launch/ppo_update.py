@@ -56,7 +56,7 @@ class PPOUpdates:
         actor_kw = dict(clip_eps=a.eps_clip, ptx_coef=a.ptx_coef, entropy_coef=a.entropy_coef,
                         kl_coef=0.0 if a.kl_in_reward else kl_coef, kl_estimator=a.kl_estimator,
                         shared_prompt=actor_shares_prompts(cfg), temperature=learner_temperature(cfg),
-                        num_threads=cfg.actor_learner.num_threads)
+                        num_threads=cfg.actor_learner.num_threads, autocast=a.update_autocast)
         guard = self._nonfinite_guard()
         out["nonfinite_skipped"] = 0.0
         out["samples_skipped"] = 0.0  # experiences in actor steps the guard dropped (rows x dropped steps)
