@@ -32,3 +32,24 @@ def test_update_flops_by_hand():
     assert update_flops(p, 416, 256, 416, 256) == trained + forward == 3_532_800
     assert achieved_gflops(3e9, 1.5) == 2.0
     assert achieved_gflops(1.0, 0.0) == 0.0
+
+
+def test_actor_token_counts_by_hand():
+    import torch
+
+    from relay.launch.ppo_update import update_token_metrics
+    from relay.learners.ppo import actor_token_counts
+
+    # two groups of two samples; prompt columns 0-2 (group 2 has one left pad), response columns 3-5
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 7, 4, 0, 0], [0, 11, 12, 13, 14, 15], [0, 11, 12, 16, 17, 0]])
+    attn = (ids != 0).long()
+    attn[0, 5] = attn[1, 4:] = attn[3, 5] = 0
+    actions = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    batch = {"input_ids": ids, "attention_mask": attn, "action_mask": actions}
+    # responses 2 + 1 + 3 + 2 = 8; prompts 3 + 3 + 2 + 2 = 10, or 3 + 2 = 5 run once per group
+    assert actor_token_counts(batch, shared_prompt=False) == {"tokens": 18, "logit_tokens": 8}
+    assert actor_token_counts(batch, shared_prompt=True) == {"tokens": 13, "logit_tokens": 8}
+    m = update_token_metrics(batch, shared=True, steps=2, recomputed=True)
+    assert m == {"update_tokens": 26.0, "update_logit_tokens": 16.0, "update_forward_tokens": 13.0,
+                 "update_forward_logit_tokens": 8.0}
+    assert update_token_metrics(batch, shared=False, steps=1, recomputed=False)["update_forward_tokens"] == 0.0

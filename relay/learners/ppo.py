@@ -23,7 +23,7 @@ from relay.learners.lossfn import (
 from relay.learners.autocast import autocast_forward
 from relay.learners.logprobs import chunked_logprobs
 from relay.learners.sft import prepare_step
-from relay.learners.prefix_forward import shared_prefix_response_logits
+from relay.learners.prefix_forward import prompt_groups, shared_prefix_response_logits
 
 PTX_PREFIX = "ptx_"
 
@@ -73,6 +73,22 @@ def trim_padding_columns(batch: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def actor_token_counts(batch: dict[str, Any], shared_prompt: bool) -> dict[str, int]:
+    """Real tokens one actor pass over `batch` computes, for FLOP counts (`relay.models.flops`): `tokens`
+    (prompt + response tokens, padding not counted; with `shared_prompt` a group's repeated prompt counts once)
+    and `logit_tokens` (response tokens: the LM head runs only there)."""
+    mask, actions = batch["attention_mask"], batch["action_mask"]
+    A = actions.shape[1]
+    prompt_rows = mask[:, : mask.shape[1] - A].sum(1)
+    groups = prompt_groups(batch["input_ids"], mask, A) if shared_prompt else None
+    if groups is not None:  # only each group's first row runs its prompt
+        first = torch.ones_like(groups, dtype=torch.bool)
+        first[1:] = groups[1:] != groups[:-1]
+        prompt_rows = prompt_rows[first]
+    n_actions = int(actions.sum())
+    return {"tokens": int(prompt_rows.sum()) + n_actions, "logit_tokens": n_actions}
 
 
 def _ptx_batch(batch: dict[str, Any]) -> dict[str, Any] | None:
