@@ -16,7 +16,7 @@ optimizer step / step seconds, medians over counted steps.
 
 Relay's update is also reported against the hardware: its matmul FLOPs (`relay.models.flops.update_flops` over
 the episode's `update_*tokens` metrics) / `update_s`, as a fraction of this machine's matmul rate at the actor's
-thread count (`benchmarks.matmul_rate`, measured before and after the run, averaged; the bf16 rate when
+thread count (`benchmarks.matmul_rate`, measured just before Relay's first block and after its last, averaged; the bf16 rate when
 algo.update_autocast puts the update in bf16).
 
 With `--bf16-block` a further sync block runs the update under bf16 autocast (`algo.update_autocast=bf16`), only
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.trl_result:
         thread_counts = thread_counts[:1]
     learner_threads = cfg.actor_learner.num_threads
-    rates = [] if args.no_matmul_rate else [matmul_rate(model_config(str(model_dir)), learner_threads)]
+    rates: list[dict] = []
     init_ray(address="local", num_cpus=16, include_dashboard=False)
     trl_steps: dict[int, list[dict]] = {t: [] for t in thread_counts}
     cfg_autocast = cfg.algo.update_autocast
@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_trl(args, model_dir, prompts_json, out / f"trl_rep{rep}_t{threads}.json", threads)
                 trl_runs.append(dict(res, threads=threads))
                 trl_steps[threads] += [dict(s, samples=res.get("samples_per_step", n)) for s in res["steps"][1:] if s]
+            if not args.no_matmul_rate and not rates:  # next to Relay's blocks: under the load its update sees
+                rates.append(matmul_rate(model_config(str(model_dir)), learner_threads))
             for mode in blocks:
                 system.cfg.algo.mode = mode.split()[0]
                 system.cfg.algo.update_autocast = "bf16" if mode.endswith("bf16") else cfg_autocast
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nGRPO, SmolLM2-135M fp32, {args.prompts_per_step} prompts x {args.generations} generations x <= "
           f"{args.max_new_tokens} tokens per step, micro-batch {args.micro_batch}, Relay 1 thread/process (medians)")
     if rates:
-        print(rate_line(rates[0]) + " before the run; " + rate_line(rates[-1]).split(": ", 1)[1] + " after")
+        print(rate_line(rates[0]) + " before Relay's blocks; " + rate_line(rates[-1]).split(": ", 1)[1] + " after")
     print(f"{'side':20s} {'steps':>5s} {'s/step':>8s} {'samples/s':>10s} {'vs best TRL':>11s} {'load':>6s}")
     for r in rows:
         r["ratio"] = r["samples_per_s"] / trl_sps
