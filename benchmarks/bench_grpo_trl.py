@@ -7,13 +7,23 @@ EOS excluded: `relay.actors.scorers:low_token_share`, copied into the TRL worker
 Relay kl_coef=0), micro-batch `--micro-batch` with gradient accumulation to one optimizer step per batch, fp32
 training and fp32 generation, AdamW at the same learning rate, 1 thread per process.
 
-TRL runs in the peer environment (`make bench-env`) as a subprocess (`benchmarks/trl_grpo_worker.py`); its
-first step is a warm-up. Relay runs one `PPOSystem` (advantage_estimator=grpo, 1 vLLM generator, 1-rank ddp
+TRL runs in the peer environment (`make bench-env`) as a subprocess (`benchmarks/trl_grpo_worker.py`) at each
+of `--trl-threads` (default 1 and 2: both are printed, Relay is compared with the best); its first step is a
+warm-up. Relay runs one `PPOSystem` (advantage_estimator=grpo, 1 vLLM generator, 1-rank ddp
 actor group) in sync mode, then async mode (generation of the next batch overlaps the update); the first
 episode of each block is a warm-up. The sides alternate `--repeats` times; samples/s = completions per
 optimizer step / step seconds, medians over counted steps.
 
-    make bench-env && python -m benchmarks.bench_grpo_trl [--repeats 1] [--steps 3] [--out DIR]
+Relay's update is also reported against the hardware: its matmul FLOPs (`relay.models.flops.update_flops` over
+the episode's `update_*tokens` metrics) / `update_s`, as a fraction of this machine's matmul rate at the actor's
+thread count (`benchmarks.matmul_rate`, measured just before Relay's first block and after its last, averaged; the bf16 rate when
+algo.update_autocast puts the update in bf16).
+
+With `--bf16-block` a further sync block runs the update under bf16 autocast (`algo.update_autocast=bf16`), only
+where the CPU computes bf16 natively.
+
+    make bench-env && python -m benchmarks.bench_grpo_trl [--repeats 1] [--steps 3] [--trl-threads 1,2] [--bf16-block]
+        [--no-async] [--out DIR]
 """
 from __future__ import annotations
 
@@ -33,16 +43,16 @@ set_bench_env()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_trl(args, model_dir: Path, prompts_json: Path, out: Path) -> dict:
+def run_trl(args, model_dir: Path, prompts_json: Path, out: Path, threads: int) -> dict:
     py = REPO / args.bench_venv / "bin" / "python"
     if not py.exists():
         raise SystemExit(f"{py} missing: run `make bench-env` first")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.trl_threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [str(py), str(REPO / "benchmarks" / "trl_grpo_worker.py"), "--model", str(model_dir), "--prompts",
            str(prompts_json), "--out", str(out), "--steps", str(args.steps), "--prompts-per-step",
            str(args.prompts_per_step), "--generations", str(args.generations), "--max-new-tokens",
            str(args.max_new_tokens), "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--threads",
-           str(args.trl_threads)]
+           str(threads)]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
@@ -51,7 +61,8 @@ def run_trl(args, model_dir: Path, prompts_json: Path, out: Path) -> dict:
     res = json.loads(out.read_text())
     res["process_s"] = time.perf_counter() - t
     for s in res["steps"]:
-        print(f"  trl   step {s['step']}: {s['wall_s']:.2f} s, load {s['load']:.2f}", file=sys.stderr, flush=True)
+        print(f"  trl   {threads} thread(s) step {s['step']}: {s['wall_s']:.2f} s, load {s['load']:.2f}", file=sys.stderr,
+              flush=True)
     return res
 
 
@@ -65,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-prompt-tokens", type=int, default=256, help="prompts keep their last N tokens")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--trl-threads", type=int, default=1)
+    ap.add_argument("--trl-threads", default="1,2", help="comma-separated thread counts TRL runs at (each printed; "
+                                                           "Relay is compared with the best)")
     ap.add_argument("--no-async", action="store_true", help="skip Relay's async block")
     ap.add_argument("--trl-result", default=None, help="reuse a trl_rep*.json from an earlier run instead of running "
                                                         "TRL (the two sides are then not interleaved: say so)")
+    ap.add_argument("--no-matmul-rate", action="store_true", help="skip measuring the machine's matmul rate")
+    ap.add_argument("--bf16-block", action="store_true", help="also a sync block with algo.update_autocast=bf16 "
+                                                              "(skipped where the CPU lacks native bf16)")
     ap.add_argument("--bench-venv", default=".venv-bench")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra Relay config override")
     ap.add_argument("--out", default="runs/bench_grpo_trl")
@@ -82,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from benchmarks.bench_ppo import demo_prompts
+    from benchmarks.matmul_rate import bf16_skip_reason, matmul_rate, model_config, rate_line
+    from relay.learners.autocast import resolve_autocast
+    from relay.models.flops import achieved_gflops, param_split, update_flops
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -106,9 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml", sets)
     validate(cfg, "cpu")
 
+    thread_counts = [int(t) for t in args.trl_threads.split(",") if t.strip()]
+    if args.trl_result:
+        thread_counts = thread_counts[:1]
+    learner_threads = cfg.actor_learner.num_threads
+    rates: list[dict] = []
     init_ray(address="local", num_cpus=16, include_dashboard=False)
-    trl_steps: list[dict] = []
-    relay: dict[str, list[dict]] = {"sync": [], "async": []}
+    trl_steps: dict[int, list[dict]] = {t: [] for t in thread_counts}
+    cfg_autocast = cfg.algo.update_autocast
+    blocks = ["sync"] + (["sync bf16"] if args.bf16_block else []) + ([] if args.no_async else ["async"])
+    if args.bf16_block and (reason := bf16_skip_reason()):
+        print(f"sync bf16 block {reason}", file=sys.stderr)
+        blocks.remove("sync bf16")
+    relay: dict[str, list[dict]] = {b: [] for b in blocks}
     trl_runs = []
     system = PPOSystem(cfg)
     try:
@@ -116,18 +144,22 @@ def main(argv: list[str] | None = None) -> int:
         system.start()
         print(f"relay system up in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
         for rep in range(args.repeats):
-            if args.trl_result:
-                res = json.loads(Path(args.trl_result).read_text()) if rep == 0 else {"steps": [{}]}
-            else:
-                res = run_trl(args, model_dir, prompts_json, out / f"trl_rep{rep}.json")
-            trl_runs.append(res)
-            trl_steps += [dict(s, samples=res.get("samples_per_step", n)) for s in res["steps"][1:] if s]
-            for mode in ("sync",) + (() if args.no_async else ("async",)):
-                system.cfg.algo.mode = mode
+            for threads in thread_counts:
+                if args.trl_result:
+                    res = json.loads(Path(args.trl_result).read_text()) if rep == 0 else {"steps": [{}]}
+                else:
+                    res = run_trl(args, model_dir, prompts_json, out / f"trl_rep{rep}_t{threads}.json", threads)
+                trl_runs.append(dict(res, threads=threads))
+                trl_steps[threads] += [dict(s, samples=res.get("samples_per_step", n)) for s in res["steps"][1:] if s]
+            if not args.no_matmul_rate and not rates:  # next to Relay's blocks: under the load its update sees
+                rates.append(matmul_rate(model_config(str(model_dir)), learner_threads))
+            for mode in blocks:
+                system.cfg.algo.mode = mode.split()[0]
+                system.cfg.algo.update_autocast = "bf16" if mode.endswith("bf16") else cfg_autocast
                 block = system.run_episodes(until=system.state.episode + args.steps)
                 for i, r in enumerate(block):
                     r["load"] = round(os.getloadavg()[0], 2)
-                    print(f"  relay {mode:5s} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
+                    print(f"  relay {mode:9s} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
                           f"{r['score_s']:.2f}, update {r['update_s']:.2f}, sync {r['sync_s']:.3f}), "
                           f"{r['samples_per_s']:.3f} samples/s, load {r['load']}{' [warm-up]' if i == 0 else ''}",
                           file=sys.stderr, flush=True)
@@ -135,30 +167,57 @@ def main(argv: list[str] | None = None) -> int:
                         relay[mode].append(r)
     finally:
         system.close()
+    if rates:
+        rates.append(matmul_rate(model_config(str(model_dir)), learner_threads))
 
-    trl_sps = statistics.median(s["samples"] / s["wall_s"] for s in trl_steps)
-    rows = [{"side": "TRL GRPOTrainer", "samples_per_s": trl_sps,
-             "step_s": statistics.median(s["wall_s"] for s in trl_steps),
-             "load": statistics.median(s["load"] for s in trl_steps), "steps": len(trl_steps)}]
+    rows = []
+    for threads, steps in trl_steps.items():
+        if steps:
+            rows.append({"side": f"TRL GRPOTrainer {threads}t", "threads": threads,
+                         "samples_per_s": statistics.median(s["samples"] / s["wall_s"] for s in steps),
+                         "step_s": statistics.median(s["wall_s"] for s in steps),
+                         "load": statistics.median(s["load"] for s in steps), "steps": len(steps)})
+    trl_best = max(rows, key=lambda r: r["samples_per_s"])
+    trl_sps = trl_best["samples_per_s"]
+    split = param_split(model_config(str(model_dir)))
     for mode, recs in relay.items():
         if recs:
-            rows.append({"side": f"Relay GRPO {mode}", "samples_per_s": statistics.median(r["samples_per_s"] for r in recs),
-                         "step_s": statistics.median(r["episode_s"] for r in recs),
-                         "load": statistics.median(r["load"] for r in recs), "steps": len(recs),
-                         "gen_s": statistics.median(r["gen_s"] for r in recs),
-                         "update_s": statistics.median(r["update_s"] for r in recs),
-                         "sync_share": statistics.median(r["sync_share"] for r in recs)})
+            compute = "bf16" if mode.endswith("bf16") or resolve_autocast(cfg_autocast) else "fp32"
+            ceiling = statistics.mean(r[compute]["gflops"] for r in rates) if rates and "gflops" in rates[0][compute] else None
+            for r in recs:
+                r["update_gflops"] = achieved_gflops(update_flops(
+                    split, int(r["update_tokens"]), int(r["update_logit_tokens"]), int(r["update_forward_tokens"]),
+                    int(r["update_forward_logit_tokens"])), r["update_s"])
+            row = {"side": f"Relay GRPO {mode}", "samples_per_s": statistics.median(r["samples_per_s"] for r in recs),
+                   "step_s": statistics.median(r["episode_s"] for r in recs),
+                   "load": statistics.median(r["load"] for r in recs), "steps": len(recs),
+                   "gen_s": statistics.median(r["gen_s"] for r in recs),
+                   "update_s": statistics.median(r["update_s"] for r in recs),
+                   "sync_share": statistics.median(r["sync_share"] for r in recs),
+                   "update_gflops": statistics.median(r["update_gflops"] for r in recs)}
+            if ceiling:
+                row.update(update_vs_matmul=row["update_gflops"] / ceiling, matmul_gflops=ceiling, matmul_dtype=compute)
+            rows.append(row)
     print(f"\nGRPO, SmolLM2-135M fp32, {args.prompts_per_step} prompts x {args.generations} generations x <= "
-          f"{args.max_new_tokens} tokens per step, micro-batch {args.micro_batch}, 1 thread/process (medians)")
-    print(f"{'side':18s} {'steps':>5s} {'s/step':>8s} {'samples/s':>10s} {'vs TRL':>7s} {'load':>6s}")
+          f"{args.max_new_tokens} tokens per step, micro-batch {args.micro_batch}, Relay 1 thread/process (medians)")
+    if rates:
+        print(rate_line(rates[0]) + " before Relay's blocks; " + rate_line(rates[-1]).split(": ", 1)[1] + " after")
+    print(f"{'side':20s} {'steps':>5s} {'s/step':>8s} {'samples/s':>10s} {'vs best TRL':>11s} {'load':>6s}")
     for r in rows:
         r["ratio"] = r["samples_per_s"] / trl_sps
-        print(f"{r['side']:18s} {r['steps']:5d} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:6.2f}x "
+        print(f"{r['side']:20s} {r['steps']:5d} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:10.2f}x "
               f"{r['load']:6.2f}")
-    best = max(rows[1:], key=lambda r: r["samples_per_s"])
-    print(f"Relay best ({best['side']}) / TRL: {best['ratio']:.2f}x (goal >= 3x)")
+    for r in rows:
+        if "update_vs_matmul" in r:
+            print(f"{r['side']} update: {r['update_gflops']:.1f} GFLOP/s achieved = {r['update_vs_matmul']:.0%} of the "
+                  f"measured {r['matmul_dtype']} matmul rate ({r['matmul_gflops']:.1f} GFLOP/s, {learner_threads} thread"
+                  f"{'s' if learner_threads != 1 else ''}) (goal >= 50%)")
+    best = max((r for r in rows if r["side"].startswith("Relay")), key=lambda r: r["samples_per_s"])
+    print(f"Relay best ({best['side']}) / TRL at its best thread count ({trl_best['threads']}): {best['ratio']:.2f}x "
+          f"(goal >= 3x)")
     write_results(out, {"benchmark": "grpo_vs_trl", "model": "SmolLM2-135M-Instruct", "args": vars(args),
-                        "rows": rows, "trl_runs": trl_runs, "relay_episodes": relay})
+                        "rows": rows, "trl_best_threads": trl_best["threads"], "matmul_rates": rates,
+                        "trl_runs": trl_runs, "relay_episodes": relay})
     return 0
 
 

@@ -135,12 +135,19 @@ class PPOAlgoConfig(Group):
         "per group instead of n(P + R), same loss and gradient. Used when n_samples_per_prompt > 1 with actor "
         "plugins ddp/zero2/zero2_cpu without grad_checkpoint (the shardformer forwards of '3d' have no KV cache).",
         True)
+    update_autocast: Literal["off", "bf16", "auto"] = doc(
+        "Actor update: run the policy forward (and so its backward) under bf16 autocast, fp32 weights, optimizer "
+        "and logprob math kept (1.5x faster steps where the CPU computes bf16 natively; see "
+        "relay.learners.autocast). 'auto': bf16 on GPUs and CPUs with AVX512_BF16/AMX, off on AVX2-only CPUs "
+        "(bf16 is emulated there). Changes the numbers at the ~1e-2 level: old logprobs then come from the "
+        "learner (fp32), so the first step's ratio is near 1, not exactly 1. 'off' keeps runs bit-reproducible.",
+        "off")
     old_logprobs: Literal["auto", "learner", "generator"] = doc(
         "Source of the PPO ratio's old logprobs: 'learner' (the actor group recomputes them on the episode before "
         "its first update: ratio exactly 1), 'generator' (vLLM's sampling logprobs: saves one actor forward per "
         "episode; sync mode and generation.temperature 1 only: vLLM reports logprobs of the raw logits) or "
-        "'auto' (generator in sync mode when generation.dtype and the actor's mixed_precision are both fp32 "
-        "and the temperature is 1, where the two agree to ~1e-6; learner otherwise).",
+        "'auto' (generator in sync mode when generation.dtype and the actor's mixed_precision are both fp32, "
+        "update_autocast is off and the temperature is 1, where the two agree to ~1e-6; learner otherwise).",
         "auto")
     max_nonfinite_steps: PosInt = doc(
         "An actor or critic optimizer step with a non-finite loss or gradient is skipped (weights untouched, "
@@ -241,7 +248,7 @@ def old_logprobs_from_generator(cfg: PPOConfig) -> bool:
     if a.old_logprobs != "auto":
         return a.old_logprobs == "generator"
     return (a.mode == "sync" and cfg.generation.dtype == "float32" and cfg.actor_learner.mixed_precision == "fp32"
-            and learner_temperature(cfg) == 1.0)
+            and a.update_autocast == "off" and learner_temperature(cfg) == 1.0)
 
 
 # Plugins whose model runs Hugging Face's own forward (with a KV cache): the shared-prompt forwards need one.

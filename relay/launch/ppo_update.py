@@ -19,6 +19,17 @@ from relay.launch.ppo_rollout import learner_batch
 from relay.learners.accumulate import NonfiniteGuard
 
 
+def update_token_metrics(batch: dict[str, Any], shared: bool, steps: int, recomputed: bool) -> dict[str, float]:
+    """Actor tokens of one update phase for its FLOP count (`relay.models.flops.update_flops`): trained
+    (forward + backward, `steps` passes) and forward-only (the old-logprob recompute)."""
+    from relay.learners.ppo import actor_token_counts
+
+    c = actor_token_counts(batch, shared)
+    fwd = c if recomputed else {"tokens": 0, "logit_tokens": 0}
+    return {"update_tokens": float(c["tokens"] * steps), "update_logit_tokens": float(c["logit_tokens"] * steps),
+            "update_forward_tokens": float(fwd["tokens"]), "update_forward_logit_tokens": float(fwd["logit_tokens"])}
+
+
 def dp_size(cfg: PPOConfig) -> int:
     lc = cfg.actor_learner
     return max(lc.num_ranks // max(lc.tp * lc.pp * lc.sp, 1), 1)
@@ -50,13 +61,14 @@ class PPOUpdates:
         reuse = old_logprobs_from_generator(cfg)
         if not reuse:
             out.update(self._recompute_old_logprobs(batch, mask, async_mode=a.mode == "async"))
+        out.update(update_token_metrics(batch, actor_shares_prompts(cfg), a.num_update_steps, recomputed=not reuse))
         micro = max(1, -(-keep // dp // a.train_batch_size))  # ceil: rows per rank / train_batch_size
         total_steps = a.num_episodes * a.num_update_steps
         kl_coef = self.kl_ctl.value
         actor_kw = dict(clip_eps=a.eps_clip, ptx_coef=a.ptx_coef, entropy_coef=a.entropy_coef,
                         kl_coef=0.0 if a.kl_in_reward else kl_coef, kl_estimator=a.kl_estimator,
                         shared_prompt=actor_shares_prompts(cfg), temperature=learner_temperature(cfg),
-                        num_threads=cfg.actor_learner.num_threads)
+                        num_threads=cfg.actor_learner.num_threads, autocast=a.update_autocast)
         guard = self._nonfinite_guard()
         out["nonfinite_skipped"] = 0.0
         out["samples_skipped"] = 0.0  # experiences in actor steps the guard dropped (rows x dropped steps)

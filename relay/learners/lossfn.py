@@ -134,14 +134,11 @@ def last_token_logprobs(model: Any, batch: dict[str, Any], last: int, temperatur
 
 
 def token_logprobs(logits: Any, input_ids: Any, temperature: float = 1.0) -> Any:
-    """log p(input_ids[:, t] | prefix) for t >= 1, shape (B, T-1), computed in fp32."""
-    import torch
+    """log p(input_ids[:, t] | prefix) for t >= 1, shape (B, T-1), in fp32 (chunked over positions: no fp32
+    copy of the whole log-softmax; the PPO loss computes its logprobs the same way, so a recomputed ratio is 1)."""
+    from relay.learners.logprobs import chunked_logprobs
 
-    logits = logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return chunked_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)[0]
 
 
 def lm_labels(batch: dict[str, Any]) -> Any:

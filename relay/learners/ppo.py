@@ -20,8 +20,10 @@ from relay.algos.masked import masked_mean, masked_token_mean
 from relay.learners.lossfn import (
     IGNORE_INDEX, causal_logits, denominators_or_counts, model_inputs, normalized, register_loss,
 )
+from relay.learners.autocast import autocast_forward
+from relay.learners.logprobs import chunked_logprobs
 from relay.learners.sft import prepare_step
-from relay.learners.prefix_forward import shared_prefix_response_logits
+from relay.learners.prefix_forward import prompt_groups, shared_prefix_response_logits
 
 PTX_PREFIX = "ptx_"
 
@@ -32,9 +34,8 @@ def response_logits(logits: torch.Tensor, num_actions: int) -> torch.Tensor:
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """fp32 log_softmax(logits)[token]: [B, A, V] and [B, A] -> [B, A]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """fp32 log_softmax(logits)[token]: [B, A, V] and [B, A] -> [B, A], chunked (`relay.learners.logprobs`)."""
+    return chunked_logprobs(logits, tokens)[0]
 
 
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, num_actions: int) -> torch.Tensor:
@@ -74,6 +75,22 @@ def trim_padding_columns(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def actor_token_counts(batch: dict[str, Any], shared_prompt: bool) -> dict[str, int]:
+    """Real tokens one actor pass over `batch` computes, for FLOP counts (`relay.models.flops`): `tokens`
+    (prompt + response tokens, padding not counted; with `shared_prompt` a group's repeated prompt counts once)
+    and `logit_tokens` (response tokens: the LM head runs only there)."""
+    mask, actions = batch["attention_mask"], batch["action_mask"]
+    A = actions.shape[1]
+    prompt_rows = mask[:, : mask.shape[1] - A].sum(1)
+    groups = prompt_groups(batch["input_ids"], mask, A) if shared_prompt else None
+    if groups is not None:  # only each group's first row runs its prompt
+        first = torch.ones_like(groups, dtype=torch.bool)
+        first[1:] = groups[1:] != groups[:-1]
+        prompt_rows = prompt_rows[first]
+    n_actions = int(actions.sum())
+    return {"tokens": int(prompt_rows.sum()) + n_actions, "logit_tokens": n_actions}
+
+
 def _ptx_batch(batch: dict[str, Any]) -> dict[str, Any] | None:
     ptx = {k[len(PTX_PREFIX):]: v for k, v in batch.items() if k.startswith(PTX_PREFIX)}
     return ptx if ptx.get("input_ids") is not None and ptx["input_ids"].shape[0] > 0 else None
@@ -104,6 +121,7 @@ def ppo_actor_loss(
     temperature: float = 1.0,
     denominators: dict[str, float] | None = None,
     num_threads: int | None = None,
+    autocast: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped PPO surrogate (x truncated IS weights `is_weights` when present, async mode)
     - entropy_coef x entropy + kl_coef x KL(policy || ref) (only when the KL is a loss term: `ref_logprobs`
@@ -111,30 +129,33 @@ def ppo_actor_loss(
     over the step's ptx label tokens (`ptx_*` rows). Logprobs and entropy come from logits / `temperature`
     (the sampling temperature, as the generator sampled). `shared_prompt`: run repeated prompts once
     (`relay.learners.prefix_forward`; plain HF forwards only). `denominators`: see `lossfn.normalized`.
-    `num_threads`: torch threads of this rank from now on (actor_learner.num_threads)."""
+    `num_threads`: torch threads of this rank from now on (actor_learner.num_threads). `autocast`: "bf16" (or
+    "auto" where this rank's hardware computes bf16 natively) runs the policy forward under bf16 autocast
+    (`relay.learners.autocast`; fp32 weights and loss math; algo.update_autocast)."""
     prepare_step(num_threads)
     den = denominators_or_counts(denominators, actor_counts, batch)
     batch = trim_padding_columns(batch)
     mask = batch["action_mask"].float()
     num_actions = mask.shape[1]
-    resp_logits = shared_prefix_response_logits(model, batch, num_actions) if shared_prompt else None
-    if resp_logits is None:
-        resp_logits = response_logits(causal_logits(model, batch, keep=num_actions + 1), num_actions)
-    if temperature != 1.0:
-        resp_logits = resp_logits.float() / temperature
-    logprobs = gather_logprobs(resp_logits, batch["input_ids"][:, -num_actions:])
+    with autocast_forward(model, autocast):
+        resp_logits = shared_prefix_response_logits(model, batch, num_actions) if shared_prompt else None
+        if resp_logits is None:
+            resp_logits = response_logits(causal_logits(model, batch, keep=num_actions + 1), num_actions)
+    # fp32 only per chunk: no [B, A, V] fp32 log-softmax (nor a copy of the logits / temperature) is kept.
+    logprobs, token_entropy = chunked_logprobs(resp_logits, batch["input_ids"][:, -num_actions:], temperature)
     n = den["actions"]
     pg_loss, stats = policy_loss(
         logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_eps, batch.get("is_weights"), token_normalizer=n
     )
     loss = pg_loss
-    # Entropy over the full vocabulary is [B, A, V] work: only computed with grad when it is in the loss.
+    # Entropy with a gradient is [B, A, V] work of its own: only when it is in the loss; else the chunked
+    # pass's (no-grad) entropy serves the metric.
     if entropy_coef > 0:
-        entropy = masked_token_mean(entropy_from_logits(resp_logits), mask, n)
+        scaled = resp_logits.float() / temperature if temperature != 1.0 else resp_logits
+        entropy = masked_token_mean(entropy_from_logits(scaled), mask, n)
         loss = loss - entropy_coef * entropy
     else:
-        with torch.no_grad():
-            entropy = masked_token_mean(entropy_from_logits(resp_logits.detach()), mask, n)
+        entropy = masked_token_mean(token_entropy, mask, n)
     metrics = {
         # at an episode's first step with generator old logprobs: the learner against its sampler
         "logprob_diff": float(masked_mean((logprobs.detach() - batch["old_logprobs"]).abs(), mask)),

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from relay.learners.logprobs import chunked_logprobs
 from relay.learners.lossfn import position_ids_from_mask
 
 
@@ -62,5 +63,4 @@ def shared_prefix_logprobs(model: Any, batch: dict[str, Any], last: int, tempera
     logits = shared_prefix_response_logits(model, batch, last)
     if logits is None:
         return None
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, batch["input_ids"][:, -last:].unsqueeze(-1)).squeeze(-1)
+    return chunked_logprobs(logits, batch["input_ids"][:, -last:], temperature)[0]

@@ -1,0 +1,64 @@
+"""bf16 autocast for the actor update (`relay.learners.autocast`, algo.update_autocast): resolution per CPU,
+the loss's forward really runs bf16 while weights and gradients stay fp32, and the loss stays close to fp32.
+No Ray."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from relay.config import load_config, old_logprobs_from_generator
+from relay.learners.autocast import resolve_autocast
+from relay.learners.lossfn import causal_logits, token_logprobs
+from relay.learners.ppo import ppo_actor_loss
+
+
+def test_resolution(monkeypatch):
+    assert resolve_autocast("off") is None and resolve_autocast(None) is None
+    assert resolve_autocast("bf16") == "bf16"
+    assert resolve_autocast("auto", on_gpu=True) == "bf16"
+    monkeypatch.setenv("RELAY_CPU_CAPABILITY", "avx2")  # AVX2-only view: bf16 emulated, auto stays off
+    assert resolve_autocast("auto") is None
+    with pytest.raises(ValueError, match="autocast='fp8'"):
+        resolve_autocast("fp8")
+
+
+def test_autocast_rules_out_generator_old_logprobs():
+    cfg = load_config("ppo", None, ["generation.dtype=float32"])
+    assert old_logprobs_from_generator(cfg)
+    cfg = load_config("ppo", None, ["generation.dtype=float32", "algo.update_autocast=auto"])
+    assert not old_logprobs_from_generator(cfg)
+
+
+def _batch(model):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (4, 12))
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0
+    A = 5
+    batch = {"input_ids": ids, "attention_mask": attn}
+    with torch.no_grad():
+        own = token_logprobs(causal_logits(model, batch), ids)[:, -A:]
+    batch.update(action_mask=torch.ones(4, A), old_logprobs=own, advantages=torch.randn(4, A))
+    return batch
+
+
+def test_bf16_forward_fp32_weights_and_close_loss(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    batch = _batch(model)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    fp32_loss, fp32_m = ppo_actor_loss(model, batch)
+    bf16_loss, bf16_m = ppo_actor_loss(model, batch, autocast="bf16")
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert bf16_loss.dtype == torch.float32
+    bf16_loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # fp32 old logprobs: ratio exactly 1 without autocast, near 1 with it
+    assert abs(fp32_m["ratio"] - 1) < 1e-6
+    assert abs(bf16_m["ratio"] - 1) < 5e-2 and bf16_m["ratio"] != fp32_m["ratio"]
+    assert abs(float(bf16_loss.detach()) - float(fp32_loss.detach())) < 5e-2
