@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from taken_ids import system_recording_taken_ids  # tests/faults/ is on sys.path under pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -114,23 +115,7 @@ class EngineKiller:
 
 @pytest.fixture(scope="module")
 def engine_system(ray_session, prompt_data, tmp_path_factory):
-    from relay.launch.ppo import PPOSystem
-
-    save_dir = tmp_path_factory.mktemp("faults") / "engine"
-    system = PPOSystem(_cfg(prompt_data, save_dir)).start()
-    taken: dict[int, list[str]] = {}
-    real_take_all = system.buffer.take_all
-
-    def take_all(*args, **kwargs):
-        batches = real_take_all(*args, **kwargs)
-        taken.setdefault(system.state.episode, []).extend(str(s) for b in batches for s in b.sample_ids)
-        return batches
-
-    system.buffer.take_all = take_all
-    try:
-        yield system, taken
-    finally:
-        system.close()
+    yield from system_recording_taken_ids(_cfg(prompt_data, tmp_path_factory.mktemp("faults") / "engine"))
 
 
 def _gone(pid: int) -> bool:
