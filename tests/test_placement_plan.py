@@ -73,6 +73,23 @@ def test_7b_layout_bundles_and_where_the_fit_puts_them():
     assert "dead" not in {n for where in placed.values() for n in where}
 
 
+def test_engines_are_aimed_around_where_ray_really_put_the_learners():
+    """Ray may place the PACK learner groups on other nodes than the simulation did; the engines' targets are
+    then redone around them (`held`), so the two engines still get a node each and no GPU is counted twice."""
+    plan = plan_ppo(ppo("ppo_7b_tp4.yaml"), gpus_present=True)
+    nodes = gpu_nodes(3)
+    simulated = check_fit(plan, nodes).placed
+    assert [simulated[g][0] for g in ("actor_learner", "critic_learner", "generator-0")] == ["node0", "node1", "node2"]
+    # Ray's choice: the actor group on node2, where the simulation meant to put an engine
+    learners = {"actor_learner": ["node2"] * 8, "critic_learner": ["node1"] * 4}
+    held = fit(plan, nodes, held=learners)
+    assert held.ok and held.placed["actor_learner"] == learners["actor_learner"]
+    engines = [held.placed[f"generator-{i}"][0] for i in range(2)]
+    assert engines[0] != engines[1]
+    assert "node2" not in engines  # its 8 GPUs are taken
+    assert sorted(engines) == ["node0", "node1"]  # node1 has 4 GPUs left beside the critic
+
+
 def test_unsatisfiable_layout_lists_what_is_missing_per_role():
     plan = plan_ppo(ppo("ppo_7b_tp4.yaml", "generation.num_generators=3"), gpus_present=True)
     with pytest.raises(PlacementError) as err:

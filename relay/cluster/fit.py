@@ -3,12 +3,13 @@ each group the way its strategy asks, in the plan's order, and reports per role 
 
 It is deliberately simple: first a role's groups as Ray would place them (one node for STRICT_PACK, fewest nodes
 for PACK, different nodes for spread roles), best fit otherwise. A layout it cannot place is refused before any
-actor starts (Ray would wait forever); its node choices also serve as soft targets for spread engines.
+actor starts (Ray would wait forever). Its node choices, redone around where Ray actually put the learner
+groups (`held`), serve as soft targets for spread engines.
 """
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,10 +149,20 @@ class _Cluster:
         return f"{_text(total)} free on {len(nodes)} node(s), at most {_text(one)} on one"
 
 
-def fit(plan: Plan, nodes: list[Node]) -> Fit:
-    """Place the plan's groups in order; a group that does not fit is reported and takes nothing."""
+def fit(plan: Plan, nodes: list[Node], held: Mapping[str, Sequence[str]] | None = None) -> Fit:
+    """Place the plan's groups in order; a group that does not fit is reported and takes nothing. `held`: groups
+    Ray has placed already (group name -> node id per bundle), taken where they are rather than simulated."""
     cluster, result = _Cluster(nodes), Fit()
+    for name, where in (held or {}).items():
+        group = plan.group(name)
+        for bundle, node_id in zip(group.bundles, where):
+            cluster.take(node_id, bundle.demand())
+        for node_id in set(where):
+            cluster.role_count[group.role, node_id] += 1
+        result.placed[name] = list(where)
     for group in plan.groups:
+        if group.name in result.placed:
+            continue
         where = cluster.place(group)
         if where is None:
             result.missing.append(Missing(group.role, group.name, group.text(), cluster.available(group)))

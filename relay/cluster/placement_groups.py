@@ -16,6 +16,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, placement_
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from relay.cluster.fit import Fit, Missing, check_fit, nodes_from_ray, table
+from relay.cluster.fit import fit as _fit
 from relay.cluster.options import NAMESPACE
 from relay.cluster.placement import Bundle, GroupPlan, Member, Plan, PlacementError, rank_bundles
 
@@ -55,13 +56,19 @@ class Placement:
         """Check the plan against the cluster's nodes (PlacementError with a table when it cannot fit), then
         create every placement group and wait until all are ready (PlacementError naming the groups still
         waiting, e.g. on resources other jobs hold; the groups made are removed)."""
-        fit = check_fit(plan, nodes_from_ray(ray.nodes()))
+        nodes = nodes_from_ray(ray.nodes())
+        fit = check_fit(plan, nodes)
         self = cls(plan, run, fit)
+        reserved = [g for g in plan.groups if g.placement_group]
+        # Ray puts PACK learner groups where it likes, not where the fit simulated them; engines aimed at the
+        # fit's nodes could then find theirs full and pile onto one node. So: learners first, then the engines'
+        # targets redone around where the learners really are.
+        targeted = [g for g in reserved if _targeted(g)]
         try:
-            for group in plan.groups:
-                if group.placement_group:
-                    self.groups[group.name] = self._create(group, fit.placed.get(group.name))
-            self._wait(list(self.groups), timeout_s)
+            self._reserve([g for g in reserved if g not in targeted], fit, timeout_s)
+            if targeted:
+                self.fit = _fit(plan, nodes, held={name: self._nodes_of(name) for name in self.groups})
+                self._reserve(targeted, self.fit, timeout_s)
         except BaseException:
             self.release()
             raise
@@ -71,12 +78,22 @@ class Placement:
         self._slots = {g.name: None for g in plan.groups if g.role == "generator" and g.placement_group}
         return self
 
+    def _reserve(self, groups: list[GroupPlan], fit: Fit, timeout_s: float) -> None:
+        for group in groups:
+            self.groups[group.name] = self._create(group, fit.placed.get(group.name))
+        self._wait([g.name for g in groups], timeout_s)
+
+    def _nodes_of(self, name: str) -> list[str]:
+        """The node id of each bundle of a ready group, in bundle order."""
+        where = placement_group_table(self.groups[name])["bundles_to_node_id"]
+        return [where[i] for i in range(len(where))]
+
     def _create(self, group: GroupPlan, nodes: list[str] | None) -> PlacementGroup:
         kwargs: dict[str, Any] = {}
         labels = [b.labels() for b in group.bundles]
         if any(labels):
             kwargs["bundle_label_selector"] = labels
-        if group.spread and group.strategy == "STRICT_PACK" and nodes:
+        if _targeted(group) and nodes:
             kwargs["_soft_target_node_id"] = nodes[0]  # the node the fit chose to spread the role's groups
         name = f"relay/{group.name}@{self.run}" if self.run else f"relay/{group.name}"
         return placement_group([_ray_bundle(b) for b in group.bundles], strategy=group.strategy, name=name, **kwargs)
@@ -157,6 +174,11 @@ class Placement:
             except Exception as err:  # noqa: BLE001 - the cluster may be gone already
                 logger.warning("placement: removing %s: %s", name, err)
         self.groups.clear()
+
+
+def _targeted(group: GroupPlan) -> bool:
+    """A spread engine group, aimed at a node of its own (Ray spreads plain actors, not separate groups)."""
+    return group.spread and group.strategy == "STRICT_PACK"
 
 
 def _alive(name: str) -> bool:
