@@ -20,10 +20,13 @@ thread count (`benchmarks.matmul_rate`, measured just before Relay's first block
 algo.update_autocast puts the update in bf16).
 
 With `--bf16-block` a further sync block runs the update under bf16 autocast (`algo.update_autocast=bf16`), only
-where the CPU computes bf16 natively.
+where the CPU computes bf16 natively. With `--timeshare-block` a further sync block runs with `placement=timeshare`
+on the same actors: the update takes every core of the machine (the generator idles meanwhile in sync mode, as
+it does in a timeshare run, whose only other difference is that Ray reserves no CPU for the generator); its
+update is compared with the matmul rate at that thread count.
 
     make bench-env && python -m benchmarks.bench_grpo_trl [--repeats 1] [--steps 3] [--trl-threads 1,2] [--bf16-block]
-        [--no-async] [--out DIR]
+        [--timeshare-block] [--no-async] [--out DIR]
 """
 from __future__ import annotations
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trl-threads", default="1,2", help="comma-separated thread counts TRL runs at (each printed; "
                                                            "Relay is compared with the best)")
     ap.add_argument("--no-async", action="store_true", help="skip Relay's async block")
+    ap.add_argument("--timeshare-block", action="store_true", help="also a sync block with placement=timeshare (the "
+                    "update takes every core)")
     ap.add_argument("--trl-result", default=None, help="reuse a trl_rep*.json from an earlier run instead of running "
                                                         "TRL (the two sides are then not interleaved: say so)")
     ap.add_argument("--no-matmul-rate", action="store_true", help="skip measuring the machine's matmul rate")
@@ -128,11 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.trl_result:
         thread_counts = thread_counts[:1]
     learner_threads = cfg.actor_learner.num_threads
-    rates: list[dict] = []
+    from relay.cpu import usable_cores
+
+    cores = usable_cores()
+    rates: dict[int, list[dict]] = {}
     init_ray(address="local", num_cpus=16, include_dashboard=False)
     trl_steps: dict[int, list[dict]] = {t: [] for t in thread_counts}
     cfg_autocast = cfg.algo.update_autocast
-    blocks = ["sync"] + (["sync bf16"] if args.bf16_block else []) + ([] if args.no_async else ["async"])
+    blocks = (["sync"] + (["sync bf16"] if args.bf16_block else []) + (["sync timeshare"] if args.timeshare_block else [])
+              + ([] if args.no_async else ["async"]))
+    block_threads = {b: cores if b.endswith("timeshare") else learner_threads for b in blocks}
     if args.bf16_block and (reason := bf16_skip_reason()):
         print(f"sync bf16 block {reason}", file=sys.stderr)
         blocks.remove("sync bf16")
@@ -152,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
                 trl_runs.append(dict(res, threads=threads))
                 trl_steps[threads] += [dict(s, samples=res.get("samples_per_step", n)) for s in res["steps"][1:] if s]
             if not args.no_matmul_rate and not rates:  # next to Relay's blocks: under the load its update sees
-                rates.append(matmul_rate(model_config(str(model_dir)), learner_threads))
+                for t in sorted(set(block_threads.values())):
+                    rates[t] = [matmul_rate(model_config(str(model_dir)), t)]
             for mode in blocks:
                 system.cfg.algo.mode = mode.split()[0]
                 system.cfg.algo.update_autocast = "bf16" if mode.endswith("bf16") else cfg_autocast
+                system.cfg.placement = "timeshare" if mode.endswith("timeshare") else cfg.placement
                 block = system.run_episodes(until=system.state.episode + args.steps)
                 for i, r in enumerate(block):
                     r["load"] = round(os.getloadavg()[0], 2)
@@ -167,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         relay[mode].append(r)
     finally:
         system.close()
-    if rates:
-        rates.append(matmul_rate(model_config(str(model_dir)), learner_threads))
+    for t, measured in rates.items():
+        measured.append(matmul_rate(model_config(str(model_dir)), t))
 
     rows = []
     for threads, steps in trl_steps.items():
@@ -183,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode, recs in relay.items():
         if recs:
             compute = "bf16" if mode.endswith("bf16") or resolve_autocast(cfg_autocast) else "fp32"
-            ceiling = statistics.mean(r[compute]["gflops"] for r in rates) if rates and "gflops" in rates[0][compute] else None
+            measured = rates.get(block_threads[mode])
+            ceiling = (statistics.mean(r[compute]["gflops"] for r in measured)
+                       if measured and "gflops" in measured[0][compute] else None)
             for r in recs:
                 r["update_gflops"] = achieved_gflops(update_flops(
                     split, int(r["update_tokens"]), int(r["update_logit_tokens"]), int(r["update_forward_tokens"]),
@@ -196,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                    "sync_share": statistics.median(r["sync_share"] for r in recs),
                    "update_gflops": statistics.median(r["update_gflops"] for r in recs)}
             if ceiling:
-                row.update(update_vs_matmul=row["update_gflops"] / ceiling, matmul_gflops=ceiling, matmul_dtype=compute)
+                row.update(update_vs_matmul=row["update_gflops"] / ceiling, matmul_gflops=ceiling, matmul_dtype=compute,
+                           update_threads=block_threads[mode])
             rows.append(row)
     print(f"\nGRPO, SmolLM2-135M fp32, {args.prompts_per_step} prompts x {args.generations} generations x <= "
           f"{args.max_new_tokens} tokens per step, micro-batch {args.micro_batch}, Relay 1 thread/process (medians)")
-    if rates:
-        print(rate_line(rates[0]) + " before Relay's blocks; " + rate_line(rates[-1]).split(": ", 1)[1] + " after")
+    for measured in rates.values():
+        print(rate_line(measured[0]) + " before Relay's blocks; " + rate_line(measured[-1]).split(": ", 1)[1] + " after")
     print(f"{'side':20s} {'steps':>5s} {'s/step':>8s} {'samples/s':>10s} {'vs best TRL':>11s} {'load':>6s}")
     for r in rows:
         r["ratio"] = r["samples_per_s"] / trl_sps
@@ -210,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if "update_vs_matmul" in r:
             print(f"{r['side']} update: {r['update_gflops']:.1f} GFLOP/s achieved = {r['update_vs_matmul']:.0%} of the "
-                  f"measured {r['matmul_dtype']} matmul rate ({r['matmul_gflops']:.1f} GFLOP/s, {learner_threads} thread"
-                  f"{'s' if learner_threads != 1 else ''}) (goal >= 50%)")
+                  f"measured {r['matmul_dtype']} matmul rate ({r['matmul_gflops']:.1f} GFLOP/s, {r['update_threads']} "
+                  f"thread{'s' if r['update_threads'] != 1 else ''}) (goal >= 50%)")
     best = max((r for r in rows if r["side"].startswith("Relay")), key=lambda r: r["samples_per_s"])
     print(f"Relay best ({best['side']}) / TRL at its best thread count ({trl_best['threads']}): {best['ratio']:.2f}x "
           f"(goal >= 3x)")

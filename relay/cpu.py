@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 FORCE_ENV = "RELAY_CPU_CAPABILITY"
 FORCE_LEVELS = ("avx2", "avx512")
@@ -220,3 +221,19 @@ def vllm_int4_support() -> tuple[bool, str]:
         return False, (f"vLLM cannot serve int4 (AWQ) models on this CPU: its int4 kernel {INT4_KERNEL} exists only "
                        f"in vLLM's AVX-512 builds, and this CPU lacks AVX-512 ({caps.label}; vLLM loads {lib})")
     return False, f"vLLM cannot serve int4 (AWQ) models on this CPU ({caps.label}): {lib} lacks {INT4_KERNEL}"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (containers) when one is set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+

@@ -162,6 +162,30 @@ def test_colocated_share_must_leave_the_rank_some_gpu():
         plan_ppo(cfg, gpus_present=True)
 
 
+def test_timeshare_puts_generators_in_actor_bundles_without_cpus_of_their_own():
+    separate = plan_ppo(ppo("ppo_tiny_grpo.yaml", "generation.num_generators=3", "actor_learner.num_ranks=2",
+                            "algo.train_batch_size=8", "generation.resources_per_generator={vllm: 1}"))
+    plan = plan_ppo(ppo("ppo_tiny_grpo.yaml", "generation.num_generators=3", "actor_learner.num_ranks=2",
+                        "algo.train_batch_size=8", "generation.resources_per_generator={vllm: 1}", "placement=timeshare"))
+    assert [(m.group, m.bundle) for m in plan.roles["generator"]] == [("actor_learner", 0), ("actor_learner", 1),
+                                                                      ("actor_learner", 0)]  # round robin
+    assert all(m.ask.cpus == 0 and m.ask.resources == {"vllm": 1.0} for m in plan.roles["generator"])
+    assert not any(g.role == "generator" for g in plan.groups)
+    # the generators' CPUs are gone from the total; their custom resources moved into the learner bundles
+    assert separate.totals()["CPU"] - plan.totals()["CPU"] == 3 * 1.0
+    assert [b.demand() for b in plan.group("actor_learner").bundles] == [{"CPU": 1.0, "vllm": 2.0}, {"CPU": 1.0, "vllm": 1.0}]
+    small = gpu_nodes(1, gpus=0, cpus=3)
+    assert fit(plan_ppo(ppo("ppo_tiny_grpo.yaml", "placement=timeshare")), small).ok  # 1 + reward 1 + buffer 0.5
+    assert not fit(plan_ppo(ppo("ppo_tiny_grpo.yaml")), small).ok  # + the generator's own core
+
+
+def test_timeshare_needs_sync_mode_and_cpus():
+    with pytest.raises(ConfigError, match="placement: timeshare hands the cores .* needs algo.mode sync"):
+        ppo("ppo_tiny_grpo.yaml", "placement=timeshare", "algo.mode=async", "algo.max_staleness=2")
+    with pytest.raises(ConfigError, match="placement: timeshare is built for CPU"):
+        ppo("ppo_7b_tp4.yaml", "placement=timeshare")
+
+
 def test_generator_gpus_follow_the_cluster_when_unset():
     cfg = ppo("ppo_tiny.yaml", "generation.tensor_parallel_size=2")
     assert plan_ppo(cfg).group("generator-0").strategy == ACTOR  # CPU engine: vLLM's own processes
@@ -177,7 +201,7 @@ def test_generator_gpus_follow_the_cluster_when_unset():
     ("buffer.node_pin=GPU", "buffer.node_pin"),
     ("actor_learner.resources_per_rank={CPU: 1}", "actor_learner.resources_per_rank"),
     ("reference.resources={a100: -1}", "reference.resources.a100"),
-    ("placement=timeshare", "placement"),
+    ("placement=hybrid", "placement"),
 ])
 def test_bad_placement_fields_are_named(override, field):
     with pytest.raises(ConfigError, match=rf"{field}: "):

@@ -167,3 +167,30 @@ def test_grpo_learns_rule_reward(ray_session, prompt_data, tmp_path):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.15, rewards
     assert not any(Path(tmp_path / "learn").glob("critic"))  # no critic group for grpo
+
+
+def test_grpo_learns_with_generation_and_update_time_shared(ray_session, prompt_data, tmp_path):
+    """placement timeshare: the generator lives in the actor rank's bundle and reserves no CPU; the update takes
+    every core of the node and hands them back afterwards; GRPO still learns the rule reward."""
+    import ray
+
+    from relay.cpu import usable_cores
+    from relay.launch.ppo import PPOSystem
+    from relay.metrics import read_metrics
+
+    cfg = _cfg(prompt_data, tmp_path / "timeshare", preset="configs/ppo_tiny_grpo.yaml", placement="timeshare")
+    system = PPOSystem(cfg).start()
+    try:
+        rows = system.run_episodes()
+        rank0 = system.actor.workers[0]
+        threads_after = ray.get(rank0.set_num_threads.remote(1), timeout=60)
+        gen_group = next(iter(system.pool.clients().values())).health()["placement_group"]
+        actor_group = system.placement.groups["actor_learner"].id.hex()
+    finally:
+        system.close()
+    assert threads_after == cfg.actor_learner.num_threads == 1  # handed back after each update
+    assert gen_group == actor_group  # the generator sits in the actor rank's placement group
+    assert {r["update_threads"] for r in rows} == {float(usable_cores())}
+    rewards = [r["reward_mean"] for r in read_metrics(tmp_path / "timeshare")]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.15, rewards

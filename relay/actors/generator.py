@@ -276,6 +276,7 @@ class VLLMGenerator:
             "pid": os.getpid(),
             "engine_pids": self._engine_pids(),
             "busy_s": time.monotonic() - busy if busy is not None else 0.0,
+            "placement_group": ray.get_runtime_context().get_placement_group_id(),
         }
 
     # -- work (serialized: one at a time, so an update never interleaves with a generate) --------------------

@@ -11,8 +11,8 @@ Roles and what they reserve (the `separate` mode):
 - `reference`, `reward`, `buffer`: one plain actor each.
 
 Modes rewrite that layout (`MODES`, one function each): `colocate` moves the reference and a reward model into
-learner bundles, where they share the rank's GPU. A mode that time-shares generation and update on the same
-devices (issue 15) is another function here.
+learner bundles, where they share the rank's GPU; `timeshare` puts the generators into the actor-learner
+bundles, where generation and update take turns on the same cores.
 """
 from __future__ import annotations
 
@@ -226,6 +226,24 @@ def _colocate(plan: Plan, cfg: Any) -> None:
         move_into(plan, "reference", "actor_learner")
     if cfg.reward.kind == "model":
         move_into(plan, "reward", "critic_learner" if "critic_learner" in plan.roles else "actor_learner")
+
+
+@mode("timeshare")
+def _timeshare(plan: Plan, cfg: Any) -> None:
+    """Generators beside actor-learner ranks (round robin over the bundles), asking for no CPUs of their own:
+    they take turns with the learners on the same cores (sync mode; the learners' update takes every core,
+    `relay.learners.group.LearnerGroup.hand_over_threads`). CPU only (config rules refuse GPUs)."""
+    host = plan.group("actor_learner")
+    gens = plan.roles["generator"]
+    for i, member in enumerate(gens):
+        index = i % len(host.bundles)
+        ask = member.ask
+        if ask.pin:
+            raise PlacementError(f"generator-{i}: placement timeshare puts it beside an actor_learner rank; "
+                                 "remove generation.node_pin")
+        host.bundles[index] = host.bundles[index].plus(dataclasses.replace(ask, cpus=0.0, gpus=0.0))
+        plan.groups.remove(plan.group(member.group))
+        gens[i] = Member("actor_learner", index, dataclasses.replace(ask, cpus=0.0))
 
 
 def plan_ppo(cfg: Any, gpus_present: bool = False) -> Plan:

@@ -139,8 +139,8 @@ class Placement:
         return opts
 
     def _generator(self, member: Member, name: str) -> dict[str, Any]:
-        if member.bundle is None:
-            return self._member(member)
+        if member.bundle is None or self.plan.group(member.group).role != "generator":
+            return self._member(member)  # a plain actor, or a guest in another role's bundle (timeshare)
         slot = next((g for g, holder in self._slots.items() if holder is None or not _alive(holder)), None)
         if slot is None:  # every engine group is held: a new one, like the planned ones (no target node)
             self._extra += 1

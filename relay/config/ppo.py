@@ -189,7 +189,10 @@ class PPOConfig(Group):
         "reward model (kind=model) in a critic rank's (the actor's without a critic), sharing that rank's GPU "
         "(reference.num_gpus / reward.num_gpus are their shares; the rank reserves the rest). Saves the scorers' "
         "GPUs at a memory cost: the scorer's weights and activations sit beside the rank's weights, gradients "
-        "and optimizer state, so leave room (ZeRO, offload, smaller micro-batches) or the rank runs out of memory.",
+        "and optimizer state, so leave room (ZeRO, offload, smaller micro-batches) or the rank runs out of memory. "
+        "'timeshare' (CPU, sync mode): generators sit in the actor-learner ranks' bundles and reserve no CPUs of "
+        "their own; generation and update take turns, and each learner rank trains with every core its node "
+        "gives it (cores / ranks on the node) instead of actor_learner.num_threads, handing back after the update.",
         "separate")
     algo: PPOAlgoConfig = doc("Algorithm.", factory=PPOAlgoConfig)
     logging: LoggingConfig = doc("Metrics and logging.", factory=LoggingConfig)

@@ -141,6 +141,15 @@ def _check_placement(cfg: PPOConfig) -> Problems:
         problems.append(("generation.num_gpus_per_generator",
                          f"{g.num_gpus_per_generator:g} with tensor_parallel_size {g.tensor_parallel_size}: a GPU "
                          f"engine reserves one GPU per vLLM worker; use {g.tensor_parallel_size} (or 0 on CPU)"))
+    if cfg.placement == "timeshare":
+        if cfg.algo.mode != "sync":
+            problems.append(("placement", "timeshare hands the cores to generation and update in turn, which needs "
+                                          "algo.mode sync (async runs them at the same time); use placement "
+                                          "separate for async"))
+        if g.num_gpus_per_generator or g.tensor_parallel_size > 1 or cfg.actor_learner.num_gpus_per_rank:
+            problems.append(("placement", "timeshare is built for CPU: on GPUs the engine would have to sleep "
+                                          "during updates (vLLM sleep mode), which Relay does not do yet; use "
+                                          "separate or colocate"))
     if cfg.placement == "colocate":
         critic = cfg.critic_learner if cfg.algo.advantage_estimator == "gae" else None
         guests = [("reference", cfg.reference.num_gpus, "actor_learner", cfg.actor_learner)] if needs_reference(cfg) else []

@@ -192,6 +192,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         cfg, timeout = self.cfg, self.cfg.cluster.timeout_s
         al, cl = cfg.actor_learner, cfg.critic_learner
         common = dict(run=self.run_name, timeout_s=timeout, placement=self.placement)
+        self.phase_threads = None  # the update's threads per rank (placement timeshare), asked again of new ranks
         self.actor = LearnerGroup.create(al.num_ranks, self.actor_path, "causal_lm", role="actor",
                                          num_cpus=al.num_cpus_per_rank, num_gpus=al.num_gpus_per_rank or None,
                                          placement_role="actor_learner", **common, **learner_options(cfg, "actor"))

@@ -10,6 +10,7 @@ A mixin of `relay.launch.ppo.PPOSystem`: it uses the system's `cfg`, `state`, `a
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -48,11 +49,27 @@ class PPOUpdates:
 
     def _update(self, exp: Any) -> dict[str, float]:
         """Old logprobs (recomputed or the generator's), then num_update_steps optimizer steps of actor (and
-        critic)."""
+        critic). Placement timeshare: the learner ranks take every core of their node for it, then hand back."""
+        if self.cfg.placement != "timeshare":
+            return self._update_steps(exp, None, None)
+        groups = [g for g in (self.actor, self.critic) if g is not None]
+        if self.phase_threads is None:  # reset when the learner groups are (re)built
+            self.phase_threads = [g.phase_threads() for g in groups]
+        with contextlib.ExitStack() as stack:
+            for group, counts in zip(groups, self.phase_threads):
+                stack.enter_context(group.hand_over_threads(counts))
+            out = self._update_steps(exp, 0, 0)  # 0: the losses keep the threads handed over
+        out["update_threads"] = float(max(self.phase_threads[0]))
+        return out
+
+    def _update_steps(self, exp: Any, actor_threads: int | None, critic_threads: int | None) -> dict[str, float]:
+        """`_update` with the given torch threads per rank (None: the learner configs' num_threads)."""
         from relay.learners.ppo import ppo_actor_loss, ppo_critic_loss
         from relay.learners.schedule import lr_at
 
         cfg, a = self.cfg, self.cfg.algo
+        if actor_threads is None:
+            actor_threads, critic_threads = cfg.actor_learner.num_threads, cfg.critic_learner.num_threads
         dp = dp_size(cfg)
         keep = len(exp) - len(exp) % dp  # rows must split evenly over dp ranks (only async evictions change it)
         batch = {k: v[:keep] for k, v in learner_batch(exp).items()}
@@ -68,7 +85,7 @@ class PPOUpdates:
         actor_kw = dict(clip_eps=a.eps_clip, ptx_coef=a.ptx_coef, entropy_coef=a.entropy_coef,
                         kl_coef=0.0 if a.kl_in_reward else kl_coef, kl_estimator=a.kl_estimator,
                         shared_prompt=actor_shares_prompts(cfg), temperature=learner_temperature(cfg),
-                        num_threads=cfg.actor_learner.num_threads, autocast=a.update_autocast)
+                        num_threads=actor_threads, autocast=a.update_autocast)
         guard = self._nonfinite_guard()
         out["nonfinite_skipped"] = 0.0
         out["samples_skipped"] = 0.0  # experiences in actor steps the guard dropped (rows x dropped steps)
@@ -93,7 +110,7 @@ class PPOUpdates:
             if self.critic is not None:
                 self.critic.set_lr(lr_at(n, cfg.critic_optim.lr, total_steps, cfg.critic_optim.warmup_steps, cfg.critic_optim.min_lr_ratio))
                 c = self.critic.train_step(batch, loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip,
-                                           num_threads=cfg.critic_learner.num_threads)
+                                           num_threads=critic_threads)
                 out["critic_loss"] = out.get("critic_loss", 0.0) + c["loss"] / a.num_update_steps
                 skipped += c.get("nonfinite_skipped", 0.0)
             out["nonfinite_skipped"] += skipped

@@ -20,9 +20,11 @@ Checkpoint layout (`save_checkpoint(dir)`; `dir` must be on storage every rank s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -276,6 +278,23 @@ class LearnerGroup:
         """Restore weights (or the LoRA adapter), optimizer state and step from a `save_checkpoint` folder into
         the current build (build it with the same plugin, tp and LoRA settings as the one that saved)."""
         return self._call("load_checkpoint", str(path), what="load_checkpoint")[0]
+
+    def phase_threads(self) -> list[int]:
+        """Per rank: the cores of its node shared out over the group's ranks there (at least 1): what a rank may
+        train with while nothing else on the node runs (placement timeshare)."""
+        nodes = self._call_each("node_id", what="node_id")
+        cores = self._call_each("cores", what="cores")
+        return [max(1, c // nodes.count(n)) for n, c in zip(nodes, cores)]
+
+    @contextlib.contextmanager
+    def hand_over_threads(self, counts: list[int]) -> Iterator[None]:
+        """Each rank trains with counts[rank] torch threads inside the block, then gets its own count back."""
+        before = self._wait([w.set_num_threads.remote(n) for w, n in zip(self.workers, counts)], "set_num_threads")
+        try:
+            yield
+        finally:
+            if not self.broken:
+                self._wait([w.set_num_threads.remote(n) for w, n in zip(self.workers, before)], "set_num_threads")
 
     def pids(self) -> list[int]:
         """Each rank's process id, in rank order."""

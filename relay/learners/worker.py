@@ -89,6 +89,21 @@ class LearnerWorker(WeightsAndCheckpoints):
     def pid(self) -> int:
         return os.getpid()
 
+    def cores(self) -> int:
+        """Cores this rank's process may use (affinity, cgroup quota)."""
+        from relay.cpu import usable_cores
+
+        return usable_cores()
+
+    def set_num_threads(self, n: int) -> int:
+        """torch's intra-op threads from now on; returns the count before (for handing cores back)."""
+        import torch
+
+        before = torch.get_num_threads()
+        if n != before:
+            torch.set_num_threads(n)
+        return before
+
     def setup(self, master_addr: str, master_port: int, seed: int) -> int:
         import colossalai
 
