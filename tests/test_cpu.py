@@ -103,3 +103,19 @@ def test_chat_on_int4_folder_without_kernel_exits_2_with_one_line(tiny_llama_dir
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("relay chat: ") and "cpu_gemm_wna16" in lines[0] and "AVX-512" in lines[0]
     assert proc.stdout == "" and not (tmp_path / "run").exists()  # stopped before any engine or Ray start
+
+
+def test_usable_cores_follow_affinity_and_a_cgroup_quota(tmp_path):
+    import os
+
+    from relay.cpu import usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    assert usable_cores(tmp_path / "missing") == affinity
+    quota.write_text("max 100000\n")
+    assert usable_cores(quota) == affinity
+    quota.write_text("150000 100000\n")  # 1.5 CPUs of quota: one whole core
+    assert usable_cores(quota) == 1
+    quota.write_text(f"{(affinity + 4) * 100000} 100000\n")  # a quota above the affinity does not add cores
+    assert usable_cores(quota) == affinity
