@@ -55,7 +55,8 @@ SCORER_DTYPE_HELP = (
     "auto: bfloat16 on a GPU (float16 on one without bf16), float32 on CPU. bfloat16 on CPU needs native bf16 "
     "(AVX512_BF16 or AMX; elsewhere the actor stops at start with an error naming this field instead of silently "
     "running emulated bf16 or loading float32 at twice the planned memory); float16 needs a GPU. {extra}")
-MICRO_BATCH_HELP = "{what} per forward of the {who} (bounds its activation memory; scores do not depend on it beyond float rounding)."
+MICRO_BATCH_HELP = ("{what} per forward of the {who} (bounds its activation memory; scores do not depend on it "
+                    "beyond float rounding).")
 
 
 @dataclass
