@@ -212,6 +212,20 @@ def test_nonfinite_limit_and_template_file_are_checked(tmp_path):
         load_config("ppo", CONFIGS / "ppo_tiny.yaml", [f"conversation_template_config={tmp_path / 'none.json'}"])
 
 
+def test_scorer_dtype_and_micro_batch_are_checked():
+    """reference/reward dtype and micro_batch_size: choices and range by field, float16 only with a GPU."""
+    tiny = CONFIGS / "ppo_tiny.yaml"
+    for bad, needle in [("reference.dtype=fp8", "reference.dtype"), ("reward.micro_batch_size=0", "reward.micro_batch_size"),
+                        ("reference.micro_batch_size=0", "reference.micro_batch_size: must be >= 1")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config("ppo", tiny, [bad])
+    with pytest.raises(ConfigError, match="reward.dtype: float16 runs only on a GPU, and reward.num_gpus is 0"):
+        load_config("ppo", tiny, ["reward.dtype=float16"])
+    cfg = load_config("ppo", tiny, ["reference.dtype=bfloat16", "reference.micro_batch_size=4",
+                                    "reward.dtype=float16", "reward.num_gpus=1"])
+    assert (cfg.reference.dtype, cfg.reference.micro_batch_size, cfg.reward.dtype) == ("bfloat16", 4, "float16")
+
+
 def test_cli_config_error_is_one_line_naming_field_and_origin():
     out = _relay("sft", "--set", "seed=nan", "--print-config")
     lines = out.stderr.strip().splitlines()

@@ -39,8 +39,10 @@ def e2e_run(ray_session, prompt_data, tmp_path_factory):
     from relay.launch.ppo import PPOSystem
 
     save_dir = tmp_path_factory.mktemp("ppo_e2e") / "e2e"
-    cfg = _cfg(prompt_data, save_dir, **{"algo.num_episodes": 4})
+    # 3 rows per reference forward: 8-row batches score in uneven micro-batches (3 + 3 + 2)
+    cfg = _cfg(prompt_data, save_dir, **{"algo.num_episodes": 4, "reference.micro_batch_size": 3})
     system = PPOSystem(cfg).start()
+    ref_info = system.ref.info()
     export_dir = system.weights_file.parent
     export_mode = export_dir.stat().st_mode & 0o777
     try:
@@ -60,7 +62,7 @@ def e2e_run(ray_session, prompt_data, tmp_path_factory):
         system.close()  # before the other tests: they start actors with the same names
     return {"cfg": cfg, "sync": sync, "async": asyn, "names": names, "ckpt": ckpt, "order_before": order_before,
             "versions": versions_after_sync, "final_versions": final_versions, "save_dir": save_dir,
-            "export_dir": export_dir, "export_mode": export_mode}
+            "export_dir": export_dir, "export_mode": export_mode, "ref_info": ref_info}
 
 
 EXPECTED_ACTORS = ("relay/generator-0@e2e", "relay/generator-1@e2e", "relay/ref@e2e", "relay/reward@e2e",
@@ -85,6 +87,13 @@ def _named_actors() -> set[str]:
 
 def test_named_actors(e2e_run):
     assert set(EXPECTED_ACTORS) == e2e_run["names"]
+
+
+def test_reference_scores_where_configured(e2e_run):
+    """reference.dtype auto on a CPU actor (no num_gpus) is float32; the micro-batch size reaches the actor."""
+    info = e2e_run["ref_info"]
+    assert (info["device"], info["dtype"], info["micro_batch_size"]) == ("cpu", "float32", 3)
+    assert all(rec["kl"] != 0.0 for rec in e2e_run["sync"][1:])  # it scored: the policy moved away from it
 
 
 def test_weight_export_folder_is_private_and_removed(e2e_run):

@@ -18,7 +18,8 @@ Sources:
   up to `max_outage_s`; a clear `RewardError`, not retried, on TLS/certificate errors and on any other reply (4xx,
   malformed JSON, wrong length, non-numbers, larger than `max_response_bytes`). Secrets in the URL are redacted.
 - `ModelReward(folder)`: a trained reward model (value-head folder, `relay.models.heads`), scored at the last
-  response token; imported lazily so rule/HTTP users never load transformers.
+  response token on the actor's device in `reward.dtype`, `reward.micro_batch_size` samples per forward;
+  imported lazily so rule/HTTP users never load transformers.
 """
 from __future__ import annotations
 
@@ -62,19 +63,25 @@ class ModelReward:
     """A trained reward model (value-head folder written by the RM stage), run in this process.
 
     The model comes from `relay.models.heads` (imported here, lazily): `load_reward_model(folder, dtype=...)`
-    when that module offers it, else `CriticModel.from_pretrained`. The reward of a sample is the head's
-    value at its last real token (prompt + response, right-padded), as the RM was trained to score."""
+    when that module offers it, else `CriticModel.from_pretrained`. It runs on the device torch sees here (CUDA
+    where Ray gave the actor a GPU) in `dtype` (`relay.actors.scoring`: auto = bf16 on CUDA, fp32 on CPU), scoring
+    `batch_size` samples per forward (`reward.micro_batch_size`). The reward of a sample is the head's value at
+    its last real token (prompt + response, right-padded), as the RM was trained to score, returned as a float."""
 
-    def __init__(self, folder: str, tokenizer: str | None = None, batch_size: int = 8, dtype: str = "float32"):
-        import torch
-
+    def __init__(self, folder: str, tokenizer: str | None = None, batch_size: int = 8, dtype: str = "auto",
+                 field: str = "reward"):
+        from relay.actors.scoring import scorer_precision
         from relay.models import heads
         from relay.models.smollm2 import resolve_model_path
 
+        if batch_size < 1:
+            raise ValueError(f"{field}.micro_batch_size must be >= 1, got {batch_size}")
         folder = resolve_model_path(folder, "reward.model")  # bundled names ('smollm2', ...) as everywhere
         load = getattr(heads, "load_reward_model", None) or heads.CriticModel.from_pretrained
-        self.dtype = getattr(torch, dtype)
-        self.model = load(folder, dtype=self.dtype).eval()
+        self.precision = scorer_precision(dtype, f"{field}.dtype")
+        self.dtype = self.precision.torch_dtype
+        self.model = load(folder, dtype=self.dtype).to(self.precision.device).eval()
+        self.model.requires_grad_(False)
         self.folder, self.batch_size = folder, batch_size
         self._tokenizer_path = tokenizer or folder
         self._tokenizer = None
@@ -89,13 +96,15 @@ class ModelReward:
     def score(self, prompts: list[str], responses: list[str], **info: Any) -> list[float]:
         import torch
 
+        from relay.actors.scoring import row_slices
+
         _check_lengths(prompts, responses, info)
         p_ids = info.get("prompt_ids") or self._tokenize(list(prompts))
         r_ids = info.get("response_ids") or self._tokenize(list(responses))
         seqs = [list(p) + list(r) for p, r in zip(p_ids, r_ids)]
-        out: list[float] = []
-        for start in range(0, len(seqs), self.batch_size):
-            batch = seqs[start:start + self.batch_size]
+        device, out = self.precision.device, []
+        for rows in row_slices(len(seqs), self.batch_size):
+            batch = seqs[rows]
             width = max(1, max(len(s) for s in batch))
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -103,10 +112,14 @@ class ModelReward:
                 ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
                 mask[i, :len(s)] = 1
             with torch.no_grad():
-                values = self.model(input_ids=ids, attention_mask=mask)  # [B, T]
+                values = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))  # [B, T]
             last = (mask.sum(1) - 1).clamp(min=0)
-            out.extend(values[torch.arange(len(batch)), last].float().tolist())
+            out.extend(values.float().cpu()[torch.arange(len(batch)), last].tolist())
         return [as_reward(v, f"reward model {self.folder}") for v in out]
+
+    def describe(self) -> dict[str, Any]:
+        """Where and how it scores (the reward actor's stats report it)."""
+        return {"device": self.precision.device, "dtype": self.precision.dtype, "micro_batch_size": self.batch_size}
 
 
 # ------------------------------------------------------------------------------------------ config + actor
@@ -125,6 +138,8 @@ class RewardSpec:
     rule_kwargs: dict[str, Any] | None = None
     max_outage_s: float = DEFAULT_MAX_OUTAGE_S
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    dtype: str = "auto"
+    micro_batch_size: int = 8
 
 
 def make_reward_source(cfg: Any, tokenizer: str | None = None) -> RewardSource:
@@ -144,7 +159,8 @@ def make_reward_source(cfg: Any, tokenizer: str | None = None) -> RewardSource:
     if kind == "model":
         if not cfg.model:
             raise ValueError("reward.kind=model needs reward.model (a reward-model folder)")
-        return ModelReward(cfg.model, tokenizer=tokenizer)
+        return ModelReward(cfg.model, tokenizer=tokenizer, batch_size=getattr(cfg, "micro_batch_size", 8),
+                           dtype=getattr(cfg, "dtype", "auto"))
     raise ValueError(f"reward.kind must be model, rule or http, not {kind!r}")
 
 
@@ -182,8 +198,10 @@ class RewardServer:
                           finish_reasons=finish_reasons, eos_token_ids=eos_token_ids)
 
     def stats(self) -> dict[str, Any]:
+        """Counters, pid, and for a reward model the device, dtype and micro-batch size it scores with."""
+        where = self.source.describe() if hasattr(self.source, "describe") else {}
         return {"kind": type(self.source).__name__, "calls": self.calls, "samples": self.samples,
-                "seconds": self.seconds, "pid": os.getpid()}
+                "seconds": self.seconds, "pid": os.getpid(), **where}
 
 
 @dataclass
@@ -237,7 +255,8 @@ def start_reward_actor(cfg: Any, tokenizer: str | None = None, name: str = "rewa
         cfg = RewardSpec(kind=cfg.kind, model=cfg.model, rule=cfg.rule, url=cfg.url,
                          timeout_s=cfg.timeout_s, retries=cfg.retries,
                          max_outage_s=getattr(cfg, "max_outage_s", DEFAULT_MAX_OUTAGE_S),
-                         max_response_bytes=getattr(cfg, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES))
+                         max_response_bytes=getattr(cfg, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
+                         dtype=getattr(cfg, "dtype", "auto"), micro_batch_size=getattr(cfg, "micro_batch_size", 8))
     opts = actor_options(name=name, num_cpus=num_cpus, **{**restart_options(max_restarts), **options})
     actor = RewardActor.options(**opts).remote(cfg, tokenizer)
     client = RewardClient(actor, timeout_s, max_restarts, opts["name"])

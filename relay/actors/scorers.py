@@ -2,10 +2,14 @@
 and small dense reward rules for learning tests. Rewards come from `relay.actors.rewards`, values from the
 critic learner group.
 
-The reference is a plain Ray actor running transformers in fp32 rather than a 1-rank learner group: it never
-trains, so a ColossalAI booster and optimizer would only cost start-up time and memory. It computes logprobs
-exactly as the learners do (same position ids from the attention mask, fp32 log-softmax of logits / the
-sampling temperature).
+The reference is a plain Ray actor running transformers rather than a 1-rank learner group: it never trains, so
+a ColossalAI booster and optimizer would only cost start-up time and memory. `ReferenceScorer` is its core (no
+Ray): the model on the device Ray gave the actor (`relay.actors.scoring`), in `reference.dtype`, scoring in
+micro-batches of `reference.micro_batch_size` rows. It computes logprobs exactly as the learners do (same
+position ids from the attention mask, fp32 log-softmax of logits / the sampling temperature) and returns them as
+fp32 CPU tensors. In bf16 (the GPU default) the logits come from bf16 matmuls, so the KL against an fp32 actor
+carries bf16 rounding noise (measured 1e-3 per token on average, 3e-3 at most, on the tiny test
+model): it is not exactly 0 before the first update. float32 keeps it exact.
 """
 from __future__ import annotations
 
@@ -15,48 +19,74 @@ from typing import Any
 
 import ray
 
+from relay.actors.scoring import ScorerPrecision, row_slices, scorer_precision
 from relay.cluster.calls import get
 from relay.cluster.options import actor_options
 from relay.restarts import call_or_explain, restart_options
 
 
-class ReferenceServer:
-    """Holds the frozen reference model; `logprobs(batch)` -> [B, S-1] fp32 like `forward_logprobs`."""
+class ReferenceScorer:
+    """The frozen reference model on this process's device in the configured dtype; `logprobs(...)` ->
+    [B, S-1] fp32 CPU tensor like `forward_logprobs`, computed `micro_batch_size` rows at a time."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 16, num_threads: int = 1):
-        import torch
+    def __init__(self, model_path: str, dtype: str = "auto", micro_batch_size: int = 16,
+                 field: str = "reference"):
         from transformers import AutoModelForCausalLM
 
-        torch.set_num_threads(num_threads)  # one thread per process: fastest on small shared CPUs
+        if micro_batch_size < 1:
+            raise ValueError(f"{field}.micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.precision: ScorerPrecision = scorer_precision(dtype, f"{field}.dtype")
         self.micro_batch_size = micro_batch_size
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        self.model.eval().requires_grad_(False)
-        self.calls = 0
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.precision.torch_dtype)
+        self.model.to(self.precision.device).eval().requires_grad_(False)
 
-    def logprobs(self, batch: dict[str, Any], last: int | None = None, temperature: float = 1.0) -> Any:
+    def logprobs(self, input_ids: Any, attention_mask: Any, last: int | None = None,
+                 temperature: float = 1.0) -> Any:
         """[B, S-1] logprobs of logits / `temperature`, or only their last `last` columns (PPO needs the
         response's)."""
         import torch
 
         from relay.learners.lossfn import causal_logits, last_token_logprobs, token_logprobs
 
-        ids = torch.as_tensor(batch["input_ids"])
-        mask = torch.as_tensor(batch["attention_mask"])
-        outs = []
+        ids, mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
+        device, outs = self.precision.device, []
         with torch.no_grad():
-            for start in range(0, ids.shape[0], self.micro_batch_size):
-                part = {"input_ids": ids[start : start + self.micro_batch_size],
-                        "attention_mask": mask[start : start + self.micro_batch_size]}
+            for rows in row_slices(ids.shape[0], self.micro_batch_size):
+                part = {"input_ids": ids[rows].to(device), "attention_mask": mask[rows].to(device)}
                 if last:
-                    outs.append(last_token_logprobs(self.model, part, last, temperature))
+                    out = last_token_logprobs(self.model, part, last, temperature)
                 else:
-                    outs.append(token_logprobs(causal_logits(self.model, part), part["input_ids"], temperature))
-        self.calls += 1
+                    out = token_logprobs(causal_logits(self.model, part), part["input_ids"], temperature)
+                outs.append(out.float().cpu())
+        if not outs:  # no rows: the shape a forward would give
+            return torch.zeros(0, last or max(ids.shape[-1] - 1, 0))
         return torch.cat(outs)
 
+
+class ReferenceServer:
+    """Body of the `relay/ref` actor: a `ReferenceScorer` plus call counters; `logprobs(batch)` -> [B, S-1]
+    fp32 CPU tensor like `forward_logprobs`."""
+
+    def __init__(self, model_path: str, dtype: str = "auto", micro_batch_size: int = 16, num_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(num_threads)  # one thread per process: fastest on small shared CPUs
+        self.scorer = ReferenceScorer(model_path, dtype, micro_batch_size)
+        self.model = self.scorer.model
+        self.calls = 0
+
+    def logprobs(self, batch: dict[str, Any], last: int | None = None, temperature: float = 1.0) -> Any:
+        """[B, S-1] logprobs of logits / `temperature`, or only their last `last` columns."""
+        out = self.scorer.logprobs(batch["input_ids"], batch["attention_mask"], last, temperature)
+        self.calls += 1
+        return out
+
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "calls": self.calls,
-                "params": sum(p.numel() for p in self.model.parameters())}
+        """pid, calls, params, and the device and dtype it scores in."""
+        p = self.scorer.precision
+        return {"pid": os.getpid(), "calls": self.calls, "device": p.device, "dtype": p.dtype,
+                "micro_batch_size": self.scorer.micro_batch_size,
+                "params": sum(q.numel() for q in self.model.parameters())}
 
 
 class ReferenceClient:
@@ -78,7 +108,7 @@ class ReferenceClient:
         return self.result(self.logprobs_async(batch, last, temperature))
 
     def info(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """pid, calls, params (a restarting actor answers once it has loaded its model again)."""
+        """pid, calls, params, device, dtype (a restarting actor answers once it has loaded its model again)."""
         return call_or_explain(lambda: get(self.actor.info.remote(), timeout_s, f"{self.name}.info"), self.name,
                                self.max_restarts)
 
@@ -86,15 +116,17 @@ class ReferenceClient:
         ray.kill(self.actor, no_restart=True)
 
 
-def start_reference(model_path: str, name: str = "ref", num_cpus: float = 0.5, dtype: str = "float32",
-                    timeout_s: float = 600.0, max_restarts: int = 0, **options: Any) -> ReferenceClient:
-    """Start `relay/<name>` on `model_path` and wait until the model is loaded; Ray restarts it up to
+def start_reference(model_path: str, name: str = "ref", num_cpus: float = 0.5, dtype: str = "auto",
+                    timeout_s: float = 600.0, max_restarts: int = 0, micro_batch_size: int = 16,
+                    **options: Any) -> ReferenceClient:
+    """Start `relay/<name>` on `model_path` and wait until the model is loaded (on the device Ray gave it, in
+    `dtype`: see `relay.actors.scoring`; a dtype that cannot run there fails here); Ray restarts it up to
     `max_restarts` times if its process dies. `options` go to Ray (num_gpus, resources, scheduling_strategy)."""
     opts = actor_options(name=name, num_cpus=num_cpus, **{**restart_options(max_restarts), **options})
-    actor = ray.remote(ReferenceServer).options(**opts).remote(model_path, dtype)
+    actor = ray.remote(ReferenceServer).options(**opts).remote(model_path, dtype, micro_batch_size)
     client = ReferenceClient(actor, timeout_s, max_restarts, opts["name"])
-    try:
-        client.info()
+    try:  # a plain wait, so that an error raised while loading (e.g. a dtype this device cannot run) shows
+        get(actor.info.remote(), timeout_s, f"{opts['name']} start")
     except Exception:
         client.kill()
         raise

@@ -48,6 +48,17 @@ class GenerationConfig(Group):
     max_prompt_length: PosInt = doc("Prompts are left-truncated to this many tokens.", 256)
 
 
+# The dtypes a scorer (reference, reward model) may load its model in: relay.actors.scoring.SCORER_DTYPES.
+ScorerDtype = Literal["auto", "float32", "bfloat16", "float16"]
+SCORER_DTYPE_HELP = (
+    "dtype the {who} loads its model in, on the device Ray gave it (a GPU when {sec}.num_gpus > 0, else CPU). "
+    "auto: bfloat16 on a GPU (float16 on one without bf16), float32 on CPU. bfloat16 on CPU needs native bf16 "
+    "(AVX512_BF16 or AMX; elsewhere the actor stops at start with an error naming this field instead of silently "
+    "running emulated bf16 or loading float32 at twice the planned memory); float16 needs a GPU. {extra}")
+MICRO_BATCH_HELP = ("{what} per forward of the {who} (bounds its activation memory; scores do not depend on it "
+                    "beyond float rounding).")
+
+
 @dataclass
 class RewardConfig(Group):
     """Where rewards come from."""
@@ -70,6 +81,10 @@ class RewardConfig(Group):
                                 "share of a critic rank's GPU (the actor's without a critic), e.g. 0.25.", 0.0)
     resources: Resources = doc(RESOURCES_HELP.format(who="the reward actor"), factory=dict)
     node_pin: NodePin | None = doc(NODE_PIN_HELP.format(who="the reward actor"), None)
+    dtype: ScorerDtype = doc(SCORER_DTYPE_HELP.format(
+        who="reward actor (kind=model)", sec="reward",
+        extra="Rewards come back as fp32 numbers; bf16/fp16 ones carry ~1e-2 relative rounding."), "auto")
+    micro_batch_size: PosInt = doc(MICRO_BATCH_HELP.format(what="Samples", who="reward model (kind=model)"), 8)
 
 
 @dataclass
@@ -81,6 +96,11 @@ class ReferenceConfig(Group):
                                 "an actor-learner rank's GPU, e.g. 0.25.", 0.0)
     resources: Resources = doc(RESOURCES_HELP.format(who="the reference actor"), factory=dict)
     node_pin: NodePin | None = doc(NODE_PIN_HELP.format(who="the reference actor"), None)
+    dtype: ScorerDtype = doc(SCORER_DTYPE_HELP.format(
+        who="reference actor", sec="reference",
+        extra="Its logprobs come back in fp32, but from bf16/fp16 logits the KL to an fp32 actor carries their "
+              "rounding noise (not exactly 0 before the first update); float32 keeps it exact."), "auto")
+    micro_batch_size: PosInt = doc(MICRO_BATCH_HELP.format(what="Sequences", who="reference"), 16)
 
 
 @dataclass

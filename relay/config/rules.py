@@ -40,6 +40,7 @@ def validate(cfg: Any, device: str | None = None) -> None:
         problems += _check_learner("actor_learner", cfg.actor_learner, cfg.lora, device)
         problems += _check_learner("critic_learner", cfg.critic_learner, None, device)
         problems += _check_ppo(cfg) + _check_ppo_sampling(cfg) + _check_ppo_logprobs(cfg) + _check_placement(cfg)
+        problems += _check_scorers(cfg)
     if problems:
         raise ConfigError.invalid(problems)
 
@@ -130,6 +131,17 @@ def _check_ppo_logprobs(cfg: PPOConfig) -> Problems:
         problems.append(("algo.kl_estimator", "k1 as a loss term (kl_in_reward false) has zero gradient in "
                                               "expectation, so the KL penalty would not act; use k3 (low variance, "
                                               "unbiased) or k2"))
+    return problems
+
+
+def _check_scorers(cfg: PPOConfig) -> Problems:
+    """Scorer dtypes that cannot run where the scorer will be: float16 without a GPU of its own (or a share).
+    bf16 on a CPU without native bf16 is checked by the scorer at start, on its own node's CPU."""
+    problems = []
+    for name, section in (("reference", cfg.reference), ("reward", cfg.reward)):
+        if section.dtype == "float16" and not section.num_gpus:
+            problems.append((f"{name}.dtype", f"float16 runs only on a GPU, and {name}.num_gpus is 0 (it scores on "
+                                              "CPU): use auto, float32 or bfloat16, or give it a GPU"))
     return problems
 
 

@@ -143,14 +143,17 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         self.pool = GeneratorPool(gen_cfg, g.num_generators, opts, wait=False)
         timeout, restarts = cfg.cluster.timeout_s, cfg.cluster.max_restarts
         # Reference, reward and buffer come back if their process dies (Ray restarts them, see relay.restarts)
-        self.ref = (start_reference(self.actor_path, scoped("ref", run), timeout_s=timeout,
-                                    max_restarts=restarts, **place("reference", 0)) if needs_reference(cfg) else None)
+        rc = cfg.reference
+        self.ref = (start_reference(self.actor_path, scoped("ref", run), timeout_s=timeout, max_restarts=restarts,
+                                    dtype=rc.dtype, micro_batch_size=rc.micro_batch_size, **place("reference", 0))
+                    if needs_reference(cfg) else None)
         self.reward = start_reward_actor(cfg.reward, self.actor_path, name=scoped("reward", run),
                                          timeout_s=timeout, max_restarts=restarts, **place("reward", 0))
         limit = cfg.buffer_limit or ppo_buffer_size(cfg) * (2 if a.mode == "async" else 1)
         self.buffer = start_buffer(limit, scoped("buffer", run), pad_token_id=self.pad_id, seed=cfg.seed,
                                    timeout_s=timeout, max_restarts=restarts, **place("buffer", 0))
         self._watch_restarts()
+        self._log_scorers()
         self._start_learners()
         self.pool.wait_ready(timeout)
         self._reset_run_state()
@@ -386,6 +389,14 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
             info = call_or_explain(lambda: client.info(timeout_s=cluster.timeout_s), client.name, cluster.max_restarts)
             if msg := self.watch.observe(client.name, int(info["pid"])):
                 log(msg)
+
+    def _log_scorers(self) -> None:
+        """One line: the device, dtype and micro-batch size each model scorer ended up with (relay.actors.scoring)."""
+        where = [("reference", self.ref.info() if self.ref is not None else {}), ("reward model", self.reward.stats())]
+        parts = [f"{role} on {i['device']} in {i['dtype']} ({i.get('micro_batch_size')} rows per forward)"
+                 for role, i in where if "device" in i]
+        if parts:
+            log("scorers: " + ", ".join(parts))
 
     def close(self) -> None:
         if self._forget_cleanup is not None:
