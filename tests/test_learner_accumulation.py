@@ -292,3 +292,28 @@ def test_nonfinite_step_is_skipped_and_reported(group, tiny_llama_dir, plugin, p
     moved = group.full_state_dict()
     assert any(not torch.equal(moved[k], before[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in moved.values())
+
+
+def long_rows(rows: int, length: int = 256) -> dict:
+    g = torch.Generator().manual_seed(rows)
+    ids = torch.randint(3, 1024, (rows, length), generator=g)
+    return {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy(), "labels": ids.numpy()}
+
+
+def test_learner_memory_follows_the_micro_batch_not_the_batch(group, tiny_llama_dir):
+    """A step's peak resident memory above the rank's resting size grows with the rows per micro-batch, not with
+    the rows per step: accumulation keeps one micro-batch's activations alive at a time."""
+    configure(group, tiny_llama_dir)
+    group.train_step(long_rows(8), "causal_lm")  # optimizer state and allocator pools exist from here on
+
+    def step_growth(rows: int, micro_batches: int) -> float:
+        rest = group.memory_mib(reset=True)
+        group.train_step(long_rows(rows), "causal_lm", micro_batches=micro_batches)
+        return max(m["peak"] - r["rss"] for m, r in zip(group.memory_mib(), rest))
+
+    small = step_growth(16, 2)  # 4 rows per micro-batch and rank
+    long_episode = step_growth(64, 8)  # 4x the rows, still 4 per micro-batch
+    big_micro = step_growth(64, 2)  # 4x the rows per micro-batch
+    print(f"peak growth MiB: 16 rows/4 per micro-batch {small:.1f}, 64/4 {long_episode:.1f}, 64/16 {big_micro:.1f}")
+    assert big_micro > 2.5 * small
+    assert long_episode < 1.5 * small + 8

@@ -296,6 +296,10 @@ class LearnerGroup:
             if not self.broken:
                 self._wait([w.set_num_threads.remote(n) for w, n in zip(self.workers, before)], "set_num_threads")
 
+    def memory_mib(self, reset: bool = False) -> list[dict[str, float | None]]:
+        """Per rank: {'rss', 'peak'} resident memory in MiB (peak since start or the last `reset=True` call)."""
+        return self._call_each("memory_mib", reset, what="memory_mib")
+
     def pids(self) -> list[int]:
         """Each rank's process id, in rank order."""
         return self._call_each("pid", what="pid")
