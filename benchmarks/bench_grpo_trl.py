@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from relay.data.shards import load_prepared
     from relay.launch.cluster import init_ray
     from relay.launch.ppo import PPOSystem
+    from relay.launch.role_memory import peak_memory_by_role
     from relay.models.smollm2 import prepare_smollm2
     from transformers import AutoTokenizer
 
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr, flush=True)
                     if i > 0:
                         relay[mode].append(r)
+        memory = peak_memory_by_role(system)
     finally:
         system.close()
     for t, measured in rates.items():
@@ -230,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     best = max((r for r in rows if r["side"].startswith("Relay")), key=lambda r: r["samples_per_s"])
     print(f"Relay best ({best['side']}) / TRL at its best thread count ({trl_best['threads']}): {best['ratio']:.2f}x "
           f"(goal >= 3x)")
-    write_results(out, {"benchmark": "grpo_vs_trl", "model": "SmolLM2-135M-Instruct", "args": vars(args),
+    print("Relay peak resident memory per role (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+    trl_peaks = {r["threads"]: r.get("peak_rss_mib") for r in trl_runs if r.get("peak_rss_mib")}
+    if trl_peaks:
+        print("TRL peak resident memory (MiB, one process): " + ", ".join(f"{t} thread(s) {v:.0f}" for t, v in trl_peaks.items()))
+    write_results(out, {"benchmark": "grpo_vs_trl", "peak_rss_mib": memory, "model": "SmolLM2-135M-Instruct", "args": vars(args),
                         "rows": rows, "trl_best_threads": trl_best["threads"], "matmul_rates": rates,
                         "trl_runs": trl_runs, "relay_episodes": relay})
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -86,6 +87,7 @@ def main() -> int:
     logs = [h for h in trainer.state.log_history if "reward" in h]
     json.dump({"steps": timer.steps, "total_s": total, "samples_per_step": completions, "logs": logs,
                "threads": args.threads, "torch": torch.__version__,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
                "trl": __import__("trl").__version__, "transformers": __import__("transformers").__version__},
               open(args.out, "w"), indent=1)
     return 0

@@ -185,6 +185,7 @@ def test_grpo_learns_with_generation_and_update_time_shared(ray_session, prompt_
 
     from relay.cpu import usable_cores
     from relay.launch.ppo import PPOSystem
+    from relay.launch.role_memory import peak_memory_by_role
     from relay.metrics import read_metrics
 
     cfg = _cfg(prompt_data, tmp_path / "timeshare", preset="configs/ppo_tiny_grpo.yaml", placement="timeshare")
@@ -195,11 +196,15 @@ def test_grpo_learns_with_generation_and_update_time_shared(ray_session, prompt_
         threads_after = ray.get(rank0.set_num_threads.remote(1), timeout=60)
         gen_group = next(iter(system.pool.clients().values())).health()["placement_group"]
         actor_group = system.placement.groups["actor_learner"].id.hex()
+        memory = peak_memory_by_role(system)
     finally:
         system.close()
     assert threads_after == cfg.actor_learner.num_threads == 1  # handed back after each update
     assert gen_group == actor_group  # the generator sits in the actor rank's placement group
     assert {r["update_threads"] for r in rows} == {float(usable_cores())}
+    # every role's process answers; an engine, a model and its optimizer take far more than the buffer
+    assert set(memory) == {"generator", "actor_learner", "reward", "buffer"}, memory
+    assert memory["generator"] > memory["buffer"] and memory["actor_learner"] > memory["buffer"] > 50, memory
     rewards = [r["reward_mean"] for r in read_metrics(tmp_path / "timeshare")]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.15, rewards

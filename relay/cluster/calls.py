@@ -27,3 +27,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _own_memory(_actor: Any) -> dict[str, float | None]:
+    from relay.procmem import peak_rss_mib, rss_mib
+
+    return {"rss": rss_mib(), "peak": peak_rss_mib()}
+
+
+def process_memory(actor: Any, timeout: float = 60.0, what: str = "actor") -> dict[str, float | None]:
+    """{'rss', 'peak'} MiB of an actor's process (`relay.procmem`), asked through Ray's `__ray_call__`, so any
+    actor answers without a method of its own. Child processes (a vLLM engine core of its own) are not counted."""
+    return get(actor.__ray_call__.remote(_own_memory), timeout, f"{what}: process memory")
