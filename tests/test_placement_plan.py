@@ -50,7 +50,7 @@ def test_tiny_preset_plan_fits_the_suite_machine():
 
 
 CPU_PPO_PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml")
-                         if p.name.startswith(("ppo_", "demo_ppo", "demo_grpo")) and "7b" not in p.name)
+                         if p.name.startswith(("ppo_", "demo_ppo", "demo_grpo")) and "7b" not in p.name and "gpu" not in p.name)
 
 
 @pytest.mark.parametrize("preset", CPU_PPO_PRESETS)
@@ -224,3 +224,26 @@ def test_a_learner_group_on_its_own():
     assert group.strategy == "STRICT_PACK" and len(group.bundles) == 2
     assert group.bundles[0].demand() == {"CPU": 1.0, "ssd": 1.0} and group.bundles[0].labels() == {"zone": "a"}
     assert plan.roles["sft-learner"][1].ask.pin is None  # the bundle carries the pin, not the rank
+
+
+def test_gpu_smoke_config_puts_every_role_on_one_gpu():
+    """configs/ppo_gpu_smoke.yaml (scripts/gpu_smoke.sh): valid for CUDA, every role with a GPU share, all on
+    one node with one GPU."""
+    from relay.config import validate
+
+    cfg = ppo("ppo_gpu_smoke.yaml")
+    validate(cfg, "cuda")
+    plan = plan_ppo(cfg, gpus_present=True)
+    roles = {g.role for g in plan.groups if any(b.gpus for b in g.bundles)}
+    assert roles == {"actor_learner", "critic_learner", "generator", "reference", "reward"}
+    assert plan.totals()["GPU"] <= 1.0
+    assert fit(plan, gpu_nodes(1, gpus=1, cpus=16)).ok
+
+
+def test_engine_threads_follow_the_placement():
+    from relay.launch.ppo import engine_threads
+
+    assert engine_threads(ppo("ppo_tiny_grpo.yaml"), cores=8) == 1
+    assert engine_threads(ppo("ppo_tiny_grpo.yaml", "placement=timeshare", "generation.num_generators=2"), cores=8) == 4
+    assert engine_threads(ppo("ppo_tiny_grpo.yaml", "placement=timeshare", "generation.num_generators=3"), cores=2) == 1
+    assert engine_threads(ppo("ppo_tiny_grpo.yaml", "placement=timeshare", "generation.cpu_threads=3"), cores=8) == 3

@@ -32,6 +32,12 @@ class GenerationConfig(Group):
         "default, fewest nodes.", "SPREAD")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = doc("vLLM weight dtype (fp32 is faster for tiny models on CPU).", "float32")
     kv_cache_gib: PosFloat = doc("KV-cache size per engine on CPU, GiB.", 1.0)
+    gpu_memory_utilization: Annotated[float, Range(gt=0, le=1)] = doc(
+        "GPU: the share of its GPU's memory an engine takes for weights + KV cache (vLLM's setting); lower it "
+        "when other roles share the GPU (configs/ppo_gpu_smoke.yaml: 0.15).", 0.85)
+    cpu_threads: NonNegInt = doc(
+        "CPU: torch/OpenMP threads of each engine, fixed when it starts. 0: 1 thread, or with placement "
+        "timeshare the driver node's cores / num_generators (the engines have the cores while they generate).", 0)
     in_process: bool | None = doc(
         "Run each vLLM engine inside its generator actor (true) or in an engine process of its own (false; its "
         "death is noticed and the generator replaced). None: in-process on CPU (half the CPU for the same "

@@ -55,6 +55,19 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
+def engine_threads(cfg: PPOConfig, cores: int | None = None) -> int:
+    """generation.cpu_threads, where 0 is 1 thread, or with placement timeshare this node's cores shared out
+    over the generators (they have the cores while they generate; the learners while they update)."""
+    g = cfg.generation
+    if g.cpu_threads:
+        return g.cpu_threads
+    if cfg.placement != "timeshare":
+        return 1
+    from relay.cpu import usable_cores
+
+    return max(1, (cores or usable_cores()) // g.num_generators)
+
+
 def learner_options(cfg: PPOConfig, role: str) -> dict[str, Any]:
     lc = cfg.actor_learner if role == "actor" else cfg.critic_learner
     oc = cfg.actor_optim if role == "actor" else cfg.critic_optim
@@ -131,6 +144,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
             model=self.actor_path, dtype=g.dtype, max_model_len=self._max_model_len(), seed=cfg.seed,
             tensor_parallel_size=g.tensor_parallel_size, cpu_kvcache_gib=max(1, int(round(g.kv_cache_gib))),
             trust_remote_code=cfg.actor.trust_remote_code, in_process=g.in_process,
+            gpu_memory_utilization=g.gpu_memory_utilization, cpu_threads=engine_threads(cfg),
         )
         self._claim_run_name()
         run = self.run_name
