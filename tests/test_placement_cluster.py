@@ -1,6 +1,7 @@
 """Placement on a simulated multi-node cluster: configs/ppo_7b_tp4.yaml on 3 nodes x 8 fake GPUs with stand-in
 actors (no models), asserted role by role from what Ray reports (each actor's node, resources and GPU ids; the
-placement groups' bundle nodes); and a layout that cannot fit, refused before anything is created.
+placement groups' bundle nodes); a layout that cannot fit, refused before anything is created; and a weight push
+from a learner stand-in across two of its nodes (the transport chosen by node id, nothing through the driver).
 The cluster runs in a child process (tests/placement_sim.py): the suite's own Ray session may be up here."""
 from __future__ import annotations
 
