@@ -244,11 +244,13 @@ def test_push_takes_a_sender_not_weights_and_keeps_only_refs(monkeypatch):
     """The driver-side API: a state dict is refused (the weights must not pass through the driver); the
     sender gets handles, node ids and names of the active generators and must keep its buckets; the pool keeps
     only the refs it returns (not in the report), and a generator left loading gets them."""
-    import torch
+    from relay.actors.pool import PoolOptions
 
+    with pytest.raises(ValueError, match="PoolOptions.push_strategy must be one of auto, shm, object_store"):
+        PoolOptions(push_strategy="files")
     pool, _ = _bare_pool(monkeypatch, push_strategy="auto")
     with pytest.raises(TypeError, match="not the weights"):
-        pool.push_weights({"w": torch.zeros(2)}, version=1)
+        pool.push_weights({"w": [0.0, 0.0]}, version=1)  # a state dict (no torch needed to tell)
     a = _member(pool, "g-0", "active", "node-A")
     b = _member(pool, "g-1", "active", "node-B")
     waiting = _member(pool, "g-2", "loading", "node-B")  # no load in flight: waits for a push
