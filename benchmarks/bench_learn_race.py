@@ -256,13 +256,15 @@ def score_checkpoints(system, trl: dict[str, Any], threads: int) -> list[dict[st
     """Each TRL folder's weights -> Relay's generator pool, then the very evaluation Relay ran on itself."""
     from safetensors.torch import load_file
 
+    from relay.actors.weight_push import local_sender
+
     points = []
     for c in trl["checkpoints"]:
         files = sorted(Path(c["path"]).glob("*.safetensors"))
         state = {}
         for f in files:
             state.update(load_file(f))
-        system.pool.push_weights(state, system.pool.version + 1)
+        system.pool.push_weights(local_sender(state), system.pool.version + 1)  # TRL's weights, read here
         t = time.monotonic()
         m = system.evaluate(f"trl{threads}t-step{c['step']}")
         points.append({"step": c["step"], "t": c["train_s"], "score": m[PASS], "reward_mean": m["eval/reward_mean"],

@@ -6,7 +6,8 @@ from the suite, or a private token made here).
 
 Scenarios: `layout` (the preset, with the buffer pinned by node label and the reward actor by custom resource:
 learners, engines, scorers, buffer; then a generator past the plan and a replacement for a dead one), `colocate` (the same preset with placement colocate), `too_big` (a layout that
-cannot fit: refused before anything is created).
+cannot fit: refused before anything is created), `weights` (a real `WeightPush` from a stand-in learner rank on
+one node to stand-in generators on its node and on the driver's node, and to a late joiner).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def main() -> None:
         out["layout"] = layout()
         out["colocate"] = colocate()
         out["too_big"] = too_big()
+        out["weights"] = weights()
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -168,6 +170,102 @@ def too_big() -> dict:
     after = {k for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
     named = [a for a in ray.util.list_named_actors(all_namespaces=True) if "sim3" in str(a)]
     return {"error": message, "new_groups": sorted(after - before), "actors": named}
+
+
+def weights() -> dict:
+    """Weight sync across nodes. A stand-in learner rank on a node that is not the driver's runs a real
+    `WeightPush` (what `LearnerWorker.publish_weights` does with its state dict) to a stand-in generator on its
+    own node and one on the driver's node; then the kept buckets load by ref on the driver's node (what
+    `GeneratorPool` has a replacement or a generator added by `relay scale` do); then the sender ends, and the same refs
+    no longer load: the bytes were the sender's, never the driver's. Stand-in generators record how the
+    weights reached them (vLLM on a simulated node would cost minutes)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from relay.actors.weight_push import WeightPush
+
+    @ray.remote
+    class Sender:
+        """A learner rank holding a tiny state dict (a bf16 tensor too: the wire keeps dtypes)."""
+
+        def __init__(self) -> None:
+            import torch
+
+            g = torch.Generator().manual_seed(0)
+            self.state = {"model.embed_tokens.weight": torch.randn(64, 16, generator=g),
+                          "model.norm.weight": torch.randn(16, generator=g).to(torch.bfloat16),
+                          "lm_head.weight": torch.randn(64, 16, generator=g)}
+
+        def publish(self, push) -> dict:
+            return push(self.state)
+
+        def sums(self) -> dict:
+            return {n: float(t.double().sum()) for n, t in self.state.items()}
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    @ray.remote
+    class Receiver:
+        """A generator's two load methods, recording what arrived."""
+
+        def node_id(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        def update_weights(self, paths, version, allow_partial=False, rewind=False) -> dict:
+            from relay.actors.weight_sync import read_buckets
+
+            return self._got("paths", version, read_buckets(paths), paths=list(paths))
+
+        def update_weights_from_blobs(self, version, *blobs, allow_partial=False, rewind=False) -> dict:
+            from safetensors.torch import load
+
+            state = {}
+            for blob in blobs:
+                state.update(load(blob))
+            return self._got("blobs", version, state, arg_types=sorted({type(b).__name__ for b in blobs}))
+
+        def _got(self, how, version, state, **extra) -> dict:
+            return {"how": how, "version": version, "node": self.node_id(), "load_s": 0.0,
+                    "dtypes": {n: str(t.dtype) for n, t in state.items()},
+                    "sums": {n: float(t.double().sum()) for n, t in state.items()}, **extra}
+
+    t0 = time.monotonic()
+    driver_node = ray.get_runtime_context().get_node_id()
+    away = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != driver_node)
+
+    def on(node: str) -> dict:
+        return {"num_cpus": 1, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+    sender = Sender.options(**on(away)).remote()
+    near, far = Receiver.options(**on(away)).remote(), Receiver.options(**on(driver_node)).remote()
+    nodes = ray.get([near.node_id.remote(), far.node_id.remote()], timeout=120)
+    push = WeightPush([near, far], 1, nodes=nodes, keep=True, bucket_bytes=4096, timeout_s=120)
+    report = ray.get(sender.publish.remote(push), timeout=180)
+    blobs = report.pop("blobs")
+    late = far  # a late joiner's load is this call with the kept refs (a fresh actor would only cost its start)
+    joined = ray.get(late.update_weights_from_blobs.remote(1, *blobs), timeout=120)
+    out = {"driver_node": driver_node, "sender_node": away, "report": report, "joined": joined,
+           "expected": ray.get(sender.sums.remote(), timeout=60), "sender_pid": ray.get(sender.pid.remote()),
+           "blob_refs": len(blobs)}
+    ray.kill(sender, no_restart=True)
+    try:  # until Ray knows it is gone
+        ray.get(sender.pid.remote(), timeout=60)
+    except ray.exceptions.RayActorError:
+        pass
+    out["after_sender_died"] = "loaded"
+    for _ in range(40):  # Ray learns of the owner's death a moment after the actor's
+        try:
+            ray.get(late.update_weights_from_blobs.remote(2, *blobs), timeout=60)
+        except ray.exceptions.ObjectLostError as err:  # raised as RayTaskError(OwnerDiedError): name the cause
+            out["after_sender_died"] = next(c.__name__ for c in type(err).__mro__ if c.__module__ == "ray.exceptions"
+                                            and not c.__name__.startswith("RayTaskError"))
+            break
+        time.sleep(0.25)
+    for a in (near, far):
+        ray.kill(a, no_restart=True)
+    out["took_s"] = time.monotonic() - t0
+    return out
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from relay.actors.ledger import DONE, EXHAUSTED, IN_FLIGHT, QUEUED, DispatchLedger
+from relay.actors.weight_push import local_sender
 
 # ------------------------------------------------------------------------------------------ ledger (pure)
 
@@ -212,6 +213,90 @@ def test_an_explicit_timeout_replaces_the_stall_limit(monkeypatch):
     assert clock.now - start > 100
 
 
+class _Method:
+    """`actor.<method>.remote(...)` of a stand-in actor: records the call, returns a token."""
+
+    def __init__(self, calls: list, name: str):
+        self.calls, self.name = calls, name
+
+    def remote(self, *args, **kwargs):
+        self.calls.append((self.name, args, kwargs))
+        return f"ref-{len(self.calls)}"
+
+
+class _StandIn:
+    def __init__(self):
+        self.calls: list = []
+
+    def __getattr__(self, name):
+        return _Method(self.__dict__["calls"], name)
+
+
+def _member(pool, name, state, node):
+    from relay.actors.pool_types import _Member
+
+    m = _Member(len(pool._members), name, _StandIn(), state=state, node_id=node)
+    pool._members[name] = m
+    return m
+
+
+def test_push_takes_a_sender_not_weights_and_keeps_only_refs(monkeypatch):
+    """The driver-side API: a state dict is refused (the weights must not pass through the driver); the
+    sender gets handles, node ids and names of the active generators and must keep its buckets; the pool keeps
+    only the refs it returns (not in the report), and a generator left loading gets them."""
+    from relay.actors.pool import PoolOptions
+
+    with pytest.raises(ValueError, match="PoolOptions.push_strategy must be one of auto, shm, object_store"):
+        PoolOptions(push_strategy="files")
+    pool, _ = _bare_pool(monkeypatch, push_strategy="auto")
+    with pytest.raises(TypeError, match="not the weights"):
+        pool.push_weights({"w": [0.0, 0.0]}, version=1)  # a state dict (no torch needed to tell)
+    a = _member(pool, "g-0", "active", "node-A")
+    b = _member(pool, "g-1", "active", "node-B")
+    waiting = _member(pool, "g-2", "loading", "node-B")  # no load in flight: waits for a push
+    got = []
+
+    def send(push):
+        got.append(push)
+        return {"version": push.version, "failures": {}, "late": [], "blobs": ["blob-0", "blob-1"]}
+
+    report = pool.push_weights(send, version=3)
+    (push,) = got
+    assert push.generators == [a.actor, b.actor] and push.nodes == ["node-A", "node-B"]
+    assert push.names == ["g-0", "g-1"] and push.keep and push.version == 3 and not push.rewind
+    assert "blobs" not in report and pool.version == 3 and pool._weights.blobs == ["blob-0", "blob-1"]
+    assert a.version == b.version == 3
+    assert waiting.actor.calls == [("update_weights_from_blobs", (3, "blob-0", "blob-1"), {})]
+    with pytest.raises(ValueError, match="not newer"):
+        pool.push_weights(send, version=3)
+    with pytest.raises(ValueError, match="kept no buckets"):
+        pool.push_weights(lambda push: {"version": 4, "failures": {}, "late": []}, version=4)
+    assert pool.version == 3
+
+
+def test_a_load_from_lost_buckets_waits_for_the_next_push(monkeypatch):
+    """A new generator whose load fails because the kept buckets went with their sender (a dead learner:
+    ObjectLostError) is not counted as failed; it stays loading and takes the next push's buckets."""
+    import ray
+
+    from relay.actors import pool_dispatch
+    from relay.actors.pool_types import _Weights
+
+    pool, _ = _bare_pool(monkeypatch)
+    pool._weights = _Weights(2, ["old-blob"])
+    m = _member(pool, "g-0", "loading", "node-A")
+    pool._refs["load-ref"] = ("load", "g-0")
+
+    def lost(ref, timeout=None):
+        raise ray.exceptions.OwnerDiedError("ab" * 14, None, "")
+
+    monkeypatch.setattr(pool_dispatch.ray, "get", lost)
+    pool._handle("load-ref")
+    assert pool._members["g-0"] is m and m.state == "loading" and pool.counters["failed"] == 0
+    pool.push_weights(lambda push: {"version": 3, "failures": {}, "late": [], "blobs": ["new-blob"]}, version=3)
+    assert m.actor.calls == [("update_weights_from_blobs", (3, "new-blob"), {})]
+
+
 # ------------------------------------------------------------------------------------------ real Ray + vLLM
 
 PROMPTS = [[(7 * i + j) % 1000 + 3 for j in range(4 + i % 5)] for i in range(64)]
@@ -261,7 +346,7 @@ def test_pool_generate_tags_ids_and_versions(pool, tiny_llama_dir):
     assert all(r.weight_version == 0 and r.generator == "generator-0" for r in results)
     assert [r.samples[0].prompt_index for r in results] == list(range(6))
     assert results[0].sample_ids() == ["warm-0/0"]
-    pool.push_weights(_perturbed(tiny_llama_dir, 1), version=1)
+    pool.push_weights(local_sender(_perturbed(tiny_llama_dir, 1)), version=1)
     assert pool.versions() == {"generator-0": 1}
     again = pool.generate(PROMPTS[:2], _sampling(8), timeout_s=120)
     assert all(r.weight_version == 1 for r in again)
@@ -279,7 +364,7 @@ def test_bad_requests_and_bad_weights_leave_the_pool_usable(pool, tiny_llama_dir
     assert pool.status()["failed"] == failed_before and pool.pending() == 0
     bad = {k: v[:-1] for k, v in _perturbed(tiny_llama_dir, 9).items()}
     with pytest.raises(WeightUpdateError, match="does not fit"):
-        pool.push_weights(bad, version=version + 5)
+        pool.push_weights(local_sender(bad), version=version + 5)
     assert pool.version == version and set(pool.versions().values()) == {version}
     ok = pool.generate(PROMPTS[:2], _sampling(4), timeout_s=120)
     assert [r.weight_version for r in ok] == [version, version]
@@ -291,7 +376,7 @@ def test_scale_up_from_another_process_then_down_mid_generation(pool, ray_sessio
     from relay.actors.control import control_status
 
     if pool.version < 1:  # when run alone
-        pool.push_weights(_perturbed(tiny_llama_dir, 1), version=1)
+        pool.push_weights(local_sender(_perturbed(tiny_llama_dir, 1)), version=1)
     assert pool.size() == 1 and pool.version == 1
     # A steady stream of small batches (as an async run feeds generators) while the request comes in.
     ids_a: list = []
@@ -352,7 +437,7 @@ def test_killed_generator_is_replaced_with_current_weights(pool, ray_session, ti
     """SIGKILL a generator's process while it holds prompts: the pool re-dispatches them, starts
     generator-N (a new name) at the current weight version, and no prompt is lost or answered twice."""
     pool.scale(2, wait=True, timeout_s=240)
-    pool.push_weights(_perturbed(tiny_llama_dir, 2), version=pool.version + 1)
+    pool.push_weights(local_sender(_perturbed(tiny_llama_dir, 2)), version=pool.version + 1)
     version = pool.version
     assert set(pool.versions().values()) == {version}
     before = pool.pids()

@@ -1,6 +1,7 @@
 """Placement on a simulated multi-node cluster: configs/ppo_7b_tp4.yaml on 3 nodes x 8 fake GPUs with stand-in
 actors (no models), asserted role by role from what Ray reports (each actor's node, resources and GPU ids; the
-placement groups' bundle nodes); and a layout that cannot fit, refused before anything is created.
+placement groups' bundle nodes); a layout that cannot fit, refused before anything is created; and a weight push
+from a learner stand-in across two of its nodes (the transport chosen by node id, nothing through the driver).
 The cluster runs in a child process (tests/placement_sim.py): the suite's own Ray session may be up here."""
 from __future__ import annotations
 
@@ -101,3 +102,26 @@ def test_a_layout_that_cannot_fit_fails_up_front_with_a_table(sim):
     assert [r.split()[:2] for r in rows] == [["generator", "(generator-6)"], ["generator", "(generator-7)"]]
     assert all("{CPU 1, GPU 2}" in r and "GPU 0}" in r for r in rows)
     assert big["new_groups"] == [] and big["actors"] == []  # nothing was created
+
+
+def test_weight_push_crosses_nodes_by_node_id_and_never_through_the_driver(sim):
+    """A learner rank stand-in on a node other than the driver's pushes to a generator on its node through
+    shared-memory files and to one on the driver's node through the object store (the simulated nodes share
+    one /dev/shm, so only node ids can tell them apart); a late joiner loads the kept buckets by ref; once the
+    sender is gone those refs are lost, so the bytes lived with the sender, not with the driver."""
+    w = sim["weights"]
+    report, expected = w["report"], w["expected"]
+    assert w["sender_node"] != w["driver_node"] and report["sender_node"] == w["sender_node"]
+    assert report["strategies"] == ["shm", "object_store"]
+    assert report["failures"] == {} and report["late"] == [] and report["buckets"] == w["blob_refs"] == 3
+    near, far = report["per_generator"]
+    assert near["how"] == "paths" and near["node"] == w["sender_node"]
+    assert all(f"relay-weights-{w['sender_pid']}-" in p for p in near["paths"])  # the sender's own folder
+    assert far["how"] == "blobs" and far["node"] == w["driver_node"] and far["arg_types"] == ["bytes"]
+    for got in (near, far, w["joined"]):
+        assert got["sums"] == expected and got["version"] == 1
+        assert got["dtypes"]["model.norm.weight"] == "torch.bfloat16"
+    assert w["joined"]["how"] == "blobs" and w["joined"]["node"] == w["driver_node"]
+    assert w["after_sender_died"] in ("OwnerDiedError", "ObjectLostError")
+    assert not any(os.path.exists(p) for p in near["paths"])  # the transfer folder was removed
+    print(f"\n[weights] cross-node push scenario on the simulated cluster: {w['took_s']:.1f} s")

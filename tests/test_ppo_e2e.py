@@ -6,6 +6,7 @@ start-up (two vLLM engines, a tp=2 group, a critic) is most of the cost on a 2-c
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ def _cfg(prompt_data, save_dir, preset="configs/ppo_tiny.yaml", **overrides):
 @pytest.fixture(scope="module")
 def e2e_run(ray_session, prompt_data, tmp_path_factory):
     """2 generators, ref, rule reward, tp=2 actor group (3d), critic group, buffer: 2 sync + 2 async episodes."""
+    import ray
+
     from relay.launch.ppo import PPOSystem
 
     save_dir = tmp_path_factory.mktemp("ppo_e2e") / "e2e"
@@ -43,8 +46,6 @@ def e2e_run(ray_session, prompt_data, tmp_path_factory):
     cfg = _cfg(prompt_data, save_dir, **{"algo.num_episodes": 4, "reference.micro_batch_size": 3})
     system = PPOSystem(cfg).start()
     ref_info = system.ref.info()
-    export_dir = system.weights_file.parent
-    export_mode = export_dir.stat().st_mode & 0o777
     try:
         names = _named_actors()
         sync = system.run_episodes(until=2)
@@ -58,11 +59,14 @@ def e2e_run(ray_session, prompt_data, tmp_path_factory):
         ckpt = system.save_checkpoint()
         system.pending = None
         final_versions = system.pool.versions()
+        push = {"report": system.last_sync, "actor_pids": system.actor.pids(), "driver_pid": os.getpid(),
+                "gen_nodes": sorted({m.node_id for m in system.pool._members.values()}),
+                "actor_node": ray.get(system.actor.workers[0].node_id.remote(), timeout=60)}
     finally:
         system.close()  # before the other tests: they start actors with the same names
     return {"cfg": cfg, "sync": sync, "async": asyn, "names": names, "ckpt": ckpt, "order_before": order_before,
             "versions": versions_after_sync, "final_versions": final_versions, "save_dir": save_dir,
-            "export_dir": export_dir, "export_mode": export_mode, "ref_info": ref_info}
+            "push": push, "ref_info": ref_info}
 
 
 EXPECTED_ACTORS = ("relay/generator-0@e2e", "relay/generator-1@e2e", "relay/ref@e2e", "relay/reward@e2e",
@@ -96,15 +100,22 @@ def test_reference_scores_where_configured(e2e_run):
     assert all(rec["kl"] != 0.0 for rec in e2e_run["sync"][1:])  # it scored: the policy moved away from it
 
 
-def test_weight_export_folder_is_private_and_removed(e2e_run):
-    """The per-run export folder: mkdtemp (0700, random suffix, not the old /dev/shm/relay-<run>-<pid>), gone
-    after close."""
-    import os
+def test_weights_go_from_the_learner_to_the_generators_and_leave_nothing_behind(e2e_run):
+    """The last push was sent by the actor group's rank 0 (not the driver), through shared memory to both
+    generators on its node, chosen by node id; its transfer folder is gone, and the driver made none."""
+    import tempfile
 
-    folder = e2e_run["export_dir"]
-    assert e2e_run["export_mode"] == 0o700
-    assert folder.name.startswith("relay-e2e-") and folder.name != f"relay-e2e-{os.getpid()}"
-    assert not folder.exists()
+    from relay.scratch import shm_root
+
+    push = e2e_run["push"]
+    report = push["report"]
+    assert report["sender_pid"] == push["actor_pids"][0] != push["driver_pid"]
+    assert report["sender_node"] == push["actor_node"] and push["gen_nodes"] == [push["actor_node"]]
+    assert report["strategies"] == ["shm", "shm"] and report["failures"] == {} and report["late"] == []
+    assert "blobs" not in report  # the pool keeps the refs; callers get none
+    for root in {shm_root(), Path(tempfile.gettempdir())}:
+        for pid in (*push["actor_pids"], push["driver_pid"]):
+            assert not list(root.glob(f"relay-weights-{pid}-*")), (root, pid)
 
 
 def test_sync_mode_invariants(e2e_run):

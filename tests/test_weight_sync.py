@@ -1,4 +1,5 @@
-"""Weight transport: bucket helpers (no Ray) and pushes into a real vLLM generator (shm and object store)."""
+"""Weight transport: bucket helpers and the transport choice (no Ray), and pushes into a real vLLM generator (shm
+and object store). The cross-node push runs on a simulated 2-node cluster (tests/test_placement_cluster.py)."""
 from __future__ import annotations
 
 import os
@@ -112,6 +113,37 @@ def test_model_dir_manifest(tiny_llama_dir):
     assert "model.layers.1.mlp.down_proj.weight" in m
 
 
+def test_transport_is_chosen_by_node_id():
+    """Shared memory exactly for generators on the sender's node, by Ray node id (never by whether a path
+    exists: one machine's /dev/shm is seen by every node of a simulated cluster)."""
+    from relay.actors.weight_push import WeightPush, choose_transports
+
+    assert choose_transports("A", ["A", "B", "A", None]) == ["shm", "object_store", "shm", "object_store"]
+    assert choose_transports("B", ["A", "B"]) == ["object_store", "shm"]
+    assert choose_transports("A", ["A", "A"], "object_store") == ["object_store"] * 2
+    assert choose_transports("A", ["A"], "shm") == ["shm"]
+    with pytest.raises(ValueError, match=r"generators \[1\] are not on the sender's node"):
+        choose_transports("A", ["A", "B"], "shm")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        choose_transports("A", ["A"], "nfs")
+    with pytest.raises(ValueError, match="2 node ids for 1 generators"):
+        WeightPush(["g"], 1, nodes=["A", "B"])
+    with pytest.raises(ValueError, match="strategy"):
+        WeightPush(["g"], 1, strategy="files")
+
+
+def test_push_error_names_late_then_failed_generators():
+    from relay.actors.weight_push import WeightPush, push_error
+    from relay.cluster.calls import RemoteCallTimeout
+
+    push = WeightPush(["a", "b"], 4, names=["gen-a", "gen-b"], timeout_s=9)
+    assert push_error({"version": 4, "failures": {}, "late": []}, push) is None
+    err = push_error({"version": 4, "failures": {1: "WeightUpdateError: shape"}, "late": []}, push)
+    assert isinstance(err, WeightUpdateError) and "failed on 1 generator(s): gen-b: WeightUpdateError: shape" in str(err)
+    err = push_error({"version": 4, "failures": {1: "x"}, "late": [0]}, push)
+    assert isinstance(err, RemoteCallTimeout) and "['gen-a'] did not load within 9 s" in str(err)
+
+
 # ------------------------------------------------------------------------------------ real Ray + vLLM
 
 PROMPTS = [[5, 17, 200, 33], [900, 12, 1, 7, 44, 301], [64, 65, 66]]
@@ -161,7 +193,7 @@ def _hf_model(model_dir, state_dict=None):
 @pytest.mark.slow
 def test_shm_update_changes_outputs_and_matches_transformers(generator, tiny_llama_dir):
     from relay.actors.sampling import SamplingConfig
-    from relay.actors.weight_sync import push_weights
+    from relay.actors.weight_push import push_weights
 
     sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=12, seed=7)
     before = generator.generate(PROMPTS, sampling)
@@ -190,7 +222,7 @@ def test_shm_update_changes_outputs_and_matches_transformers(generator, tiny_lla
 @pytest.mark.slow
 def test_object_store_equals_shm(generator, tiny_llama_dir):
     from relay.actors.sampling import SamplingConfig
-    from relay.actors.weight_sync import push_weights
+    from relay.actors.weight_push import push_weights
 
     new = _perturbed(tiny_llama_dir, seed=2)
     sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=12, seed=3)
@@ -213,7 +245,7 @@ def test_object_store_equals_shm(generator, tiny_llama_dir):
 @pytest.mark.slow
 def test_bad_updates_raise_and_keep_version(generator, tiny_llama_dir, tmp_path):
     from relay.actors.sampling import SamplingConfig
-    from relay.actors.weight_sync import push_weights
+    from relay.actors.weight_push import push_weights
     from relay.cluster.calls import RemoteCallTimeout
 
     sampling = SamplingConfig(temperature=0.0, max_tokens=8)
@@ -251,7 +283,7 @@ def test_shm_push_falls_back_to_disk_when_shm_is_full(generator, tiny_llama_dir,
     import tempfile
 
     from relay import scratch
-    from relay.actors.weight_sync import push_weights
+    from relay.actors.weight_push import push_weights
 
     lines = log_lines("relay.scratch")
     scratch._said.clear()

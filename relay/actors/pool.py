@@ -8,10 +8,11 @@ How it keeps its promises:
   `generate_timeout_s`, reports itself broken (e.g. its vLLM engine process died: the generator notices, and
   the pool health-checks busy and idle generators) or is removed, the generator is killed first and the
   chunk's prompts go back to the queue, so a late reply can never be counted as well.
-- **Current weights only.** The pool remembers the last pushed weights (the state dict, or its safetensors
-  buckets in the object store). A new or replacement generator loads them before it is given any work, and
-  its reported version is checked; Ray's own actor restart is not used because it would bring a generator
-  back with the folder's weights.
+- **Current weights only.** A push runs where the weights are (a learner's rank 0, `weight_push.WeightPush`),
+  never through this object: the sender leaves the buckets in the object store and the pool keeps only their
+  refs. A new or replacement generator loads them before it is given any work, and its reported version is
+  checked; Ray's own actor restart is not used because it would bring a generator back with the folder's
+  weights. When the sender died with its buckets, new generators wait for the next push.
 - **Names.** Generators are `relay/<name_prefix>-<i>` with a pool-wide counter: an index is never reused, so
   logs and the dashboard tell a replacement from the generator it replaced.
 - **Scaling.** `scale(n)` starts generators in the background (work continues on the others meanwhile) and
@@ -31,7 +32,7 @@ Usage (the PPO driver)::
     pool = GeneratorPool(GeneratorConfig(model=folder), 2, PoolOptions(control_name="control"))
     # sync: collect, update, push
     results = pool.generate(prompt_ids, sampling, ids=[f"ep{e}-{i}" for i in ...])  # list[PromptResult]
-    pool.push_weights(actor_group_state_dict, version=e + 1)
+    pool.push_weights(actor_group.publish_weights, version=e + 1)  # the learner sends; the driver holds no tensors
     # async: keep the queue fed, collect what is finished, push whenever the learner has new weights
     pool.submit(prompt_ids, sampling, ids=...)
     for r in pool.collect(timeout_s=1.0): ...  # r.prompt_id, r.samples, r.weight_version, r.sample_ids()
@@ -41,12 +42,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import ray
 
-from relay.actors import weight_sync
 from relay.actors.control import start_control
 from relay.actors.generator import GeneratorClient, GeneratorConfig
 from relay.actors.ledger import DispatchLedger
@@ -67,6 +67,7 @@ from relay.actors.pool_types import (
     stalled,
 )
 from relay.actors.sampling import SamplingConfig
+from relay.actors.weight_push import WeightPush, push_error
 from relay.cluster.calls import RemoteCallTimeout, get
 
 # Callers import the pool's data classes and error from here, where they lived before the split.
@@ -189,33 +190,43 @@ class GeneratorPool(MembershipMixin, DispatchMixin):
         with self._lock:
             return self._ledger.unfinished()
 
-    def push_weights(self, state_dict: Mapping[str, Any], version: int, timeout_s: float | None = None,
+    def push_weights(self, send: Callable[[WeightPush], dict], version: int, timeout_s: float | None = None,
                      rewind: bool = False) -> dict:
-        """Load `state_dict` (HF names) into every active generator as `version` (via `weight_sync`) and keep
-        it for generators started later. Generators that die or break during the push are replaced (the
-        replacement starts with these weights). Raises WeightUpdateError when no generator could load it
-        (e.g. it does not fit the model); the previous weights then stay current. `rewind`: `version` may be
-        older than the current one (a run that went back to a checkpoint; call it while no work is queued)."""
+        """Have the process holding the weights load them into every active generator as `version`.
+
+        `send(push)` runs a `WeightPush` (generator handles, node ids, version) where the weights are, e.g.
+        `LearnerGroup.publish_weights` (the learner's rank 0 pushes them: same-node generators through its
+        node's /dev/shm, others through the object store), or `weight_push.local_sender(state_dict)` for
+        weights held in this process; the driver passes only handles and refs, never tensors. The sender
+        leaves the buckets in the object store and the pool keeps their refs for generators started later.
+        Generators that die or break during the push are replaced (the replacement starts with these
+        weights). Raises WeightUpdateError when no generator could load them (e.g. they do not fit the model);
+        the previous weights then stay current. An error of the sender itself (a dead learner) is raised as
+        it is, the pool unchanged. `rewind`: `version` may be older than the current one (a run that went
+        back to a checkpoint; call it while no work is queued)."""
+        if isinstance(send, Mapping) or not callable(send):
+            raise TypeError("GeneratorPool.push_weights takes a sender (LearnerGroup.publish_weights, or "
+                            "weight_push.local_sender(state_dict) for weights held in this process), not the "
+                            f"weights themselves (got {type(send).__name__})")
         timeout_s = timeout_s or self.options.weight_timeout_s
         with self._lock:
             if version <= self.version and not rewind:
                 raise ValueError(f"push_weights: version {version} is not newer than the current {self.version}")
-            previous, self._weights = self._weights, _Weights(version, state_dict, self.options.keep_weights)
             targets = [m for m in self._members.values() if m.state == ACTIVE]
-            try:
-                report = weight_sync.push_weights([m.actor for m in targets], state_dict, version,
-                                                  strategy=self.options.push_strategy, timeout_s=timeout_s,
-                                                  rewind=rewind)
-            except (weight_sync.WeightUpdateError, RemoteCallTimeout) as err:
-                report = self._recover_push(targets, version, err, previous, rewind)
-            except Exception as err:  # noqa: BLE001 - a generator that died since the last step (e.g. its
-                # `node_id` probe raises ActorDiedError) is replaced like one that fails the load itself
-                if not is_generator_failure(err):
-                    raise
-                report = self._recover_push(targets, version, err, previous, rewind)
+            push = WeightPush([m.actor for m in targets], version, nodes=[m.node_id for m in targets],
+                              strategy=self.options.push_strategy, timeout_s=timeout_s, rewind=rewind, keep=True,
+                              names=[m.name for m in targets])
+            report = dict(send(push))
+            blobs = list(report.pop("blobs", None) or [])
+            if not blobs:
+                raise ValueError("push_weights: the sender kept no buckets for late joiners (WeightPush.keep)")
+            previous, self._weights = self._weights, _Weights(version, blobs)
+            if (err := push_error(report, push)) is not None:
+                report.update(self._recover_push(targets, version, err, previous, rewind))
             for m in targets:
                 if m.name in self._members:
                     m.version = version
+            self._catch_up_waiting()
             return report
 
     def scale(self, n: int, wait: bool = False, drain: bool = True, timeout_s: float | None = None) -> None:

@@ -71,6 +71,11 @@ class DispatchMixin:
         except Exception as err:  # noqa: BLE001 - classified below
             if kind == "generate" and not is_generator_failure(err):
                 self._on_request_error(m, err)
+            elif kind == "load" and isinstance(err, ray.exceptions.ObjectLostError):
+                # The kept weights went with their sender (a learner that died): not this generator's fault.
+                # It waits, still loading, for the next push (`_catch_up_waiting`).
+                logger.warning("generator pool: %s cannot load v%d, its buckets are gone with their sender "
+                               "(%s); it waits for the next push", m.name, self.version, _short(err))
             else:
                 if kind in ("ready", "load"):
                     self.counters["start_failures"] += 1
@@ -78,7 +83,7 @@ class DispatchMixin:
                 self._reconcile()
             return
         if kind == "ready":
-            m.pid, m.version = value["pid"], value["version"]
+            m.pid, m.version, m.node_id = value["pid"], value["version"], value.get("node_id")
             self._bring_up_to_date(m)
         elif kind == "load":
             m.version = int(value["version"])

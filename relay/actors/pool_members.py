@@ -108,7 +108,8 @@ class MembershipMixin:
         """Load the current weights into a new member (again, if a push came meanwhile), then activate it."""
         if self._weights is not None and m.version < self._weights.version:
             m.state, m.since = LOADING, time.monotonic()
-            ref = m.actor.update_weights_from_blobs.remote(self._weights.version, *self._weights.blob_refs())
+            # Only refs pass through here: Ray moves the sender's buckets to the generator's node.
+            ref = m.actor.update_weights_from_blobs.remote(self._weights.version, *self._weights.blobs)
             self._refs[ref] = ("load", m.name)
         elif self._weights is not None and m.version > self._weights.version:
             self._remove(m, failed=True, reason=f"version {m.version} is ahead of the pool's {self.version}")
@@ -117,6 +118,14 @@ class MembershipMixin:
             m.state, m.last_health = ACTIVE, time.monotonic()
             self._progress_at = m.last_health
             logger.info("generator pool: %s active (pid %s, version %d)", m.name, m.pid, m.version)
+
+    def _catch_up_waiting(self) -> None:
+        """After a push: members left loading with no load in flight (their kept weights were lost with a dead
+        sender, see `_handle`) load the new ones."""
+        loading = {n for k, n in self._refs.values() if k in ("ready", "load")}
+        for m in list(self._members.values()):
+            if m.state == LOADING and m.name not in loading:
+                self._bring_up_to_date(m)
 
     def _check_deadlines(self) -> None:
         now, o = time.monotonic(), self.options
@@ -177,8 +186,8 @@ class MembershipMixin:
                 self._remove(m, failed=True, reason=f"weight push: {health[m.name].get('broken')}")
         report: dict[str, Any] = {"version": version, "recovered_from": _short(err)}
         if lagging:
-            # Retry once from the kept buckets (works for both keep_weights modes and any node).
-            blobs = self._weights.blob_refs()
+            # Retry once from the kept buckets (object store refs: any node; the driver never holds the bytes).
+            blobs = self._weights.blobs
             refs = [m.actor.update_weights_from_blobs.remote(version, *blobs, rewind=rewind) for m in lagging]
             ray.wait(refs, num_returns=len(refs), timeout=self.options.weight_timeout_s)
             for m, ref in zip(lagging, refs):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from relay.actors import weight_sync
+from relay.actors.weight_push import STRATEGIES
 from relay.actors.generator import GeneratorBroken
 from relay.actors.sampling import GenerationResult, SamplingConfig
 
@@ -58,12 +58,9 @@ class PoolOptions:
     max_failures: int = 16
     """Generator failures (died, broken, hung, failed start) the pool absorbs by replacing them before it
     gives up with PoolError."""
-    keep_weights: str = "memory"
-    """How the current weights are kept for late joiners: "memory" keeps a reference to the pushed state dict
-    (no extra work per push; do not modify its tensors in place afterwards), "object_store" serializes them
-    into the Ray object store at every push (driver memory freed; costs a serialization per push)."""
     push_strategy: str = "auto"
-    """weight_sync strategy: auto, shm or object_store."""
+    """How the sender reaches each generator (`weight_push.choose_transports`): auto (shared memory for those
+    on the sender's node, the object store for the others, by Ray node id), shm or object_store."""
     control_name: str | None = None
     """Create and poll this control actor (e.g. "control" -> relay/control); None = no outside control."""
     control_poll_s: float = 1.0
@@ -81,8 +78,9 @@ class PoolOptions:
                 raise ValueError(f"PoolOptions.{name} must be a finite number of seconds > 0, not {value!r}")
         if self.max_attempts < 1 or self.max_failures < 0:
             raise ValueError("PoolOptions: max_attempts must be >= 1 and max_failures >= 0")
-        if self.keep_weights not in ("memory", "object_store"):
-            raise ValueError(f"PoolOptions.keep_weights must be memory or object_store, not {self.keep_weights!r}")
+        if self.push_strategy not in STRATEGIES:
+            raise ValueError(f"PoolOptions.push_strategy must be one of {', '.join(STRATEGIES)}, "
+                             f"not {self.push_strategy!r}")
         if self.max_chunk_size is not None and self.max_chunk_size < 1:
             raise ValueError("PoolOptions.max_chunk_size must be >= 1 or None")
 
@@ -125,6 +123,7 @@ class _Member:
     chunk_id: int | None = None
     chunk_sent: float = 0.0
     last_health: float = field(default_factory=time.monotonic)
+    node_id: str | None = None  # Ray node, from `ready`: the sender picks the transport by it
 
 
 @dataclass
@@ -134,23 +133,13 @@ class _Job:
     remaining: int
 
 
+@dataclass
 class _Weights:
-    """The last pushed weights, kept so that late joiners load exactly them."""
+    """The last pushed weights, kept so that late joiners load exactly them: the refs of their safetensors
+    buckets in the object store. The sender (a learner rank) owns the bytes; the pool holds only refs."""
 
-    def __init__(self, version: int, state_dict: Mapping[str, Any], keep: str):
-        self.version = version
-        self._state_dict: Mapping[str, Any] | None = state_dict
-        self._blobs: list[Any] | None = None
-        if keep == "object_store":
-            self.blob_refs()
-            self._state_dict = None
-
-    def blob_refs(self) -> list[Any]:
-        """Safetensors buckets in the object store (made on first use, then shared by every joiner)."""
-        if self._blobs is None:
-            meta = {"relay_version": str(self.version)}
-            self._blobs = [ray.put(b) for b in weight_sync.iter_serialized_buckets(self._state_dict, metadata=meta)]
-        return self._blobs
+    version: int
+    blobs: list[Any]
 
 
 def is_generator_failure(err: BaseException) -> bool:

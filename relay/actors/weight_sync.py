@@ -1,27 +1,19 @@
-"""Weight transport from a learner (rank 0, holding a full HF-named state dict) to vLLM generators.
+"""Weight updates as files: the pure pieces of moving a learner's full HF-named state dict to vLLM generators.
 
-Two strategies, picked per generator by `push_weights(strategy="auto")`:
+A state dict travels as size-bounded safetensors buckets: files in a private transfer folder on /dev/shm (on
+disk when /dev/shm is missing or too small: `relay.scratch`) or the same bytes in the Ray object store. This
+module plans, writes and reads them, and checks an update against the model from the safetensors headers
+alone; `relay.actors.weight_push` sends them (from the learner, never through the driver).
 
-* ``shm`` (same node): the sender writes the state dict as size-bounded safetensors buckets to a private
-  folder in /dev/shm (on disk when /dev/shm is missing or too small: `relay.scratch`), every generator loads
-  the files in place through vLLM's `reload_weights` (see `vllm_worker_ext`), then the sender removes them. One write, N memory-mapped reads.
-* ``object_store`` (any node): each bucket is serialized to safetensors bytes and `ray.put` once; Ray moves
-  it to the generators' nodes, where each generator writes it to its local /dev/shm and loads it the same way.
-  Bytes rather than numpy arrays because numpy has no bfloat16.
-
-The pure helpers (bucket planning, writing, reading, header manifests and their checks) import no Ray and no
-vLLM, so they are unit-tested on their own and reused by the generator to validate an update before it
-touches the engine: vLLM's in-place reload leaves the model unusable if it fails half way.
+Nothing here imports Ray or vLLM, so it is unit-tested on its own and reused by the generator to validate an
+update before it touches the engine: vLLM's in-place reload leaves the model unusable if it fails half way.
 """
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-import shutil
 import struct
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +24,7 @@ from relay.scratch import private_dir, private_temp_file, scratch_root, write_pr
 if TYPE_CHECKING:
     import torch
 
-logger = logging.getLogger(__name__)
-
 DEFAULT_BUCKET_BYTES = 256 * 2**20
-DEFAULT_PUSH_TIMEOUT_S = 600.0
 # Names a learner's state dict may carry that vLLM skips on load (HF keeps them as buffers or tied aliases).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
@@ -283,118 +272,3 @@ def model_bytes(model_dir: str | Path, bytes_per_param: int = 4) -> int:
     """Size of a model folder's weights exported at `bytes_per_param` (4: fp32, the most a learner exports),
     from the safetensors headers."""
     return bytes_per_param * sum(math.prod(spec.shape) for spec in model_dir_manifest(model_dir).values())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The push.
-
-
-def _actor(g: Any) -> Any:
-    return getattr(g, "actor", g)  # accept GeneratorClient wrappers as well as raw handles
-
-
-def push_weights(
-    generators: Sequence[Any],
-    state_dict: Mapping[str, torch.Tensor],
-    version: int,
-    strategy: str = "auto",
-    timeout_s: float = DEFAULT_PUSH_TIMEOUT_S,
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-    allow_partial: bool = False,
-    rewind: bool = False,
-) -> dict[str, Any]:
-    """Load `state_dict` into every generator as weight version `version`; return timings.
-
-    `generators`: Generator actor handles (or `GeneratorClient`s). `strategy`: "shm" (all on this node),
-    "object_store", or "auto" (shm for generators on the caller's node, object store for the others).
-    `rewind`: `version` may be older than the generators' (a run that went back to a checkpoint).
-    Raises WeightUpdateError naming the generators that failed, or RemoteCallTimeout after `timeout_s`;
-    transfer files are removed in every case. A generator that failed keeps its old version and refuses to
-    generate if its engine was left half-loaded (see `Generator.update_weights`).
-    """
-    import ray
-
-    from relay.cluster.calls import RemoteCallTimeout
-
-    if strategy not in ("auto", "shm", "object_store"):
-        raise ValueError(f"push_weights: unknown strategy {strategy!r} (auto, shm, object_store)")
-    if not generators:
-        return {"version": version, "generators": 0}
-    deadline = time.monotonic() + timeout_s
-    actors = [_actor(g) for g in generators]
-    total_bytes = sum(_nbytes(t) for t in state_dict.values())
-    meta = {"relay_version": str(version)}
-
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RemoteCallTimeout(f"push_weights v{version} did not finish within {timeout_s:.0f} s")
-        return left
-
-    start = time.perf_counter()
-    if strategy == "auto":
-        here = ray.get_runtime_context().get_node_id()
-        nodes = ray.get([a.node_id.remote() for a in actors], timeout=remaining())
-        kinds = ["shm" if n == here else "object_store" for n in nodes]
-    else:
-        kinds = [strategy] * len(actors)
-
-    timings: dict[str, Any] = {"version": version, "bytes": total_bytes, "mb": total_bytes / 2**20}
-    refs: list[Any] = []
-    owners: list[int] = []
-    folder: Path | None = None
-    try:
-        if "shm" in kinds:
-            t = time.perf_counter()
-            folder = new_transfer_folder(total_bytes)
-            paths = [str(p) for p in write_buckets(state_dict, folder, bucket_bytes, metadata=meta)]
-            timings["write_s"] = time.perf_counter() - t
-            timings["buckets"] = len(paths)
-            timings["shm_dir"] = str(folder.parent)
-            remaining()  # nothing is sent once the deadline has passed
-            for i, a in enumerate(actors):
-                if kinds[i] == "shm":
-                    refs.append(a.update_weights.remote(paths, version, allow_partial=allow_partial, rewind=rewind))
-                    owners.append(i)
-        if "object_store" in kinds:
-            t = time.perf_counter()
-            blob_refs = [ray.put(b) for b in iter_serialized_buckets(state_dict, bucket_bytes, metadata=meta)]
-            timings["put_s"] = time.perf_counter() - t
-            timings["buckets"] = len(blob_refs)
-            remaining()
-            for i, a in enumerate(actors):
-                if kinds[i] == "object_store":
-                    # Top-level ObjectRef arguments are resolved by Ray on the receiving node.
-                    ref = a.update_weights_from_blobs.remote(version, *blob_refs, allow_partial=allow_partial,
-                                                             rewind=rewind)
-                    refs.append(ref)
-                    owners.append(i)
-        # Wait for all, then report every failure together (not just the first one).
-        ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=remaining())
-        if not_ready:
-            late = [owners[refs.index(r)] for r in not_ready]
-            raise RemoteCallTimeout(
-                f"push_weights v{version}: generators {late} did not load within {timeout_s:.0f} s")
-        reports: list[dict[str, Any] | None] = [None] * len(actors)
-        failures = []
-        for i, ref in zip(owners, refs):
-            try:
-                reports[i] = ray.get(ref, timeout=0)  # finished: ray.wait returned it
-            except Exception as err:  # noqa: BLE001 - collected and re-raised below with context
-                failures.append(f"generator {i}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
-        if failures:
-            raise WeightUpdateError(
-                f"push_weights v{version} failed on {len(failures)} generator(s): " + " | ".join(failures))
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-    timings["strategies"] = kinds
-    timings["per_generator"] = reports
-    timings["load_s"] = max(r["load_s"] for r in reports if r)
-    timings["total_s"] = time.perf_counter() - start
-    logger.info(
-        "pushed weights v%d to %d generator(s): %.1f MB in %s bucket(s), load %.3f s (max), total %.3f s (%s)",
-        version, len(actors), timings["mb"], timings.get("buckets"), timings["load_s"], timings["total_s"],
-        ",".join(sorted(set(kinds))),
-    )
-    return timings

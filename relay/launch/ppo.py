@@ -2,8 +2,8 @@
 
 One episode = collect `num_collect_steps x experience_batch_size` prompts (n samples each) from the generator
 pool -> score them (relay/ref, relay/reward, critic group) -> advantages -> relay/buffer -> take the episode's
-experiences -> `num_update_steps` optimizer steps of actor (and critic) -> push the actor's weights to every
-generator (version = actor optimizer steps so far).
+experiences -> `num_update_steps` optimizer steps of actor (and critic) -> the actor's rank 0 pushes its weights
+to every generator, not through the driver (version = actor optimizer steps so far; `relay.actors.weight_push`).
 
 - **sync**: the next episode's prompts are generated after the weight push (on-policy; the generator/learner
   logprob difference is numerical noise, reported as `logprob_diff`).
@@ -101,6 +101,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         self.last_checkpoint: Path | None = None
         self.stopped = False  # by a signal, at a safe point (the run continues with `--resume auto`)
         self._forget_cleanup: Any = None
+        self.last_sync: dict[str, Any] = {}  # the last weight push's report (sender, transports, timings)
 
     # ------------------------------------------------------------------------------------------ start-up
     def start(self) -> "PPOSystem":
@@ -171,13 +172,6 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         self._start_learners()
         self.pool.wait_ready(timeout)
         self._reset_run_state()
-        # Weight sync goes through tmpfs: the actor's rank 0 writes, the driver maps it and pushes. A private
-        # folder (0700, random name), on disk when /dev/shm cannot hold an fp32 export.
-        from relay.actors.weight_sync import model_bytes
-        from relay.scratch import private_dir
-
-        folder = private_dir(f"relay-{self.run_name}-", model_bytes(self.actor_path), what="actor weight export")
-        self.weights_file = folder / "actor.safetensors"
         if (stop := safe_points.active()) is not None:
             # If the stop's grace period runs out, the process exits at once: remove our temp files first.
             self._forget_cleanup = stop.add_cleanup(self._remove_temp_files)
@@ -294,13 +288,11 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         return [got[i] for i in want], time.monotonic() - job["t0"]
 
     def sync_weights(self, rewind: bool = False) -> float:
-        """Actor group -> safetensors (tmpfs) -> every generator at `state.version` (`rewind`: older than
-        theirs, after going back to a checkpoint); returns seconds."""
-        from safetensors.torch import load_file
-
+        """The actor group's rank 0 pushes its weights straight to every generator at `state.version`
+        (`rewind`: older than theirs, after going back to a checkpoint); returns seconds. The driver passes
+        only generator handles and the version (`GeneratorPool.push_weights`), never the tensors."""
         t0 = time.monotonic()
-        path = self.actor.export_weights(self.weights_file)
-        self.pool.push_weights(load_file(path), self.state.version, rewind=rewind)
+        self.last_sync = self.pool.push_weights(self.actor.publish_weights, self.state.version, rewind=rewind)
         return time.monotonic() - t0
 
     # ------------------------------------------------------------------------------------------ episodes

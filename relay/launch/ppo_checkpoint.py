@@ -6,7 +6,6 @@ run killed mid-save keeps its last complete checkpoint; the newest `keep_checkpo
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -118,9 +117,7 @@ class PPOCheckpoints:
             stop.finish(f"after episode {self.state.episode} of {self.cfg.algo.num_episodes}", self.last_checkpoint)
 
     def _remove_temp_files(self) -> None:
-        """The weight-sync folder (shared memory) and unfinished checkpoint temp folders."""
-        if getattr(self, "weights_file", None) is not None:
-            shutil.rmtree(self.weights_file.parent, ignore_errors=True)
+        """Unfinished checkpoint temp folders (weight transfers clean up after themselves, in the learner)."""
         clean_stale(self.save_dir)
 
     def save_final(self) -> None:

@@ -265,9 +265,15 @@ class LearnerGroup:
         """Full unsharded HF-named weights (LoRA merged; a tied weight appears once, as HF saves it)."""
         return self._call("full_state_dict", dtype, what="full_state_dict")[0]
 
+    def publish_weights(self, send: Any, dtype: str | None = None) -> Any:
+        """Call `send(full_state_dict)` on rank 0 (every rank helps gather the state) and return its result;
+        the weights stay in the ranks. `send` is any picklable callable, e.g. the `WeightPush` a
+        `GeneratorPool.push_weights` builds: `pool.push_weights(group.publish_weights, version)`."""
+        return self._call("publish_weights", send, dtype, what="publish_weights")[0]
+
     def export_weights(self, path: str | os.PathLike, dtype: str | None = None) -> str:
         """Write the full state (as `full_state_dict`) to one safetensors file from rank 0, atomically; returns
-        the path. On one machine put it under /dev/shm for the generators' weight reload."""
+        the path (a file on rank 0's node)."""
         return self._call("export_weights", str(path), dtype, what="export_weights")[0]
 
     def save_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""A learner rank's weights out and in: full HF-named state (tp shards gathered, LoRA merged), the safetensors
-export the generators load, and checkpoints (model folder, optimizer, step) that transformers and vLLM read.
+"""A learner rank's weights out and in: full HF-named state (tp shards gathered, LoRA merged), handed to a
+sender that pushes it to the generators (`publish_weights`) or exported as safetensors, and checkpoints (model
+folder, optimizer, step) that transformers and vLLM read.
 
 A mixin of `relay.learners.worker.LearnerWorker`: it uses the worker's `spec`, `rank`, `model`, `booster`,
 `optimizer`, `step`, `_inner()` and `_tp_group()`. Every method is collective, like the worker's.
@@ -81,6 +82,17 @@ class WeightsAndCheckpoints:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
             raise FloatingPointError(f"{what}: the model holds non-finite weights; refusing to write them")
+
+    def publish_weights(self, send: Any, dtype: str | None = None) -> Any:
+        """Rank 0 hands the full state (as `full_state_dict`) to `send(state_dict)` and returns what it returns
+        (None elsewhere). `send` is a picklable callable from the caller, e.g. a `relay.actors.weight_push.
+        WeightPush` that sends the weights to generators from here, so they never pass through the driver.
+        Non-finite weights raise instead (`check_finite_weights`)."""
+        self.check_finite_weights("publish_weights")
+        state = self.full_state_dict(dtype)
+        if self.rank != 0:
+            return None
+        return send(state)
 
     def export_weights(self, path: str, dtype: str | None = None) -> str | None:
         """Rank 0 writes the full state (as `full_state_dict`) to one safetensors file, e.g. under /dev/shm for

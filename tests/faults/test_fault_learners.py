@@ -96,7 +96,7 @@ def uninterrupted(ray_session, tiny_demo_data, tmp_path_factory, full_shm):
         system = PPOSystem(_cfg(tiny_demo_data / "prompt", tmp_path_factory.mktemp("plain") / "plain")).start()
         try:
             system.run_episodes()
-            return {**_weights(system), "scratch_lines": lines, "export": system.weights_file}
+            return {**_weights(system), "scratch_lines": lines, "sync": system.last_sync}
         finally:
             system.close()
     finally:
@@ -107,17 +107,21 @@ def uninterrupted(ray_session, tiny_demo_data, tmp_path_factory, full_shm):
             os.environ["RELAY_SHM_DIR"] = old
 
 
-def test_full_shared_memory_falls_back_to_disk(uninterrupted, full_shm):
-    """The weight export and transfer folders could not fit the full tmpfs: the run said so in one line per
-    kind of folder, used the disk instead, and finished its 4 episodes (the other tests compare its weights)."""
+def test_full_shared_memory_sends_weights_through_disk_from_the_learner(uninterrupted, full_shm):
+    """The shared-memory root ($RELAY_SHM_DIR, which reaches every actor) was a full tmpfs: the actor's rank 0
+    wrote its transfer buckets on disk instead, the run finished its 4 episodes (the other tests compare its
+    weights), and the driver made no weight folder at all (it once exported every update there)."""
     import tempfile
 
     if full_shm is None:
         pytest.skip("cannot mount a tmpfs here (needs root): the full-shared-memory case is not run")
-    said = [line for line in uninterrupted["scratch_lines"] if str(full_shm) in line]
-    assert any("actor weight export" in line and "MiB free" in line for line in said), said
-    assert Path(uninterrupted["export"]).parent.parent == Path(tempfile.gettempdir())
-    print(f"\n[fault] shared memory full ({full_shm}, 1 MiB tmpfs filled): " + " | ".join(said))
+    sync = uninterrupted["sync"]
+    assert sync["sender_pid"] != os.getpid() and sync["failures"] == {} and sync["strategies"] == ["shm"]
+    assert sync["shm_dir"] == tempfile.gettempdir()
+    said = [line for line in uninterrupted["scratch_lines"] if "weight" in line]
+    assert said == [], said
+    print(f"\n[fault] shared memory full ({full_shm}, 1 MiB tmpfs filled): the learner's transfer folder went to "
+          f"{sync['shm_dir']}; no weight folder in the driver")
 
 
 @pytest.fixture(scope="module")
