@@ -15,6 +15,7 @@ tmp_path): shared storage, trivially, for a one-node cluster. Only the code trav
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -68,8 +69,6 @@ def jobs(cluster, tiny_demo_data, tmp_path_factory) -> Jobs:  # noqa: F811
 
 
 def alive_actor_names(address: str) -> set[str]:
-    import json
-
     data = json.loads(api(address, "/api/v0/actors?limit=1000&detail=false"))
     rows = data.get("data", {}).get("result", {}).get("result", [])
     return {row.get("name") for row in rows if row.get("state") == "ALIVE" and row.get("name")}
