@@ -58,15 +58,16 @@ def api(address: str, path: str, timeout: float = 10) -> bytes:
 
 
 @contextlib.contextmanager
-def start_cluster():
-    """A private head node: own temp dir (short: Unix socket paths are limited) and free ports throughout."""
+def start_cluster(num_cpus: int = 16):
+    """A private head node: own temp dir (short: Unix socket paths are limited) and free ports throughout.
+    `num_cpus` is logical: room for PPO's actors and SFT/RM/DPO's learner ranks at once (tests/test_jobs.py)."""
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     dash = free_port()
     ports = {flag: free_port() for flag in (
         "--port", "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
         "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port")}
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--dashboard-host", "127.0.0.1", "--dashboard-port",
-           str(dash), "--include-dashboard", "true", "--num-cpus", "8", "--temp-dir", temp, "--disable-usage-stats"]
+           str(dash), "--include-dashboard", "true", "--num-cpus", str(num_cpus), "--temp-dir", temp, "--disable-usage-stats"]
     cmd += [str(x) for kv in ports.items() for x in kv]
     log = open(Path(temp) / "start.log", "w")
     proc = subprocess.Popen(cmd, env=job_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -92,15 +93,25 @@ def start_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit(address: str, submission_id: str, *entrypoint: str) -> None:
+def submit(address: str, jobs: dict[str, list[str]]) -> None:
+    """`ray job submit --no-wait --working-dir REPO ... -- ENTRYPOINT` for each submission id -> entrypoint, all at
+    once: each CLI start costs seconds of CPU, and the uploads are one package (same content, same hash)."""
     runtime_env = json.dumps({"excludes": EXCLUDES})
-    subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id, "--no-wait",
+    procs = {sid: subprocess.Popen(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", sid, "--no-wait",
          "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--", *entrypoint],
-        env=submit_env(), check=True, timeout=120, capture_output=True,
-    )
+        env=submit_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    ) for sid, entrypoint in jobs.items()}
+    for sid, proc in procs.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"ray job submit {sid} failed:\n{out[-3000:]}"
 
 
+def listed_entrypoints(address: str) -> dict[str, str]:
+    """submission id -> entrypoint of every job the cluster lists (the jobs API behind `ray job list`)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return {job.submission_id: job.entrypoint for job in JobSubmissionClient(address).list_jobs() if job.submission_id}
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,10 @@
 
 - scaling the generator pool mid-run the way a user does it (`relay scale RUN --generators 2` from another
   process, then `request_generators(1, ...)` back down),
-- a generator process SIGKILLed by PID while it holds an episode's prompts,
-- `relay ppo` submitted with `ray job submit` to a private head node.
+- a generator process SIGKILLed by PID while it holds an episode's prompts.
 
-The first two share one tiny GRPO system (1 ddp actor rank, rule reward, no critic): vLLM and learner start-up
-are most of the cost on a 2-core machine. Thin call-through wrappers ("spies") on the pool's submit/collect and
+Both share one tiny GRPO system (1 ddp actor rank, rule reward, no critic): vLLM and learner start-up are most
+of the cost on a 2-core machine (`relay ppo` submitted with `ray job submit` is in tests/test_jobs.py). Thin call-through wrappers ("spies") on the pool's submit/collect and
 the buffer's take_all record what each episode received; nothing is replaced.
 
 Bookkeeping checked throughout: every generator's weight version equals the number of optimizer steps after
@@ -257,20 +256,3 @@ class TestOneSystem:
         assert system.pool.versions() == {replacement[0]: 8 * nus}
         _check_bookkeeping(system, spy, system.history, first_episode=0)
 
-
-def test_ppo_as_ray_job(prompt_data, tmp_path):
-    """`ray job submit --working-dir . -- relay ppo ...` on a private head node (tests/jobs_util.py)."""
-    from relay.metrics import read_metrics
-    from jobs_util import start_cluster, submit, wait_for_job  # tests/ is on sys.path (rootdir conftest)
-
-    out = tmp_path / "job_run"
-    sid = f"relay-test-ppo-{os.getpid()}"
-    with start_cluster() as address:
-        submit(address, sid, "relay", "ppo", "--config", "configs/ppo_tiny_grpo.yaml",
-               "--set", f"prompt_dataset={prompt_data}", "--set", f"save_dir={out}", "--set", "algo.num_episodes=2",
-               "--set", "logging.use_tensorboard=false")
-        logs = wait_for_job(address, sid, 420)
-    rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2], logs[-3000:]
-    assert [r["weight_version"] for r in rows] == [2, 4] and all(r["gen_version_min"] == r["weight_version"] for r in rows)
-    assert (out / "actor" / "config.json").exists()
