@@ -133,6 +133,7 @@ def test_sync_mode_invariants(e2e_run):
         for key in ("reward_mean", "kl", "actor_loss", "critic_loss", "ptx_loss", "approx_kl", "clip_frac", "entropy",
                     "sync_s", "rollout_tokens_per_s", "samples_per_s"):
             assert key in rec
+        assert 0 < rec["sync_write_s"] + rec["sync_load_s"] <= rec["sync_push_s"] <= rec["sync_s"]
     assert set(e2e_run["versions"].values()) == {2}
 
 

@@ -373,6 +373,10 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
             "kl_coef": self.kl_ctl.value, "gen_s": gen_s, "score_s": score_s, "update_s": update_s,
             "sync_s": sync_s, "episode_s": episode_s, "rollout_tokens_per_s": rollout.num_tokens / max(gen_s, 1e-9),
             "samples_per_s": len(exp) / max(episode_s, 1e-9), "sync_share": sync_s / max(episode_s, 1e-9),
+            # where the sync's time goes: the sender's push (serialize + write/put, then the slowest load)
+            "sync_push_s": float(self.last_sync.get("total_s", 0.0)),
+            "sync_write_s": float(self.last_sync.get("write_s", 0.0)),
+            "sync_load_s": float(self.last_sync.get("load_s", 0.0)),
         }
         if self._eval_due(ep + 1, final=ep + 1 == a.num_episodes):
             t_eval = time.monotonic()
