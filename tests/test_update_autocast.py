@@ -18,6 +18,8 @@ def test_resolution(monkeypatch):
     assert resolve_autocast("auto", on_gpu=True) == "bf16"
     monkeypatch.setenv("RELAY_CPU_CAPABILITY", "avx2")  # AVX2-only view: bf16 emulated, auto stays off
     assert resolve_autocast("auto") is None
+    with pytest.warns(RuntimeWarning, match="update_autocast=bf16: bf16 is emulated on this CPU"):
+        assert resolve_autocast("bf16") == "bf16"  # explicit: kept, with a warning
     with pytest.raises(ValueError, match="autocast='fp8'"):
         resolve_autocast("fp8")
 

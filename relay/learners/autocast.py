@@ -11,6 +11,7 @@ reproducibility and generator-logprob reuse need fp32).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Literal
 
 AutocastSetting = Literal["off", "bf16", "auto"]
@@ -23,6 +24,12 @@ def resolve_autocast(setting: str | None, on_gpu: bool = False) -> str | None:
     if setting in (None, "off"):
         return None
     if setting == "bf16":
+        if not on_gpu:
+            from relay.cpu import bf16_slow_reason
+
+            if reason := bf16_slow_reason():  # asked for explicitly: honoured, but said once per process
+                warnings.warn(f"algo.update_autocast=bf16: {reason}; 'auto' would keep the update in fp32 here",
+                              RuntimeWarning, stacklevel=2)
         return "bf16"
     if setting == "auto":
         from relay.cpu import bf16_is_fast
