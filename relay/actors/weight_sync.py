@@ -11,7 +11,6 @@ update before it touches the engine: vLLM's in-place reload leaves the model unu
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -267,8 +266,3 @@ def new_transfer_folder(needed_bytes: int = 0) -> Path:
     """A fresh private folder (mode 0700, unpredictable name) for one transfer; the caller removes it."""
     return private_dir(f"relay-weights-{os.getpid()}-", needed_bytes, what="weight transfer")
 
-
-def model_bytes(model_dir: str | Path, bytes_per_param: int = 4) -> int:
-    """Size of a model folder's weights exported at `bytes_per_param` (4: fp32, the most a learner exports),
-    from the safetensors headers."""
-    return bytes_per_param * sum(math.prod(spec.shape) for spec in model_dir_manifest(model_dir).values())
