@@ -39,3 +39,11 @@ def reset_peak_rss(pid: int | None = None) -> bool:
         return True
     except OSError:
         return False
+
+
+def memory_mib(reset: bool = False) -> dict[str, float | None]:
+    """{'rss', 'peak'} of this process in MiB; `reset`: start a new peak after reading (to measure one phase)."""
+    out = {"rss": rss_mib(), "peak": peak_rss_mib()}
+    if reset:
+        reset_peak_rss()
+    return out

@@ -30,9 +30,9 @@ def free_port() -> int:
 
 
 def _own_memory(_actor: Any) -> dict[str, float | None]:
-    from relay.procmem import peak_rss_mib, rss_mib
+    from relay.procmem import memory_mib
 
-    return {"rss": rss_mib(), "peak": peak_rss_mib()}
+    return memory_mib()
 
 
 def process_memory(actor: Any, timeout: float = 60.0, what: str = "actor") -> dict[str, float | None]:

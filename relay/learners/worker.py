@@ -98,12 +98,9 @@ class LearnerWorker(WeightsAndCheckpoints):
     def memory_mib(self, reset: bool = False) -> dict[str, float | None]:
         """{'rss', 'peak'} of this rank's process in MiB, the peak since start or the last reset; `reset`: start
         a new peak after reading (to measure one step's)."""
-        from relay.procmem import peak_rss_mib, reset_peak_rss, rss_mib
+        from relay.procmem import memory_mib
 
-        out = {"rss": rss_mib(), "peak": peak_rss_mib()}
-        if reset:
-            reset_peak_rss()
-        return out
+        return memory_mib(reset)
 
     def set_num_threads(self, n: int) -> int:
         """torch's intra-op threads from now on; returns the count before (for handing cores back)."""
