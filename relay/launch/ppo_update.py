@@ -51,7 +51,7 @@ class PPOUpdates:
         """Old logprobs (recomputed or the generator's), then num_update_steps optimizer steps of actor (and
         critic). Placement timeshare: the learner ranks take every core of their node for it, then hand back."""
         if self.cfg.placement != "timeshare":
-            return self._update_steps(exp, None, None)
+            return self._update_steps(exp, self.cfg.actor_learner.num_threads, self.cfg.critic_learner.num_threads)
         groups = [g for g in (self.actor, self.critic) if g is not None]
         if self.phase_threads is None:  # reset when the learner groups are (re)built
             self.phase_threads = [g.phase_threads() for g in groups]
@@ -62,14 +62,12 @@ class PPOUpdates:
         out["update_threads"] = float(max(self.phase_threads[0]))
         return out
 
-    def _update_steps(self, exp: Any, actor_threads: int | None, critic_threads: int | None) -> dict[str, float]:
-        """`_update` with the given torch threads per rank (None: the learner configs' num_threads)."""
+    def _update_steps(self, exp: Any, actor_threads: int, critic_threads: int) -> dict[str, float]:
+        """`_update` with the given torch threads per rank (0: keep the threads the rank has)."""
         from relay.learners.ppo import ppo_actor_loss, ppo_critic_loss
         from relay.learners.schedule import lr_at
 
         cfg, a = self.cfg, self.cfg.algo
-        if actor_threads is None:
-            actor_threads, critic_threads = cfg.actor_learner.num_threads, cfg.critic_learner.num_threads
         dp = dp_size(cfg)
         keep = len(exp) - len(exp) % dp  # rows must split evenly over dp ranks (only async evictions change it)
         batch = {k: v[:keep] for k, v in learner_batch(exp).items()}
