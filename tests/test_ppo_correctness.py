@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from relay.config import PPOConfig, build
+from relay.config import PPOAlgoConfig, PPOConfig, build
 
 T = 0.7
 
@@ -95,16 +95,16 @@ def test_reference_scorer_and_old_logprob_recompute_use_the_temperature(tiny_lla
     seen = []
 
     class Actor:  # stands in for the actor group: the same forward, on this process's model
-        def forward_logprobs(self, b, temperature=1.0, last=None):
-            seen.append(temperature)
+        def forward_logprobs(self, b, temperature=1.0, last=None, micro_batch_size=0):
+            seen.append((temperature, micro_batch_size))
             with torch.no_grad():
                 return last_token_logprobs(model, b, last, temperature)
 
-    cfg = build(PPOConfig, {"generation": {"temperature": T}})
+    cfg = build(PPOConfig, {"generation": {"temperature": T}, "algo": {"forward_micro_batch_size": 2}})
     system = SimpleNamespace(cfg=cfg, actor=Actor())
     b = dict(batch, old_logprobs=torch.zeros(3, A))
     PPOUpdates._recompute_old_logprobs(system, b, batch["action_mask"], async_mode=False)
-    assert seen == [T]
+    assert seen == [(T, 2)]  # the old logprobs run in the configured micro-batches
     torch.testing.assert_close(b["old_logprobs"], want * batch["action_mask"], rtol=1e-5, atol=1e-5)
 
 
@@ -117,13 +117,14 @@ def test_reward_kl_uses_tempered_policy_logprobs():
     calls = []
 
     class Actor:
-        def forward_logprobs(self, inputs, temperature=1.0, last=None):
-            calls.append((temperature, last))
+        def forward_logprobs(self, inputs, temperature=1.0, last=None, micro_batch_size=0):
+            calls.append((temperature, last, micro_batch_size))
             return torch.tensor([[-0.5, -0.6, -0.7]])
 
-    sc = Scorers(None, None, None, None, 1, [2], temperature=T, actor=Actor())
+    algo = PPOAlgoConfig(train_batch_size=5)  # forward_micro_batch_size 0: the train micro-batch
+    sc = Scorers(None, None, None, algo, 1, [2], temperature=T, actor=Actor())
     assert policy_logprobs(r, sc, {})[0].tolist() == pytest.approx([-0.5, -0.6, 0.0])
-    assert calls == [(T, 3)]
+    assert calls == [(T, 3, 5)]
     sc1 = Scorers(None, None, None, None, 1, [2], temperature=1.0, actor=Actor())
     assert torch.equal(policy_logprobs(r, sc1, {}), r.gen_logprobs)
 
@@ -216,7 +217,7 @@ def test_ppo_update_stops_after_repeated_nonfinite_steps():
         def set_lr(self, lr):
             pass
 
-        def forward_logprobs(self, b, temperature=1.0, last=None):
+        def forward_logprobs(self, b, temperature=1.0, last=None, micro_batch_size=0):
             return torch.zeros(b["input_ids"].shape[0], last)
 
         def train_step(self, batch, loss=None, micro_batches=1, **kw):

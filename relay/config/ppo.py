@@ -131,6 +131,11 @@ class PPOAlgoConfig(Group):
     experience_batch_size: PosInt = doc("Prompts per collect step.", 8)
     train_batch_size: PosInt = doc("Experiences per micro-batch per data-parallel rank.", 8)
     accumulation_steps: PosInt = doc("Micro-batches per optimizer step.", 1)
+    forward_micro_batch_size: NonNegInt = doc(
+        "Experiences per no-grad forward per data-parallel rank when the critic scores values and the actor "
+        "recomputes old logprobs (and the KL's policy logprobs at a temperature other than 1), so their peak "
+        "memory follows this micro-batch, not the episode; each micro-batch drops the padding columns none of its "
+        "rows uses. Results do not depend on it beyond float rounding. 0: train_batch_size.", 0)
     gamma: Fraction = doc("GAE discount.", 1.0)
     lam: Fraction = doc("GAE lambda.", 0.95)
     eps_clip: PosFloat = doc("PPO policy ratio clip.", 0.2)
@@ -258,6 +263,11 @@ class PPOConfig(Group):
 def ppo_buffer_size(cfg: PPOConfig) -> int:
     """Experiences one episode collects: num_collect_steps x experience_batch_size x n_samples_per_prompt."""
     return cfg.algo.num_collect_steps * cfg.algo.experience_batch_size * cfg.generation.n_samples_per_prompt
+
+
+def forward_micro_batch(algo: PPOAlgoConfig) -> int:
+    """Rows per no-grad learner forward per rank (algo.forward_micro_batch_size; 0: train_batch_size)."""
+    return algo.forward_micro_batch_size or algo.train_batch_size
 
 
 def needs_reference(cfg: PPOConfig) -> bool:

@@ -2,7 +2,8 @@
 values, KL-penalised token rewards, advantages). Used by the driver in `relay.launch.ppo`.
 
 Scoring overlaps its remote parts: the reference and reward calls are sent first (their own actors), then the
-critic group's forward runs while they compute.
+critic group's forward runs while they compute, in micro-batches of `algo.forward_micro_batch_size` rows per
+rank (as the actor's logprob forwards), so an episode's scoring needs no more learner memory than one micro-batch.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from relay.algos.advantages import compute_advantages
 from relay.algos.kl import kl_estimate
 from relay.algos.masked import masked_mean
 from relay.buffer.experience import Experience
+from relay.config import forward_micro_batch
 
 
 @dataclass
@@ -119,7 +121,8 @@ def score_rollout(r: Rollout, sc: Scorers, kl_coef: float) -> tuple[Experience, 
     if sc.critic is not None:
         from relay.learners.ppo import response_values
 
-        values = response_values(sc.critic.forward_values(inputs), A) * r.action_mask
+        values = response_values(sc.critic.forward_values(inputs, micro_batch_size=forward_micro_batch(sc.algo)),
+                                 A) * r.action_mask
     # the clients' waits: Ray re-runs a call whose scorer died on the restarted actor; ActorLost once it gave up
     ref_lp = None if ref_ref is None else sc.ref.result(ref_ref)[:, -A:] * r.action_mask
     raw_scores = torch.tensor(sc.reward.result(reward_ref), dtype=torch.float32)
@@ -165,7 +168,8 @@ def policy_logprobs(r: Rollout, sc: Scorers, inputs: dict[str, torch.Tensor]) ->
     if sc.temperature == 1.0 or sc.actor is None:
         return r.gen_logprobs
     A = r.action_mask.shape[1]
-    return sc.actor.forward_logprobs(inputs, temperature=sc.temperature, last=A) * r.action_mask
+    return sc.actor.forward_logprobs(inputs, temperature=sc.temperature, last=A,
+                                     micro_batch_size=forward_micro_batch(sc.algo)) * r.action_mask
 
 
 def sampling_config(cfg: Any, episode: int, stop_ids: Sequence[int] = ()) -> Any:

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from relay.config import PPOConfig, actor_shares_prompts, learner_temperature, old_logprobs_from_generator
+from relay.config import (
+    PPOConfig, actor_shares_prompts, forward_micro_batch, learner_temperature, old_logprobs_from_generator,
+)
 from relay.launch.ppo_rollout import learner_batch
 from relay.learners.accumulate import NonfiniteGuard
 
@@ -133,7 +135,8 @@ class PPOUpdates:
         A = mask.shape[1]
         learner_lp = self.actor.forward_logprobs({"input_ids": batch["input_ids"],
                                                   "attention_mask": batch["attention_mask"]},
-                                                 temperature=learner_temperature(self.cfg), last=A) * mask
+                                                 temperature=learner_temperature(self.cfg), last=A,
+                                                 micro_batch_size=forward_micro_batch(self.cfg.algo)) * mask
         gen_lp = batch["old_logprobs"]
         diff = (learner_lp - gen_lp).abs() * mask
         out = {"logprob_diff": float(masked_mean(diff, mask)), "logprob_diff_max": float(diff.max())}

@@ -63,6 +63,13 @@ __all__ = [
     "value_mse_loss",
 ]
 
+def _micro_batch_size(n: int) -> int:
+    """A forward's rows per micro-batch, checked on the driver (0: all of a rank's rows at once)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"micro_batch_size must be an int >= 0 (0: one forward per rank), got {n!r}")
+    return n
+
+
 class LearnerGroupError(RuntimeError):
     """A rank failed. If every rank failed the same way the group stays usable; if some rank is still waiting
     in a collective the group is marked broken and refuses further calls (shut it down, create a new one)."""
@@ -241,15 +248,20 @@ class LearnerGroup:
         """{'loss', 'grads': full HF-named gradients} of one forward/backward, no step ('ddp' / '3d' zero 0)."""
         return self._call("gradients", batch, loss, loss_kwargs, micro_batches, what="gradients")[0]
 
-    def forward_logprobs(self, batch: dict[str, Any], temperature: float = 1.0, last: int | None = None) -> Any:
+    def forward_logprobs(self, batch: dict[str, Any], temperature: float = 1.0, last: int | None = None,
+                         micro_batch_size: int = 0) -> Any:
         """(B, T-1) fp32 tensor: log p(input_ids[:, t] | input_ids[:, :t]) for t = 1..T-1; with `last`, only the
-        last `last` columns (B, last), computed without the LM head over the rest."""
-        return self._gather_rows(
-            self._call("forward", batch, "logprobs", temperature, last, what="forward_logprobs"))
+        last `last` columns (B, last), computed without the LM head over the rest. `micro_batch_size` > 0: each
+        rank runs at most that many rows per forward (peak memory follows it), padding trimmed per micro-batch,
+        entries of padding tokens and of each row's first token 0 (`relay.learners.forwards`)."""
+        return self._gather_rows(self._call("forward", batch, "logprobs", temperature, last,
+                                            _micro_batch_size(micro_batch_size), what="forward_logprobs"))
 
-    def forward_values(self, batch: dict[str, Any]) -> Any:
-        """(B, T) fp32 tensor of per-token values (critic groups)."""
-        return self._gather_rows(self._call("forward", batch, "values", what="forward_values"))
+    def forward_values(self, batch: dict[str, Any], micro_batch_size: int = 0) -> Any:
+        """(B, T) fp32 tensor of per-token values (critic groups); `micro_batch_size` as in `forward_logprobs`
+        (values at padding positions 0)."""
+        return self._gather_rows(self._call("forward", batch, "values", 1.0, None,
+                                            _micro_batch_size(micro_batch_size), what="forward_values"))
 
     @staticmethod
     def _gather_rows(results: list[Any]) -> Any:

@@ -15,10 +15,8 @@ from relay.config import PLAIN_FORWARD_PLUGINS
 from relay.cluster.calls import free_port
 from relay.learners.accumulate import StepStats
 from relay.learners.lossfn import (
-    LossFn, causal_logits, last_token_logprobs, model_inputs, resolve_loss, row_group, split_micro_batches,
-    split_rows, token_logprobs,
+    LossFn, resolve_loss, row_group, split_micro_batches, split_rows,
 )
-from relay.learners.prefix_forward import shared_prefix_logprobs
 from relay.learners.worker_state import WeightsAndCheckpoints
 
 KINDS = ("causal_lm", "critic")
@@ -270,6 +268,13 @@ class LearnerWorker(WeightsAndCheckpoints):
         dev = self._device()
         return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in split_rows(tensors, r, dp).items()}
 
+    def _first_row(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The global batch's first row (model inputs only) as tensors on the device: a filler forward's input."""
+        import torch
+
+        keys = ("input_ids", "attention_mask", "position_ids")
+        return {k: torch.tensor(batch[k][:1].tolist()).to(self._device()) for k in keys if k in batch}
+
     def _dp_sum(self, values: list[float]) -> list[float]:
         import torch
         import torch.distributed as dist
@@ -390,30 +395,32 @@ class LearnerWorker(WeightsAndCheckpoints):
 
     # ---- inference ---------------------------------------------------------------------------------------
     def forward(
-        self, batch: dict[str, Any], what: str = "logprobs", temperature: float = 1.0, last: int | None = None
+        self, batch: dict[str, Any], what: str = "logprobs", temperature: float = 1.0, last: int | None = None,
+        micro_batch_size: int = 0,
     ) -> Any:
         """No-grad forward on this rank's rows: 'logprobs' (B, T-1), or only their last `last` columns, or
-        'values' (B, T), fp32 CPU tensors. Returns None on tp ranks other than 0 (their rows are the same)."""
+        'values' (B, T), fp32 CPU tensors. `micro_batch_size` > 0: at most that many rows per forward, each
+        trimmed of its padding columns (`relay.learners.forwards`). Returns None on tp ranks other than 0 (their
+        rows are the same)."""
         import torch
 
+        from relay.learners.forwards import WHATS, forward_count, micro_batched_forward
+
+        if what not in WHATS:
+            raise ValueError(f"forward: unknown output {what!r} (use one of {WHATS})")
         local = self._local_batch(batch, require_even=False)
+        rows = int(batch["input_ids"].shape[0])
+        count = forward_count(rows, self._dp_size(), micro_batch_size)
+        filler = None
+        if local["input_ids"].shape[0] < count and rows:  # this rank runs fillers to keep in step with its peers
+            filler = self._first_row(batch)
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            if local["input_ids"].shape[0] == 0:
-                out = None
-            elif what == "logprobs" and last:
-                out = None
-                if self.spec.plugin in PLAIN_FORWARD_PLUGINS:  # repeated prompts (GRPO groups) run once
-                    out = shared_prefix_logprobs(self.model, local, last, temperature)
-                if out is None:
-                    out = last_token_logprobs(self.model, local, last, temperature)
-            elif what == "logprobs":
-                out = token_logprobs(causal_logits(self.model, local), local["input_ids"], temperature)
-            elif what == "values":
-                out = self.model(**model_inputs(local)).float()
-            else:
-                raise ValueError(f"forward: unknown output {what!r} (use 'logprobs' or 'values')")
+            out = micro_batched_forward(
+                self.model, local, what, count=count, micro_batch_size=micro_batch_size, temperature=temperature,
+                last=last, shared_prefix=self.spec.plugin in PLAIN_FORWARD_PLUGINS, filler=filler,
+            )
         self.model.train(was_training)
         if self._tp_rank() != 0:
             return None
