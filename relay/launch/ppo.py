@@ -167,8 +167,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         limit = cfg.buffer_limit or ppo_buffer_size(cfg) * (2 if a.mode == "async" else 1)
         self.buffer = start_buffer(limit, scoped("buffer", run), pad_token_id=self.pad_id, seed=cfg.seed,
                                    timeout_s=timeout, max_restarts=restarts, **place("buffer", 0))
-        self._watch_restarts()
-        self._log_scorers()
+        self._log_scorers(self._watch_restarts())
         self._start_learners()
         self.pool.wait_ready(timeout)
         self._reset_run_state()
@@ -389,20 +388,25 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
             self.save_checkpoint()
         return rec
 
-    def _watch_restarts(self) -> None:
-        """Ask the restartable actors for their pid: a new one means Ray restarted it (logged once, counted in
-        the metrics as restarts_<role>). The run's timeout: a restarting reference first reloads its model."""
+    def _watch_restarts(self) -> dict[str, dict[str, Any]]:
+        """Ask the restartable actors for their info and return it by role ('reference', 'reward', 'buffer'): a
+        new pid means Ray restarted the actor (logged once, counted in the metrics as restarts_<role>). The run's
+        timeout: a restarting reference first reloads its model."""
         cluster = self.cfg.cluster
-        for client in (self.ref, self.reward, self.buffer):
+        infos: dict[str, dict[str, Any]] = {}
+        for role, client in (("reference", self.ref), ("reward", self.reward), ("buffer", self.buffer)):
             if client is None:
                 continue
-            info = call_or_explain(lambda: client.info(timeout_s=cluster.timeout_s), client.name, cluster.max_restarts)
+            infos[role] = info = call_or_explain(lambda: client.info(timeout_s=cluster.timeout_s), client.name,
+                                                 cluster.max_restarts)
             if msg := self.watch.observe(client.name, int(info["pid"])):
                 log(msg)
+        return infos
 
-    def _log_scorers(self) -> None:
-        """One line: the device, dtype and micro-batch size each model scorer ended up with (relay.actors.scoring)."""
-        where = [("reference", self.ref.info() if self.ref is not None else {}), ("reward model", self.reward.stats())]
+    def _log_scorers(self, infos: dict[str, dict[str, Any]]) -> None:
+        """One line: the device, dtype and micro-batch size each model scorer ended up with (relay.actors.scoring),
+        from the infos `_watch_restarts` just fetched (one round trip per actor at start-up)."""
+        where = [("reference", infos.get("reference", {})), ("reward model", infos.get("reward", {}))]
         parts = [f"{role} on {i['device']} in {i['dtype']} ({i.get('micro_batch_size')} rows per forward)"
                  for role, i in where if "device" in i]
         if parts:
