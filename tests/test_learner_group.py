@@ -264,7 +264,7 @@ def test_lora_trains_merges_and_resumes(group, tiny_llama_dir, references, tmp_p
     assert rel(again["loss"], after["loss"]) < 1e-6
 
 
-def test_group_api_errors_and_custom_loss(group, tiny_llama_dir, references, tmp_path):
+def test_group_api_errors_and_custom_loss(group, tiny_llama_dir, references):
     import ray
 
     from relay.learners.group import LearnerGroupError
@@ -292,13 +292,17 @@ def test_group_api_errors_and_custom_loss(group, tiny_llama_dir, references, tmp
     assert group.forward_logprobs(odd).shape == (3, 15)  # forwards accept uneven splits
     out = group.train_step(batch, shifted_ce, shift=0.5)
     assert rel(out["loss"], references["causal_lm"][0] + 0.5) < FP32_RTOL and out["shift"] == 0.5
-    exported = group.export_weights(tmp_path / "w.safetensors", dtype="bfloat16")
-    from safetensors.torch import load_file
 
-    on_disk = load_file(exported)
+    def keep(state):
+        """Stands in for the `WeightPush` a run passes (`GeneratorPool.push_weights`): rank 0 calls it with the
+        full state and its answer comes back. Local, so cloudpickle ships it by value."""
+        return {k: v.clone() for k, v in state.items()}
+
+    published = group.publish_weights(keep, dtype="bfloat16")
     state = group.full_state_dict()
-    assert on_disk.keys() == state.keys()
-    assert all(torch.equal(on_disk[k], state[k].to(torch.bfloat16)) for k in state)
+    assert published.keys() == state.keys()
+    assert all(published[k].dtype == torch.bfloat16 and torch.equal(published[k], state[k].to(torch.bfloat16))
+               for k in state)
     group.set_lr(0.0)
     before = group.full_state_dict()
     assert math.isfinite(group.train_step(batch)["loss"])

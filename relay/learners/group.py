@@ -283,11 +283,6 @@ class LearnerGroup:
         `GeneratorPool.push_weights` builds: `pool.push_weights(group.publish_weights, version)`."""
         return self._call("publish_weights", send, dtype, what="publish_weights")[0]
 
-    def export_weights(self, path: str | os.PathLike, dtype: str | None = None) -> str:
-        """Write the full state (as `full_state_dict`) to one safetensors file from rank 0, atomically; returns
-        the path (a file on rank 0's node)."""
-        return self._call("export_weights", str(path), dtype, what="export_weights")[0]
-
     def save_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Write model/ (HF folder), optimizer/, adapter/ (LoRA) and learner.json under `path` (layout above)."""
         return self._call("save_checkpoint", str(path), what="save_checkpoint")[0]

@@ -1,6 +1,6 @@
 """A learner rank's weights out and in: full HF-named state (tp shards gathered, LoRA merged), handed to a
-sender that pushes it to the generators (`publish_weights`) or exported as safetensors, and checkpoints (model
-folder, optimizer, step) that transformers and vLLM read.
+sender that pushes it to the generators (`publish_weights`), and checkpoints (model folder, optimizer, step)
+that transformers and vLLM read.
 
 A mixin of `relay.learners.worker.LearnerWorker`: it uses the worker's `spec`, `rank`, `model`, `booster`,
 `optimizer`, `step`, `_inner()` and `_tp_group()`. Every method is collective, like the worker's.
@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from relay.learners.safe_load import weights_only_loads
-from relay.scratch import private_temp_file
 
 # Files of a model folder that are weights/config (rewritten by the checkpoint) rather than tokenizer files.
 _NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".index.json", ".gguf")
@@ -93,23 +91,6 @@ class WeightsAndCheckpoints:
         if self.rank != 0:
             return None
         return send(state)
-
-    def export_weights(self, path: str, dtype: str | None = None) -> str | None:
-        """Rank 0 writes the full state (as `full_state_dict`) to one safetensors file, e.g. under /dev/shm for
-        a generator's `reload_weights`, so the weights need not pass through the driver. Non-finite weights
-        raise instead (`check_finite_weights`)."""
-        from safetensors.torch import save_file
-
-        self.check_finite_weights("export_weights")
-        state = self.full_state_dict(dtype)
-        if self.rank != 0:
-            return None
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # mkstemp: created exclusively, so save_file never writes through a link planted at a guessable name
-        tmp = private_temp_file(Path(path).parent, Path(path).name)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)  # readers never see a half-written file
-        return str(path)
 
     def _plain_state(self) -> dict[str, Any]:
         from colossalai.utils import get_non_persistent_buffers_set
