@@ -5,8 +5,9 @@ shared local cluster may already be up in the test process. Token authentication
 from the suite, or a private token made here).
 
 Scenarios: `layout` (the preset, with the buffer pinned by node label and the reward actor by custom resource:
-learners, engines, scorers, buffer; then a generator past the plan and a replacement for a dead one), `colocate` (the same preset with placement colocate), `too_big` (a layout that
-cannot fit: refused before anything is created), `weights` (a real `WeightPush` from a stand-in learner rank on
+learners, engines, the reference and reward model with a GPU each, buffer; then a generator past the plan and a
+replacement for a dead one), `colocate` (the same preset with placement colocate, the scorers on 0.25 of a
+learner rank's GPU), `too_big` (a layout that cannot fit: refused before anything is created), `weights` (a real `WeightPush` from a stand-in learner rank on
 one node to stand-in generators on its node and on the driver's node, and to a late joiner).
 """
 from __future__ import annotations

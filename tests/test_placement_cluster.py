@@ -58,14 +58,22 @@ def test_engines_spread_over_nodes_each_holding_its_gpus_on_one(sim):
         assert set(group["nodes"].values()) == {g["node"]}
 
 
-def test_scorers_and_buffer_are_plain_actors_without_gpus_on_their_pinned_nodes(sim):
+def test_scorers_get_a_gpu_each_and_the_buffer_none_on_their_pinned_nodes(sim):
     actors = sim["layout"]["actors"]
-    for role, cpus in (("reference", 0.5), ("reward", 1.0), ("buffer", 0.5)):
+    for role, ask in (("reference", {"CPU": 0.5, "GPU": 1.0}), ("reward", {"CPU": 1.0, "GPU": 1.0, "scorers": 0.001}),
+                      ("buffer", {"CPU": 0.5})):
         a = actors[f"{role}-0@sim"]
-        assert a["pg"] is None and a["gpu_ids"] == [] and a["resources"]["CPU"] == cpus, role
+        assert a["pg"] is None and a["resources"] == ask, role  # plain actors, not in a placement group
+        assert len(a["gpu_ids"]) == ask.get("GPU", 0), role
     assert actors["buffer-0@sim"]["node"] == sim["head"]  # node_pin pool=head: a node label
     assert actors["reward-0@sim"]["node"] == sim["scorers_node"]  # node_pin scorers: a custom resource
-    assert actors["reward-0@sim"]["resources"] == {"CPU": 1.0, "scorers": 0.001}
+
+
+def test_no_gpu_is_given_twice(sim):
+    """Learners, engines and scorers hold 8 + 4 + 2 x 2 + 2 = 18 of the 24 GPUs, each (node, GPU id) once: the
+    scorers' GPUs are their own, not a learner's or an engine's."""
+    held = [(a["node"], g) for a in sim["layout"]["actors"].values() for g in a["gpu_ids"]]
+    assert len(held) == 18 and len(set(held)) == 18
 
 
 def test_fake_gpu_ids_do_not_make_a_cuda_device(sim):
@@ -98,9 +106,12 @@ def test_a_layout_that_cannot_fit_fails_up_front_with_a_table(sim):
     assert "does not fit this cluster (3 node(s), CPU 120, GPU 24 in all)" in lines[0]
     header = next(line for line in lines if line.split()[:3] == ["role", "needed", "available"])
     rows = lines[lines.index(header) + 1:-1]
-    # 8 + 4 + 6 x 2 = 24 GPUs are taken: the last two engines find none
-    assert [r.split()[:2] for r in rows] == [["generator", "(generator-6)"], ["generator", "(generator-7)"]]
-    assert all("{CPU 1, GPU 2}" in r and "GPU 0}" in r for r in rows)
+    # The engine groups are reserved before the plain actors: 8 + 4 + 6 x 2 = 24 GPUs are taken, so the last two
+    # engines and both scorers (a GPU each) find none.
+    assert [r[:header.index("needed")].strip() for r in rows] == [
+        "generator (generator-6)", "generator (generator-7)", "reference", "reward"]
+    needed = ["{CPU 1, GPU 2} STRICT_PACK", "{CPU 1, GPU 2} STRICT_PACK", "{CPU 0.5, GPU 1}", "{CPU 1, GPU 1}"]
+    assert all(n in r and "GPU 0}" in r.split(n)[1] for n, r in zip(needed, rows, strict=True))
     assert big["new_groups"] == [] and big["actors"] == []  # nothing was created
 
 

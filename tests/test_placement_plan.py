@@ -64,12 +64,14 @@ def test_7b_layout_bundles_and_where_the_fit_puts_them():
     actor = plan.group("actor_learner")
     assert actor.text() == "8 x {CPU 4, GPU 1} PACK"
     assert plan.group("generator-1").text() == "{CPU 1, GPU 2} STRICT_PACK (one node) spread"
-    assert plan.totals()["GPU"] == 8 + 4 + 2 * 2
+    assert plan.group("reference").text() == "{CPU 0.5, GPU 1}" and plan.group("reward").text() == "{CPU 1, GPU 1}"
+    assert plan.totals()["GPU"] == 8 + 4 + 2 * 2 + 2  # learners, engines, and a GPU each for the two scorers
     result = check_fit(plan, gpu_nodes(3))
     placed = result.placed
     assert len(set(placed["actor_learner"])) == 1 and len(set(placed["critic_learner"])) == 1
     assert placed["actor_learner"][0] != placed["critic_learner"][0]
     assert placed["generator-0"] != placed["generator-1"]  # spread over the nodes with room
+    assert len(placed["reference"]) == len(placed["reward"]) == 1
     assert "dead" not in {n for where in placed.values() for n in where}
 
 
@@ -97,20 +99,25 @@ def test_unsatisfiable_layout_lists_what_is_missing_per_role():
     text = str(err.value)
     assert "(2 node(s), CPU 96, GPU 16 in all)" in text
     rows = {line.split()[0]: line for line in text.splitlines()[2:] if line.startswith("  ") and "needed" not in line}
-    # actor (8 GPUs, 32 CPUs) fills one node; critic (4) and two engines (2 + 2) the other; the third finds none
+    # actor (8 GPUs, 32 CPUs) fills one node; critic (4) and two engines (2 + 2) the other; the third engine and
+    # the two scorers (a GPU each) find none
     assert [r.split()[1] for r in text.splitlines() if r.startswith("  generator")] == ["(generator-2)"]
+    assert sorted(rows) == ["generator", "reference", "reward"]
+    assert "{CPU 0.5, GPU 1}" in rows["reference"] and "{CPU 1, GPU 1}" in rows["reward"]
     assert rows["generator"].split("  ")[2:] == ["{CPU 1, GPU 2} STRICT_PACK (one node) spread",
                                                  "{CPU 46, GPU 0} free on 2 node(s), at most {CPU 30, GPU 0} on one"]
 
 
 def test_strict_pack_needs_one_node_even_when_the_totals_fit():
+    cpu_scorers = ("reference.num_gpus=0", "reward.num_gpus=0")  # 16 + 4 + 2 x 2 = 24: the totals just fit
     plan = plan_ppo(ppo("ppo_7b_tp4.yaml", "actor_learner.placement_strategy=STRICT_PACK",
-                        "actor_learner.num_ranks=16", "algo.train_batch_size=8"), gpus_present=True)
-    assert plan.totals()["GPU"] <= 3 * 8
+                        "actor_learner.num_ranks=16", "algo.train_batch_size=8", *cpu_scorers), gpus_present=True)
+    assert plan.totals()["GPU"] == 3 * 8
     missing = fit(plan, gpu_nodes(3)).missing
     assert [m.group for m in missing] == ["actor_learner"] and "STRICT_PACK (one node)" in missing[0].needed
     # PACK may use two nodes: ranks by node, tp groups of 4 stay whole on 8-GPU nodes
-    plan = plan_ppo(ppo("ppo_7b_tp4.yaml", "actor_learner.num_ranks=16", "algo.train_batch_size=8"), gpus_present=True)
+    plan = plan_ppo(ppo("ppo_7b_tp4.yaml", "actor_learner.num_ranks=16", "algo.train_batch_size=8", *cpu_scorers),
+                    gpus_present=True)
     where = check_fit(plan, gpu_nodes(3)).placed["actor_learner"]
     order = rank_bundles(dict(enumerate(where)))
     assert split_tp_groups([where[b] for b in order], 4) == []
