@@ -341,8 +341,14 @@ def test_micro_batched_forwards_equal_one_forward(group, tiny_llama_dir):
     micro-batches of 1 and 2 rows per rank equal one forward over each rank's rows at every real entry, within
     fp32 rounding (measured 5e-7 on logprobs near -7, 3e-8 on values; bounds 1e-5 and 1e-6); entries without a
     real number read 0. 5 rows on 2 dp ranks split 2 | 3: micro-batches of 2 run 1 + 1 | 1 + 2 rows, of 1 run
-    a filler + 1 + 1 | 1 + 1 + 1 (ranks keep in step); the GRPO groups are cut across micro-batches, so the
-    shared-prompt forward meets single rows and partial groups."""
+    a one-token keep-step forward + 1 + 1 | 1 + 1 + 1 (ranks keep in step); the GRPO groups are cut across
+    micro-batches, so the shared-prompt forward meets single rows and partial groups."""
+    from relay.learners.forwards import forward_count
+
+    # forwards per rank: the busiest rank's rows (3 of 5 on 2 ranks) over the micro-batch size
+    assert [forward_count(5, 2, size) for size in (0, 1, 2, 3)] == [1, 3, 2, 1]
+    with pytest.raises(ValueError, match="micro_batch_size must be >= 0"):
+        forward_count(5, 2, -1)
     batch, A = scoring_batch()
     mask = batch["attention_mask"].bool()
     real_lp = mask[:, 1:] & mask[:, :-1]  # a token's logprob is real when it and the token before it are

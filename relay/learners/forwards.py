@@ -9,9 +9,10 @@ into the batch's full width. Micro-batched outputs read 0 where they hold no rea
 positions, logprobs of padding tokens and of each row's first token (nothing real precedes it); the real
 entries do not depend on the micro-batch size beyond float rounding (tests/test_learner_accumulation.py).
 
-Every data-parallel rank runs the same number of forwards, a rank short of rows running a one-row filler whose
-output is dropped: torch DDP's first forward after training broadcasts buffers and sharded plugins (Gemini)
-gather weights in every forward, so a rank that skipped one would leave its peers waiting.
+Every data-parallel rank runs the same number of forwards (`forward_count`), a slice with nothing to compute
+(no rows, or no real token where the output is wanted) running a one-token `keep_step` forward whose output is
+dropped: torch DDP's first forward after training broadcasts buffers and sharded plugins (Gemini) gather weights
+in every forward, so a rank that skipped one would leave its peers waiting.
 """
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def used_columns(attention_mask: torch.Tensor) -> tuple[int, int]:
     return int(cols.min()), int(cols.max()) + 1
 
 
+def keep_step(model: Any, device: Any) -> None:
+    """A one-token forward whose output is dropped: takes part in whatever collectives a forward makes."""
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+
+
 def plain_forward(model: Any, batch: dict[str, Any], what: str, temperature: float = 1.0, last: int | None = None,
                   shared_prefix: bool = False) -> torch.Tensor:
     """One forward over all of `batch`'s rows: 'logprobs' [B, T-1] (or their last `last` columns, a group's
@@ -72,6 +78,8 @@ def trimmed_forward(model: Any, batch: dict[str, Any], what: str, temperature: f
         full = torch.zeros(B, T, dtype=torch.float32, device=mask.device)
         if hi > lo:
             full[:, lo:hi] = plain_forward(model, cut, what)
+        else:
+            keep_step(model, mask.device)
         return full * mask
     # Token t's logprob (column t-1 of [B, T-1]) needs position t-1 in the batch: tokens lo+1 .. hi-1 can be had.
     first = T - last if last else 1
@@ -81,26 +89,25 @@ def trimmed_forward(model: Any, batch: dict[str, Any], what: str, temperature: f
         n = hi - start
         out = plain_forward(model, cut, what, temperature, n if last else None, shared_prefix)
         full[:, start - first : hi - first] = out[:, -n:].float()
+    else:
+        keep_step(model, mask.device)
     real = mask[:, 1:].bool() & mask[:, :-1].bool()  # the token and the one before it are real
     return full * real[:, first - 1 :]
 
 
 def micro_batched_forward(
     model: Any, local: dict[str, Any], what: str, *, count: int, micro_batch_size: int, temperature: float = 1.0,
-    last: int | None = None, shared_prefix: bool = False, filler: dict[str, Any] | None = None,
+    last: int | None = None, shared_prefix: bool = False,
 ) -> torch.Tensor | None:
     """This rank's rows in `count` near-equal slices (`forward_count`), outputs concatenated in row order;
     None when the rank has no rows. `micro_batch_size` 0: untrimmed forwards (the raw outputs, padding
-    entries included); > 0: `trimmed_forward`s. An empty slice runs `filler` (a one-row batch) and drops it."""
-    rows = local["input_ids"].shape[0]
+    entries included); > 0: `trimmed_forward`s. An empty slice runs a `keep_step`."""
     run = trimmed_forward if micro_batch_size > 0 else plain_forward
     parts = []
     for i in range(count):
         part = split_rows(local, i, count)
         if part["input_ids"].shape[0] == 0:
-            spare = filler if filler is not None else (split_rows(local, 0, rows) if rows else None)
-            if spare is not None:
-                run(model, spare, what, temperature, last, shared_prefix)
+            keep_step(model, part["input_ids"].device)
             continue
         parts.append(run(model, part, what, temperature, last, shared_prefix))
     return torch.cat(parts, dim=0) if parts else None

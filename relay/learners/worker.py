@@ -268,13 +268,6 @@ class LearnerWorker(WeightsAndCheckpoints):
         dev = self._device()
         return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in split_rows(tensors, r, dp).items()}
 
-    def _first_row(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The global batch's first row (model inputs only) as tensors on the device: a filler forward's input."""
-        import torch
-
-        keys = ("input_ids", "attention_mask", "position_ids")
-        return {k: torch.tensor(batch[k][:1].tolist()).to(self._device()) for k in keys if k in batch}
-
     def _dp_sum(self, values: list[float]) -> list[float]:
         import torch
         import torch.distributed as dist
@@ -409,17 +402,14 @@ class LearnerWorker(WeightsAndCheckpoints):
         if what not in WHATS:
             raise ValueError(f"forward: unknown output {what!r} (use one of {WHATS})")
         local = self._local_batch(batch, require_even=False)
-        rows = int(batch["input_ids"].shape[0])
-        count = forward_count(rows, self._dp_size(), micro_batch_size)
-        filler = None
-        if local["input_ids"].shape[0] < count and rows:  # this rank runs fillers to keep in step with its peers
-            filler = self._first_row(batch)
+        # the same count on every dp rank, whatever its own rows: ranks short of rows keep in step with the rest
+        count = forward_count(int(batch["input_ids"].shape[0]), self._dp_size(), micro_batch_size)
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
             out = micro_batched_forward(
                 self.model, local, what, count=count, micro_batch_size=micro_batch_size, temperature=temperature,
-                last=last, shared_prefix=self.spec.plugin in PLAIN_FORWARD_PLUGINS, filler=filler,
+                last=last, shared_prefix=self.spec.plugin in PLAIN_FORWARD_PLUGINS,
             )
         self.model.train(was_training)
         if self._tp_rank() != 0:
