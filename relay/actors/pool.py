@@ -296,7 +296,7 @@ class GeneratorPool(MembershipMixin, DispatchMixin):
                 "target": self._target,
                 "active": sum(1 for m in self._members.values() if m.state == ACTIVE),
                 "version": self.version,
-                "members": {m.name: {"state": m.state, "pid": m.pid, "version": m.version,
+                "members": {m.name: {"state": m.state, "pid": m.pid, "version": m.version, "node": m.node_id,
                                      "busy": m.chunk_id is not None} for m in self._members.values()},
                 "queued": self._ledger.queued,
                 "in_flight": self._ledger.in_flight,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import ray
@@ -112,6 +113,26 @@ class Placement:
                 f"placement groups not ready after {timeout_s:.0f} s (the layout fits the cluster's nodes, but "
                 f"their resources are held, e.g. by another job); nothing was started:\n{table(rows)}")
 
+    def refresh(self, names: list[str], timeout_s: float) -> dict[str, dict[int, str]]:
+        """After a node died: wait until `names`' groups are whole again (Ray moves a dead node's bundles to
+        nodes with room) and re-read where their bundles are, so new ranks are numbered by node again. Returns
+        the bundles' nodes; PlacementError naming the groups still waiting after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        waiting = [n for n in names if n in self.groups]
+        while waiting:
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            waiting = [n for n in waiting if not _whole(placement_group_table(self.groups[n]), alive)]
+            if waiting and time.monotonic() > deadline:
+                raise PlacementError(f"placement groups {', '.join(waiting)} not whole again after {timeout_s:.0f} s "
+                                     "(a node holding their bundles is gone and no other node has room)")
+            if waiting:
+                time.sleep(0.2)
+        for name in names:
+            if name in self.groups:
+                self.bundle_nodes[name] = dict(placement_group_table(self.groups[name])["bundles_to_node_id"])
+                self.rank_order[name] = rank_bundles(self.bundle_nodes[name])
+        return {n: self.bundle_nodes[n] for n in names if n in self.groups}
+
     # ---------------------------------------------------------------------------------------------- actors
     def options(self, role: str, index: int, name: str | None = None) -> dict[str, Any]:
         """Ray options (resources and scheduling strategy) for `role`'s actor `index` (a learner rank, a
@@ -174,6 +195,11 @@ class Placement:
             except Exception as err:  # noqa: BLE001 - the cluster may be gone already
                 logger.warning("placement: removing %s: %s", name, err)
         self.groups.clear()
+
+
+def _whole(table: dict[str, Any], alive: set[str]) -> bool:
+    """A placement group created with every bundle on a live node."""
+    return table["state"] == "CREATED" and all(n in alive for n in table["bundles_to_node_id"].values())
 
 
 def _targeted(group: GroupPlan) -> bool:

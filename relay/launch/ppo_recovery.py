@@ -5,7 +5,8 @@ collectives, and the actor and critic states only make sense together. So the dr
 
 1. finds which rank is gone (`LearnerGroup.dead_ranks`; an error with every rank alive is not a death and is
    raised as it is),
-2. kills both groups and starts them again,
+2. kills both groups and starts them again in the run's placement groups (where a rank's node itself is gone,
+   once Ray has moved its bundles to a node with room: `Placement.refresh`),
 3. restores SAVE_DIR's newest complete checkpoint (or the run's starting point when none was saved yet), as
    `--resume auto` would: weights, optimizer states, episode, weight version, data positions, KL coefficient,
    reward moments, random state,
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from relay.learners.checkpoint_resume import AUTO, find_resume
+
+
+LEARNER_GROUPS = ["actor_learner", "critic_learner"]  # the plan's learner placement groups
 
 
 class LearnerLost(RuntimeError):
@@ -74,6 +78,11 @@ class PPORecovery:
             self._wait(self.pending)
             self.pending = None
         self.buffer.clear(forget=True)  # the episodes since the checkpoint put the same sample ids again
+        if self.placement is not None:  # a dead node's bundles must find another node before ranks start there
+            before = {n: dict(b) for n, b in self.placement.bundle_nodes.items()}
+            if self.placement.refresh(LEARNER_GROUPS, self.cfg.cluster.placement_timeout_s) != {
+                    n: before[n] for n in LEARNER_GROUPS if n in before}:
+                log(f"learner bundles moved: {self.placement.describe()}")
         self._start_learners()
         self._reset_run_state()
         if path is not None:

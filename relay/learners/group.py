@@ -317,6 +317,10 @@ class LearnerGroup:
         """Each rank's process id, in rank order."""
         return self._call_each("pid", what="pid")
 
+    def nodes(self) -> list[str]:
+        """Each rank's Ray node id, in rank order."""
+        return self._call_each("node_id", what="node_id")
+
     def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
         """Ranks whose process is gone. A rank still waiting in a collective for a dead peer does not answer
         either (its calls run one at a time), but it is alive: only Ray's actor-died error counts."""
