@@ -93,7 +93,7 @@ def start(placement, role: str, index: int, name: str):
 def reports(actors: dict) -> dict:
     import ray
 
-    got = ray.get([a.report.remote() for a in actors.values()], timeout=120)
+    got = ray.get([a.report.remote() for a in actors.values()], timeout=300)
     return dict(zip(actors, got))
 
 
@@ -111,7 +111,7 @@ def layout() -> dict:
         for i in range(len(members)):
             name = f"{role}-{i}@sim"
             actors[name] = start(placement, role, i, name)
-    out = {"actors": reports(actors), "device": ray.get(actors["actor_learner-0@sim"].device.remote(), timeout=120),
+    out = {"actors": reports(actors), "device": ray.get(actors["actor_learner-0@sim"].device.remote(), timeout=300),
            "groups": {name: {"id": pg.id.hex(), "nodes": placement_group_table(pg)["bundles_to_node_id"],
                              "strategy": placement_group_table(pg)["strategy"]}
                       for name, pg in placement.groups.items()},

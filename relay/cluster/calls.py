@@ -1,6 +1,8 @@
 """Remote calls: `get` with a timeout on every call, and the error that says what timed out."""
 from __future__ import annotations
 
+import random
+import socket
 from typing import Any
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -20,12 +22,39 @@ def get(refs: Any, timeout: float | None = DEFAULT_TIMEOUT_S, what: str = "remot
         raise RemoteCallTimeout(f"{what} did not finish within {timeout:.0f} s") from err
 
 
-def free_port() -> int:
-    """A free TCP port on this node (a learner group's rendezvous)."""
-    import socket
+# Rendezvous ports: below Linux's default ephemeral range (32768-60999) and above Ray's worker ports (10002-19999).
+RENDEZVOUS_PORTS = (20000, 32767)
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
+
+def rendezvous_range(ephemeral_file: str | None = None) -> tuple[int, int] | None:
+    """(low, high) ports to draw a rendezvous port from: RENDEZVOUS_PORTS cut below this kernel's ephemeral
+    range; None when too little is left (then the kernel's pick is used)."""
+    low, high = RENDEZVOUS_PORTS
+    try:
+        with open(ephemeral_file or EPHEMERAL_RANGE_FILE) as f:
+            high = min(high, int(f.read().split()[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return (low, high) if high - low >= 1000 else None
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """A free TCP port on this node for a learner group's rendezvous. Drawn at random outside the kernel's
+    ephemeral range rather than by binding port 0: an ephemeral port can go to any outgoing connection (Ray opens
+    many) between this check and the process group binding it, which then fails with EADDRINUSE."""
+    span = rendezvous_range()
+    rng = rng or random.SystemRandom()
+    for _ in range(100 if span else 0):
+        port = rng.randint(*span)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:  # taken
+                continue
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
