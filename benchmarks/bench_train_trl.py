@@ -3,12 +3,13 @@ SFTTrainer / DPOTrainer on SmolLM2-135M, samples/s (SFT) and pairs/s (DPO).
 
 Matched: the same rows (demo SFT conversations / preference pairs prepared with the SmolLM2 tokenizer, only rows
 that fit `--max-length` so neither side truncates; TRL gets Relay's token ids and loss masks), batch size,
-steps, lr (constant), fp32, 1 thread per process. TRL at its best settings: no gradient checkpointing, DPO
+steps, lr (constant), fp32. Each side runs at every count of `--threads` (default 1 and 2: all printed) and
+is compared at its best. TRL at its best settings: no gradient checkpointing, DPO
 with precomputed reference logprobs (Relay: `precompute_ref_logprobs: true`); the reference pass is outside the
 timed steps on both sides. The first step of each side is a warm-up. TRL runs with .venv-bench's python
 (`make bench-env`) as a subprocess; the sides alternate `--repeats` times.
 
-    make bench-env && python -m benchmarks.bench_train_trl [--stages sft,dpo] [--steps 5] [--repeats 2] [--out DIR]
+    make bench-env && python -m benchmarks.bench_train_trl [--stages sft,dpo] [--steps 5] [--repeats 2] [--threads 1,2]
 
 Where Relay's DPO lead comes from: each pair's shared prompt runs once (`shared_prompt_forward`; prompts are
 ~75% of the demo pairs' tokens), logits only where a label is predicted, and trailing padding trimmed per
@@ -62,14 +63,14 @@ def select_rows(stage: str, data_dir: Path, n: int, max_length: int, tok=None) -
     return relay_rows, trl_rows
 
 
-def run_trl(args, stage: str, model_dir: Path, rows_json: Path, out: Path) -> dict:
+def run_trl(args, stage: str, model_dir: Path, rows_json: Path, out: Path, threads: int) -> dict:
     py = REPO / args.bench_venv / "bin" / "python"
     if not py.exists():
         raise SystemExit(f"{py} missing: run `make bench-env` first")
     cmd = [str(py), str(REPO / "benchmarks" / "trl_train_worker.py"), stage, "--model", str(model_dir), "--data",
            str(rows_json), "--out", str(out), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--max-length", str(args.max_length), "--lr", str(args.lr), "--threads", "1"]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, capture_output=True, text=True,
+           "--max-length", str(args.max_length), "--lr", str(args.lr), "--threads", str(threads)]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(threads)), cwd=REPO, capture_output=True, text=True,
                           timeout=3600)
     if proc.returncode:
         print(proc.stderr[-4000:], file=sys.stderr)
@@ -77,7 +78,7 @@ def run_trl(args, stage: str, model_dir: Path, rows_json: Path, out: Path) -> di
     return json.loads(out.read_text())
 
 
-def run_relay(args, stage: str, data: Path, save_dir: Path) -> list[dict]:
+def run_relay(args, stage: str, data: Path, save_dir: Path, threads: int) -> list[dict]:
     from relay.config import load_config, validate
     from relay.launch.train import train
 
@@ -86,7 +87,7 @@ def run_relay(args, stage: str, data: Path, save_dir: Path) -> list[dict]:
             "learner.grad_checkpoint=false", f"dataset=[{data}]", f"save_dir={save_dir}", "save_interval=0",
             f"batch_size={args.batch_size}", f"max_length={args.max_length}", f"max_steps={args.steps}",
             "accumulation_steps=1", f"optim.lr={args.lr}", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
-            "logging.use_tensorboard=false", "cluster.timeout_s=1800"]
+            "logging.use_tensorboard=false", "cluster.timeout_s=1800", f"learner.num_threads={threads}"]
     if stage == "dpo":
         sets += ["precompute_ref_logprobs=true", "loss_type=sigmoid", "beta=0.1"]
     cfg = load_config(stage, REPO / preset, sets)
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts each side runs at")
     ap.add_argument("--bench-venv", default=".venv-bench")
     ap.add_argument("--out", default="runs/bench_train_trl")
     args = ap.parse_args(argv)
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     init_ray(address="local", num_cpus=16, include_dashboard=False)
     n = args.batch_size * args.steps
+    thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
     times: dict[str, list[dict]] = {}
     for stage in [s for s in args.stages.split(",") if s]:
         relay_rows, trl_rows = select_rows(stage, demo, n, args.max_length, tok)
@@ -132,29 +135,36 @@ def main(argv: list[str] | None = None) -> int:
         rows_json = out / f"{stage}_trl_rows.json"
         rows_json.write_text(json.dumps(trl_rows))
         for rep in range(args.repeats):
-            t = run_trl(args, stage, model_dir, rows_json, out / f"trl_{stage}_rep{rep}.json")["steps"]
-            r = run_relay(args, stage, data, out / f"relay_{stage}_rep{rep}")
-            for side, steps in (("trl", t), ("relay", r)):
-                for s in steps:
-                    print(f"  {side:5s} {stage} step {s['step']}: {s['wall_s']:.2f} s, load {s['load']:.2f}"
-                          f"{' [warm-up]' if s is steps[0] else ''}", file=sys.stderr, flush=True)
-                times.setdefault(f"{side}/{stage}", []).extend(steps[1:])
+            for threads in thread_counts:
+                t = run_trl(args, stage, model_dir, rows_json, out / f"trl_{stage}_rep{rep}_t{threads}.json",
+                            threads)["steps"]
+                r = run_relay(args, stage, data, out / f"relay_{stage}_rep{rep}_t{threads}", threads)
+                for side, steps in (("trl", t), ("relay", r)):
+                    for s in steps:
+                        print(f"  {side:5s} {stage} {threads}t step {s['step']}: {s['wall_s']:.2f} s, load "
+                              f"{s['load']:.2f}{' [warm-up]' if s is steps[0] else ''}", file=sys.stderr, flush=True)
+                    times.setdefault(f"{side}/{stage}/{threads}", []).extend(steps[1:])
 
     rows = []
     print(f"\nSFT/DPO, SmolLM2-135M fp32, batch {args.batch_size}, max length {args.max_length}, {args.steps} steps "
-          f"(first = warm-up), 1 thread, medians")
-    print(f"{'stage':5s} {'Relay s/step':>12s} {'TRL s/step':>11s} {'Relay /s':>9s} {'TRL /s':>8s} {'ratio':>6s} "
-          f"{'load':>6s}")
+          f"(first = warm-up), medians; each side at its best thread count")
+    print(f"{'stage':5s} {'threads':>7s} {'Relay s/step':>12s} {'TRL s/step':>11s} {'load':>6s}")
     for stage in [s for s in args.stages.split(",") if s]:
-        r = statistics.median(s["wall_s"] for s in times[f"relay/{stage}"])
-        t = statistics.median(s["wall_s"] for s in times[f"trl/{stage}"])
-        ld = statistics.median(s["load"] for s in times[f"relay/{stage}"] + times[f"trl/{stage}"])
-        row = {"stage": stage, "relay_step_s": r, "trl_step_s": t, "relay_per_s": args.batch_size / r,
-               "trl_per_s": args.batch_size / t, "ratio": t / r, "load": ld}
+        med = {(side, th): statistics.median(s["wall_s"] for s in times[f"{side}/{stage}/{th}"])
+               for side in ("relay", "trl") for th in thread_counts}
+        for th in thread_counts:
+            ld = statistics.median(s["load"] for side in ("relay", "trl") for s in times[f"{side}/{stage}/{th}"])
+            print(f"{stage:5s} {th:7d} {med['relay', th]:12.2f} {med['trl', th]:11.2f} {ld:6.2f}")
+        r_th = min(thread_counts, key=lambda th: med["relay", th])
+        t_th = min(thread_counts, key=lambda th: med["trl", th])
+        r, t = med["relay", r_th], med["trl", t_th]
+        row = {"stage": stage, "relay_threads": r_th, "trl_threads": t_th, "relay_step_s": r, "trl_step_s": t,
+               "relay_per_s": args.batch_size / r, "trl_per_s": args.batch_size / t, "ratio": t / r,
+               "by_threads": {f"{side}/{th}": v for (side, th), v in med.items()}}
         rows.append(row)
-        print(f"{stage:5s} {r:12.2f} {t:11.2f} {row['relay_per_s']:9.3f} {row['trl_per_s']:8.3f} {row['ratio']:5.2f}x "
-              f"{ld:6.2f}")
-    print("(SFT: samples/s; DPO: pairs/s; DPO goal >= 1.5x)")
+        print(f"{stage:5s} best: Relay {r_th}t {row['relay_per_s']:.3f}/s, TRL {t_th}t {row['trl_per_s']:.3f}/s: "
+              f"{row['ratio']:.2f}x")
+    print("(SFT: samples/s; DPO: pairs/s; goals: DPO >= 1.5x, SFT >= 1.3x)")
     write_results(out, {"benchmark": "train_vs_trl", "args": vars(args), "rows": rows, "steps": times})
     return 0
 
