@@ -35,17 +35,18 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     t0 = time.monotonic()
-    # node pins to check: a label on the head node, a custom resource on the last node
+    # node pins to check: a label on the head node, a custom resource on the other nodes
     cluster = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, labels={"pool": "head"}, **NODE))
     for i in range(NODES - 1):
-        cluster.add_node(**NODE, **({"resources": {"scorers": 4}} if i == NODES - 2 else {}))
+        # every node but the head: a pinned reward model asking a GPU must find one whatever the learners take
+        cluster.add_node(**NODE, resources={"scorers": 4})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="relay", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
     nodes = [n for n in ray.nodes() if n["Alive"]]
     out = {"nodes": [n["NodeID"] for n in nodes], "start_s": time.monotonic() - t0,
            "head": next(n["NodeID"] for n in nodes if n.get("Labels", {}).get("pool") == "head"),
-           "scorers_node": next(n["NodeID"] for n in nodes if "scorers" in n["Resources"])}
+           "scorers_nodes": [n["NodeID"] for n in nodes if "scorers" in n["Resources"]]}
     try:
         out["layout"] = layout()
         out["colocate"] = colocate()
