@@ -113,12 +113,12 @@ class Placement:
                 f"placement groups not ready after {timeout_s:.0f} s (the layout fits the cluster's nodes, but "
                 f"their resources are held, e.g. by another job); nothing was started:\n{table(rows)}")
 
-    def refresh(self, names: list[str], timeout_s: float) -> dict[str, dict[int, str]]:
+    def refresh(self, names: list[str], timeout_s: float) -> list[str]:
         """After a node died: wait until `names`' groups are whole again (Ray moves a dead node's bundles to
         nodes with room) and re-read where their bundles are, so new ranks are numbered by node again. Returns
-        the bundles' nodes; PlacementError naming the groups still waiting after `timeout_s`."""
+        the groups whose bundles moved; PlacementError naming the groups still waiting after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        waiting = [n for n in names if n in self.groups]
+        present = waiting = [n for n in names if n in self.groups]
         while waiting:
             alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
             waiting = [n for n in waiting if not _whole(placement_group_table(self.groups[n]), alive)]
@@ -127,11 +127,13 @@ class Placement:
                                      "(a node holding their bundles is gone and no other node has room)")
             if waiting:
                 time.sleep(0.2)
-        for name in names:
-            if name in self.groups:
-                self.bundle_nodes[name] = dict(placement_group_table(self.groups[name])["bundles_to_node_id"])
-                self.rank_order[name] = rank_bundles(self.bundle_nodes[name])
-        return {n: self.bundle_nodes[n] for n in names if n in self.groups}
+        moved = []
+        for name in present:
+            nodes = dict(placement_group_table(self.groups[name])["bundles_to_node_id"])
+            if nodes != self.bundle_nodes.get(name):
+                moved.append(name)
+            self.bundle_nodes[name], self.rank_order[name] = nodes, rank_bundles(nodes)
+        return moved
 
     # ---------------------------------------------------------------------------------------------- actors
     def options(self, role: str, index: int, name: str | None = None) -> dict[str, Any]:

@@ -78,11 +78,9 @@ class PPORecovery:
             self._wait(self.pending)
             self.pending = None
         self.buffer.clear(forget=True)  # the episodes since the checkpoint put the same sample ids again
-        if self.placement is not None:  # a dead node's bundles must find another node before ranks start there
-            before = {n: dict(b) for n, b in self.placement.bundle_nodes.items()}
-            if self.placement.refresh(LEARNER_GROUPS, self.cfg.cluster.placement_timeout_s) != {
-                    n: before[n] for n in LEARNER_GROUPS if n in before}:
-                log(f"learner bundles moved: {self.placement.describe()}")
+        # a dead node's bundles must find another node before ranks start there
+        if self.placement is not None and self.placement.refresh(LEARNER_GROUPS, self.cfg.cluster.placement_timeout_s):
+            log(f"learner bundles moved: {self.placement.describe()}")
         self._start_learners()
         self._reset_run_state()
         if path is not None:
