@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             "algo.advantage_estimator=grpo", f"algo.experience_batch_size={args.prompts_per_step}",
             f"algo.train_batch_size={args.micro_batch}", f"algo.accumulation_steps={n // args.micro_batch}",
             "algo.num_update_steps=1", "algo.num_collect_steps=1", "algo.kl_coef=0.0", "algo.num_episodes=100000",
-            f"actor_optim.lr={args.lr}", "actor_optim.warmup_steps=0", "save_interval=0"] + args.sets
+            f"actor_optim.lr={args.lr}", "actor_optim.warmup_steps=0", "save_interval=0",
+            "placement=separate"] + args.sets  # the blocks switch placement themselves (--timeshare-block)
     cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml", sets)
     validate(cfg, "cpu")
 

@@ -123,7 +123,8 @@ def relay_config(args, model: Path, data: Path, out: Path):
             "save_interval=0", "logging.use_tensorboard=false", "cluster.timeout_s=1800", "algo.mode=sync",
             "eval.num_prompts=64", "eval.n_samples=4", "eval.temperature=1.0", "eval.max_new_tokens=0",
             "eval.pass_threshold=1.0", "eval.show_samples=3", "generation.temperature=1.0", "generation.top_p=1.0",
-            "generation.top_k=-1", "actor_learner.num_threads=1", "actor_learner.mixed_precision=fp32"] + args.sets
+            "generation.top_k=-1", "actor_learner.num_threads=1", "actor_learner.mixed_precision=fp32",
+            "placement=separate"] + args.sets
     cfg = load_config("ppo", REPO / "configs" / "demo_grpo.yaml", sets)
     validate(cfg, "cpu")
     a, g, o = cfg.algo, cfg.generation, cfg.actor_optim

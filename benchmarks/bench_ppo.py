@@ -42,7 +42,8 @@ def build_cfg(preset: str, prompt_dir: Path, save_dir: Path, sets: list[str]):
     from relay.config import load_config, validate
 
     base = [f"prompt_dataset={prompt_dir}", f"save_dir={save_dir}", "logging.use_tensorboard=false",
-            "cluster.timeout_s=900", "algo.num_episodes=100000", "save_interval=0"]
+            "cluster.timeout_s=900", "algo.num_episodes=100000", "save_interval=0",
+            "placement=separate"]  # sync and async blocks on one system
     cfg = load_config("ppo", REPO / preset, base + list(sets))
     validate(cfg, "cpu")
     return cfg

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             f"algo.accumulation_steps={args.prompts_per_step // args.micro_batch}", "algo.num_update_steps=1",
             "algo.num_collect_steps=1", f"algo.kl_coef={args.kl_coef}", f"algo.num_episodes={args.steps}",
             f"actor_optim.lr={args.lr}", f"critic_optim.lr={args.lr}", "actor_optim.warmup_steps=0",
-            "critic_optim.warmup_steps=0", "save_interval=0"]
+            "critic_optim.warmup_steps=0", "save_interval=0", "placement=separate"]
     cfg = load_config("ppo", REPO / "configs/ppo_tiny.yaml", sets)
     validate(cfg, "cpu")
     init_ray(address="local", num_cpus=16, include_dashboard=False)

@@ -30,16 +30,39 @@ def gpu_nodes(n: int, gpus: int = 8, cpus: int = 48, labels: list[dict] | None =
 
 
 def test_modes_registry_matches_the_config_choices():
-    assert set(MODES) == set(typing.get_args(PlacementMode))
+    assert set(MODES) | {"auto"} == set(typing.get_args(PlacementMode))
+    assert ppo().placement == "auto"  # the default
+
+
+@pytest.mark.parametrize("overrides, expected, why", [
+    ((), "timeshare", "CPU, sync mode"),
+    (("algo.mode=async", "algo.max_staleness=2"), "separate", "algo.mode async"),
+    (("generation.node_pin=tier=rollout",), "separate", "generation.node_pin"),
+    (("generation.resources_per_generator={vllm: 1}",), "separate", "resources_per_generator"),
+    (("actor_learner.num_gpus_per_rank=1",), "separate", "GPUs"),
+    (("generation.tensor_parallel_size=2",), "separate", "tensor_parallel_size"),
+])
+def test_auto_is_timeshare_for_sync_cpu_runs_without_rollout_resources(overrides, expected, why):
+    from relay.cluster.placement import auto_mode
+
+    cfg = ppo("ppo_tiny_grpo.yaml", *overrides)
+    mode, reason = auto_mode(cfg)
+    assert (mode, why in reason) == (expected, True)
+    plan = plan_ppo(cfg)
+    assert plan.mode == expected
+    assert any(g.role == "generator" for g in plan.groups) == (expected == "separate")
+    # a cluster with GPUs: the engines would have to sleep, so separate whatever the config asks
+    assert auto_mode(cfg, gpus_present=True)[0] == "separate"
+    assert plan_ppo(ppo("ppo_7b_tp4.yaml"), gpus_present=True).mode == "separate"
 
 
 def test_tiny_preset_plan_fits_the_suite_machine():
-    plan = plan_ppo(ppo())
+    plan = plan_ppo(ppo("ppo_tiny.yaml", "placement=separate"))
     names = [g.name for g in plan.groups]
     assert names[:2] == ["actor_learner", "critic_learner"]  # placement groups first, in creation order
     assert plan.group("actor_learner").strategy == "PACK" and plan.group("buffer").strategy == ACTOR
     assert plan.group("generator-0").spread  # SPREAD by default
-    cfg = ppo()
+    cfg = ppo("ppo_tiny.yaml", "placement=separate")
     cpus = (cfg.actor_learner.num_ranks * cfg.actor_learner.num_cpus_per_rank
             + cfg.critic_learner.num_ranks * cfg.critic_learner.num_cpus_per_rank
             + cfg.generation.num_generators * cfg.generation.num_cpus_per_generator
@@ -183,7 +206,7 @@ def test_timeshare_puts_generators_in_actor_bundles_without_cpus_of_their_own():
     assert [b.demand() for b in plan.group("actor_learner").bundles] == [{"CPU": 1.0, "vllm": 2.0}, {"CPU": 1.0, "vllm": 1.0}]
     small = gpu_nodes(1, gpus=0, cpus=3)
     assert fit(plan_ppo(ppo("ppo_tiny_grpo.yaml", "placement=timeshare")), small).ok  # 1 + reward 1 + buffer 0.5
-    assert not fit(plan_ppo(ppo("ppo_tiny_grpo.yaml")), small).ok  # + the generator's own core
+    assert not fit(plan_ppo(ppo("ppo_tiny_grpo.yaml", "placement=separate")), small).ok  # + the generator's core
 
 
 def test_timeshare_needs_sync_mode_and_cpus():

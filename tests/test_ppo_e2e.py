@@ -43,7 +43,8 @@ def e2e_run(ray_session, prompt_data, tmp_path_factory):
 
     save_dir = tmp_path_factory.mktemp("ppo_e2e") / "e2e"
     # 3 rows per reference forward: 8-row batches score in uneven micro-batches (3 + 3 + 2)
-    cfg = _cfg(prompt_data, save_dir, **{"algo.num_episodes": 4, "reference.micro_batch_size": 3})
+    cfg = _cfg(prompt_data, save_dir, placement="separate",  # separate: the same actors run async next
+               **{"algo.num_episodes": 4, "reference.micro_batch_size": 3})
     system = PPOSystem(cfg).start()
     ref_info = system.ref.info()
     try:
@@ -178,11 +179,12 @@ def test_resume_from_checkpoint(e2e_run, prompt_data, tmp_path):
 
 
 def test_grpo_learns_rule_reward(ray_session, prompt_data, tmp_path):
-    """GRPO without a critic on a random tiny Llama: reward = share of response tokens with id < 512."""
+    """GRPO without a critic on a random tiny Llama (placement separate: the generator on a core of its own):
+    reward = share of response tokens with id < 512."""
     from relay.launch.ppo import run_ppo
     from relay.metrics import read_metrics
 
-    cfg = _cfg(prompt_data, tmp_path / "learn", preset="configs/ppo_tiny_grpo.yaml")
+    cfg = _cfg(prompt_data, tmp_path / "learn", preset="configs/ppo_tiny_grpo.yaml", placement="separate")
     assert run_ppo(cfg) == 0
     rewards = [r["reward_mean"] for r in read_metrics(tmp_path / "learn")]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -191,8 +193,9 @@ def test_grpo_learns_rule_reward(ray_session, prompt_data, tmp_path):
 
 
 def test_grpo_learns_with_generation_and_update_time_shared(ray_session, prompt_data, tmp_path):
-    """placement timeshare: the generator lives in the actor rank's bundle and reserves no CPU; the update takes
-    every core of the node and hands them back afterwards; GRPO still learns the rule reward."""
+    """placement auto on CPU in sync mode is timeshare: the generator lives in the actor rank's bundle and
+    reserves no CPU, its engine has every core while it generates; the update takes every core of the node and
+    hands them back afterwards; GRPO still learns the rule reward."""
     import ray
 
     from relay.cpu import usable_cores
@@ -200,9 +203,12 @@ def test_grpo_learns_with_generation_and_update_time_shared(ray_session, prompt_
     from relay.launch.role_memory import peak_memory_by_role
     from relay.metrics import read_metrics
 
-    cfg = _cfg(prompt_data, tmp_path / "timeshare", preset="configs/ppo_tiny_grpo.yaml", placement="timeshare")
+    cfg = _cfg(prompt_data, tmp_path / "timeshare", preset="configs/ppo_tiny_grpo.yaml")
+    assert cfg.placement == "auto"
     system = PPOSystem(cfg).start()
     try:
+        assert cfg.placement == "timeshare"  # what auto became on this cluster
+        assert system.pool.config.cpu_threads == usable_cores()  # the engine's threads: every core
         rows = system.run_episodes()
         rank0 = system.actor.workers[0]
         threads_after = ray.get(rank0.set_num_threads.remote(1), timeout=60)

@@ -106,7 +106,8 @@ def ops_system(ray_session, prompt_data, tmp_path_factory):
     from relay.launch.ppo import PPOSystem
 
     save_dir = tmp_path_factory.mktemp("ppo_ops") / RUN
-    cfg = _cfg(prompt_data, save_dir, **{"algo.num_episodes": 8, "generation.num_generators": 1})
+    cfg = _cfg(prompt_data, save_dir, placement="separate",  # a core per generator; the last test runs async
+               **{"algo.num_episodes": 8, "generation.num_generators": 1})
     system = PPOSystem(cfg).start()
     spy = Spy(system)
     try:

@@ -118,7 +118,7 @@ StrList = Annotated[list[str], BeforeValidator(_one_or_many)]
 # Placement. Ray's own resource names have their own fields (num_cpus, num_gpus); a custom resource is any other
 # name a node was started with (`ray start --resources`), e.g. an accelerator type or a node's `node:<ip>`.
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
-PlacementMode = Literal["separate", "colocate", "timeshare"]  # the modes of relay.cluster.placement.MODES
+PlacementMode = Literal["auto", "separate", "colocate", "timeshare"]  # auto + relay.cluster.placement.MODES
 
 
 def _custom_resources(value: dict[str, float]) -> dict[str, float]:

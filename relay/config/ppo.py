@@ -215,7 +215,9 @@ class PPOConfig(Group):
     reference: ReferenceConfig = doc("Reference actor resources.", factory=ReferenceConfig)
     buffer: BufferConfig = doc("ExperienceBuffer actor resources.", factory=BufferConfig)
     placement: PlacementMode = doc(
-        "How roles share the cluster (checked against its nodes before any actor starts). 'separate': every role "
+        "How roles share the cluster (checked against its nodes before any actor starts). 'auto': 'timeshare' for "
+        "a sync run on a cluster without GPUs whose generators have no node_pin or custom resources, else "
+        "'separate' (the run logs which and why). 'separate': every role "
         "reserves its own resources. 'colocate': the reference lives in an actor-learner rank's bundle and a "
         "reward model (kind=model) in a critic rank's (the actor's without a critic), sharing that rank's GPU "
         "(reference.num_gpus / reward.num_gpus are their shares; the rank reserves the rest). Saves the scorers' "
@@ -224,7 +226,7 @@ class PPOConfig(Group):
         "'timeshare' (CPU, sync mode): generators sit in the actor-learner ranks' bundles and reserve no CPUs of "
         "their own; generation and update take turns, and each learner rank trains with every core its node "
         "gives it (cores / ranks on the node) instead of actor_learner.num_threads, handing back after the update.",
-        "separate")
+        "auto")
     algo: PPOAlgoConfig = doc("Algorithm.", factory=PPOAlgoConfig)
     logging: LoggingConfig = doc("Metrics and logging.", factory=LoggingConfig)
     cluster: ClusterConfig = doc("Ray cluster.", factory=ClusterConfig)

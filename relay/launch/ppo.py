@@ -141,15 +141,15 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
 
         cluster.init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard_host=cfg.cluster.dashboard_host)
         t0 = time.time()
+        self._claim_run_name()
+        run = self.run_name
+        self._reserve_placement()  # resolves placement auto, which engine_threads reads
         gen_cfg = GeneratorConfig(
             model=self.actor_path, dtype=g.dtype, max_model_len=self._max_model_len(), seed=cfg.seed,
             tensor_parallel_size=g.tensor_parallel_size, cpu_kvcache_gib=max(1, int(round(g.kv_cache_gib))),
             trust_remote_code=cfg.actor.trust_remote_code, in_process=g.in_process,
             gpu_memory_utilization=g.gpu_memory_utilization, cpu_threads=engine_threads(cfg),
         )
-        self._claim_run_name()
-        run = self.run_name
-        self._reserve_placement()
         place = self.placement.options
         opts = PoolOptions(control_name=f"control-{run}", run=run, num_cpus=g.num_cpus_per_generator,
                            num_gpus=g.num_gpus_per_generator or None,
@@ -217,10 +217,14 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         and reserve its placement groups, before any actor starts (relay.cluster.placement)."""
         import ray
 
-        from relay.cluster.placement import plan_ppo
+        from relay.cluster.placement import auto_mode, plan_ppo
         from relay.cluster.placement_groups import Placement
 
-        plan = plan_ppo(self.cfg, gpus_present=ray.cluster_resources().get("GPU", 0) > 0)
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        if self.cfg.placement == "auto":  # decided once per run; the saved config keeps auto for a resume
+            self.cfg.placement, why = auto_mode(self.cfg, gpus)
+            log(f"placement auto: {self.cfg.placement} ({why})")
+        plan = plan_ppo(self.cfg, gpus_present=gpus)
         self.placement = Placement.reserve(plan, self.run_name, self.cfg.cluster.placement_timeout_s)
         log(f"placement {plan.mode}: {self.placement.describe()}")
 
@@ -245,6 +249,9 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         """Versions count optimizer steps: an async batch is trained num_update_steps versions after it was
         generated, so a smaller max_staleness would evict every sample of every episode."""
         a = self.cfg.algo
+        if a.mode == "async" and self.cfg.placement == "timeshare":
+            raise ValueError("algo.mode async with placement timeshare: the phases would run at once on cores "
+                             "handed to one of them; set placement separate (auto picks it for async runs)")
         if a.mode == "async" and a.max_staleness < a.num_update_steps:
             raise ValueError(f"algo.max_staleness={a.max_staleness}: async mode trains each batch num_update_steps="
                              f"{a.num_update_steps} weight versions after it was generated; use >= {a.num_update_steps}")
