@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # Test files run in this many pytest processes (pytest-xdist, a file per process at a time). 1 by default: on 2
 # cores, 2 workers took 18.6 instead of 24.0 minutes but load-sensitive tests have failed beside each other.
 TEST_WORKERS ?= 1
-XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -31,6 +31,28 @@ ray_auth.ensure_token()
 import pytest  # noqa: E402
 
 
+# Test files that start PPO systems, vLLM engines or Ray clusters, heaviest first (by their time in a serial run
+# on 2 cores). With `make test TEST_WORKERS=2` (pytest-xdist, a file per worker at a time, in collection order:
+# `--no-loadscope-reorder`) the workers take these first and the many light files fill in behind them; xdist's
+# default order (files with the most tests first) left the heaviest for the end, one worker finishing alone.
+HEAVY_FIRST = (
+    "faults/test_fault_learners.py", "test_ppo_e2e.py", "test_multinode_ppo.py", "test_console.py", "test_jobs.py",
+    "test_generator_pool.py", "faults/test_fault_engine.py", "test_ppo_determinism.py", "test_ppo_ops.py",
+    "faults/test_fault_actors.py", "test_stop_job.py", "test_generator.py", "test_eval_cmd.py", "test_chat.py",
+    "test_placement_cluster.py", "test_learner_group.py", "test_train_stages.py", "test_weight_sync.py",
+    "test_quantize.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # a serial run keeps the file order
+        return
+    from pathlib import Path
+
+    tests, rank = Path(__file__).resolve().parent, {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.path).resolve().relative_to(tests).as_posix(), len(rank)))
+
+
 def pytest_unconfigure(config):
     if _TOKEN_DIR:
         shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
