@@ -20,10 +20,10 @@ thread count (`benchmarks.matmul_rate`, measured just before Relay's first block
 algo.update_autocast puts the update in bf16).
 
 With `--bf16-block` a further sync block runs the update under bf16 autocast (`algo.update_autocast=bf16`), only
-where the CPU computes bf16 natively. With `--timeshare-block` a further sync block runs with `placement=timeshare`
-on the same actors: the update takes every core of the machine (the generator idles meanwhile in sync mode, as
-it does in a timeshare run, whose only other difference is that Ray reserves no CPU for the generator); its
-update is compared with the matmul rate at that thread count.
+where the CPU computes bf16 natively. With `--timeshare-block` a further sync block runs on a second system
+started with `placement=timeshare` (what `placement: auto` picks on CPU): its engine starts with every core of
+the machine and its update takes every core while the engine waits; its update is compared with the matmul rate
+at that thread count.
 
     make bench-env && python -m benchmarks.bench_grpo_trl [--repeats 1] [--steps 3] [--trl-threads 1,2] [--bf16-block]
         [--timeshare-block] [--no-async] [--out DIR]
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             f"algo.train_batch_size={args.micro_batch}", f"algo.accumulation_steps={n // args.micro_batch}",
             "algo.num_update_steps=1", "algo.num_collect_steps=1", "algo.kl_coef=0.0", "algo.num_episodes=100000",
             f"actor_optim.lr={args.lr}", "actor_optim.warmup_steps=0", "save_interval=0",
-            "placement=separate"] + args.sets  # the blocks switch placement themselves (--timeshare-block)
+            "placement=separate"] + args.sets  # the timeshare block has a system of its own
     cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml", sets)
     validate(cfg, "cpu")
 
@@ -151,6 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     relay: dict[str, list[dict]] = {b: [] for b in blocks}
     trl_runs = []
     system = PPOSystem(cfg)
+    timeshare: PPOSystem | None = None  # the timeshare block's own system, started on its first block
+
+    def system_for(mode: str) -> PPOSystem:
+        nonlocal timeshare
+        if not mode.endswith("timeshare"):
+            return system
+        if timeshare is None:  # started in timeshare: its engine gets every core too (threads are fixed at start)
+            ts_cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml",
+                                 sets + ["placement=timeshare", f"save_dir={out / 'relay_timeshare'}"])
+            validate(ts_cfg, "cpu")
+            t = time.monotonic()
+            timeshare = PPOSystem(ts_cfg).start()
+            print(f"relay timeshare system up in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+        return timeshare
+
     try:
         t0 = time.monotonic()
         system.start()
@@ -167,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                 for t in sorted(set(block_threads.values())):
                     rates[t] = [matmul_rate(model_config(str(model_dir)), t)]
             for mode in blocks:
-                system.cfg.algo.mode = mode.split()[0]
-                system.cfg.algo.update_autocast = "bf16" if mode.endswith("bf16") else cfg_autocast
-                system.cfg.placement = "timeshare" if mode.endswith("timeshare") else cfg.placement
-                block = system.run_episodes(until=system.state.episode + args.steps)
+                runner = system_for(mode)
+                runner.cfg.algo.mode = mode.split()[0]
+                runner.cfg.algo.update_autocast = "bf16" if mode.endswith("bf16") else cfg_autocast
+                block = runner.run_episodes(until=runner.state.episode + args.steps)
                 for i, r in enumerate(block):
                     r["load"] = round(os.getloadavg()[0], 2)
                     print(f"  relay {mode:9s} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
@@ -183,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         memory = peak_memory_by_role(system)
     finally:
         system.close()
+        if timeshare is not None:
+            timeshare.close()
     for t, measured in rates.items():
         measured.append(matmul_rate(model_config(str(model_dir)), t))
 
