@@ -56,6 +56,19 @@ def test_auto_is_timeshare_for_sync_cpu_runs_without_rollout_resources(overrides
     assert plan_ppo(ppo("ppo_7b_tp4.yaml"), gpus_present=True).mode == "separate"
 
 
+def test_a_timeshare_system_switched_to_async_is_refused_before_an_episode():
+    """Tests and benchmarks switch `cfg.algo.mode` between `run_episodes` calls; a system whose placement (auto)
+    became timeshare hands the cores to one phase at a time and must not run both at once."""
+    from relay.launch.ppo import PPOSystem
+
+    system = PPOSystem(ppo("ppo_tiny_grpo.yaml", "placement=timeshare"))
+    system.cfg.algo.mode, system.cfg.algo.max_staleness = "async", 2
+    with pytest.raises(ValueError, match="async with placement timeshare"):
+        system._check_async()
+    system.cfg.placement = "separate"
+    system._check_async()  # separate resources overlap the phases
+
+
 def test_tiny_preset_plan_fits_the_suite_machine():
     plan = plan_ppo(ppo("ppo_tiny.yaml", "placement=separate"))
     names = [g.name for g in plan.groups]
