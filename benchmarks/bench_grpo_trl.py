@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     relay: dict[str, list[dict]] = {b: [] for b in blocks}
     trl_runs = []
     system = PPOSystem(cfg)
-    timeshare: PPOSystem | None = None  # the timeshare block's own system, started on its first block
+    timeshare: PPOSystem | None = None  # the timeshare block's own system, started for each of its blocks
 
     def system_for(mode: str) -> PPOSystem:
         nonlocal timeshare
@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 runner.cfg.algo.mode = mode.split()[0]
                 runner.cfg.algo.update_autocast = "bf16" if mode.endswith("bf16") else cfg_autocast
                 block = runner.run_episodes(until=runner.state.episode + args.steps)
+                if runner is timeshare:  # closed at once: its idle processes stay out of the other blocks
+                    timeshare.close()
+                    timeshare = None
                 for i, r in enumerate(block):
                     r["load"] = round(os.getloadavg()[0], 2)
                     print(f"  relay {mode:9s} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
