@@ -14,9 +14,9 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
-# Test files run in this many pytest processes (pytest-xdist, a file per process at a time). 1 by default: on 2
-# cores, 2 workers took 18.6 instead of 24.0 minutes but load-sensitive tests have failed beside each other.
-TEST_WORKERS ?= 1
+# Test files run in this many pytest processes (pytest-xdist, a file per process at a time, the heaviest first:
+# tests/conftest.py). On 2 cores 2 workers took 17.2-18.3 minutes against 22.5 serially (1 = serial).
+TEST_WORKERS ?= 2
 XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
