@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 # Test files run in this many pytest processes (pytest-xdist, a file per process at a time, the heaviest first:
-# tests/conftest.py). On 2 cores 2 workers took 17.2-18.3 minutes against 22.5 serially (1 = serial).
+# tests/conftest.py). On 2 cores 2 workers took 16.6-18.3 minutes against 22.5 serially (1 = serial).
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
