@@ -32,6 +32,7 @@ def gpu_nodes(n: int, gpus: int = 8, cpus: int = 48, labels: list[dict] | None =
 def test_modes_registry_matches_the_config_choices():
     assert set(MODES) | {"auto"} == set(typing.get_args(PlacementMode))
     assert ppo().placement == "auto"  # the default
+    assert plan_ppo(ppo("ppo_7b_tp4.yaml"), gpus_present=True).mode == "separate"  # auto on a GPU cluster
 
 
 @pytest.mark.parametrize("overrides, expected, why", [
@@ -53,7 +54,6 @@ def test_auto_is_timeshare_for_sync_cpu_runs_without_rollout_resources(overrides
     assert any(g.role == "generator" for g in plan.groups) == (expected == "separate")
     # a cluster with GPUs: the engines would have to sleep, so separate whatever the config asks
     assert auto_mode(cfg, gpus_present=True)[0] == "separate"
-    assert plan_ppo(ppo("ppo_7b_tp4.yaml"), gpus_present=True).mode == "separate"
 
 
 def test_a_timeshare_system_switched_to_async_is_refused_before_an_episode():
