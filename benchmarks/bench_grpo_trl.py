@@ -23,7 +23,7 @@ With `--bf16-block` a further sync block runs the update under bf16 autocast (`a
 where the CPU computes bf16 natively. With `--timeshare-block` a further sync block runs on a second system
 started with `placement=timeshare` (what `placement: auto` picks on CPU): its engine starts with every core of
 the machine and its update takes every core while the engine waits; its update is compared with the matmul rate
-at that thread count.
+at that thread count. With both, a last sync block runs the timeshare system's update under bf16 autocast.
 
     make bench-env && python -m benchmarks.bench_grpo_trl [--repeats 1] [--steps 3] [--trl-threads 1,2] [--bf16-block]
         [--timeshare-block] [--no-async] [--out DIR]
@@ -143,19 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     trl_steps: dict[int, list[dict]] = {t: [] for t in thread_counts}
     cfg_autocast = cfg.algo.update_autocast
     blocks = (["sync"] + (["sync bf16"] if args.bf16_block else []) + (["sync timeshare"] if args.timeshare_block else [])
+              + (["sync timeshare bf16"] if args.timeshare_block and args.bf16_block else [])
               + ([] if args.no_async else ["async"]))
-    block_threads = {b: cores if b.endswith("timeshare") else learner_threads for b in blocks}
+    block_threads = {b: cores if "timeshare" in b else learner_threads for b in blocks}
     if args.bf16_block and (reason := bf16_skip_reason()):
-        print(f"sync bf16 block {reason}", file=sys.stderr)
-        blocks.remove("sync bf16")
+        print(f"bf16 blocks {reason}", file=sys.stderr)
+        blocks = [b for b in blocks if not b.endswith("bf16")]
     relay: dict[str, list[dict]] = {b: [] for b in blocks}
     trl_runs = []
     system = PPOSystem(cfg)
-    timeshare: PPOSystem | None = None  # the timeshare block's own system, started for each of its blocks
+    timeshare: PPOSystem | None = None  # the timeshare blocks' own system, up while they run
 
     def system_for(mode: str) -> PPOSystem:
         nonlocal timeshare
-        if not mode.endswith("timeshare"):
+        if "timeshare" not in mode:
             return system
         if timeshare is None:  # started in timeshare: its engine gets every core too (threads are fixed at start)
             ts_cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml",
@@ -181,17 +182,18 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_matmul_rate and not rates:  # next to Relay's blocks: under the load its update sees
                 for t in sorted(set(block_threads.values())):
                     rates[t] = [matmul_rate(model_config(str(model_dir)), t)]
-            for mode in blocks:
+            for i_block, mode in enumerate(blocks):
                 runner = system_for(mode)
                 runner.cfg.algo.mode = mode.split()[0]
                 runner.cfg.algo.update_autocast = "bf16" if mode.endswith("bf16") else cfg_autocast
                 block = runner.run_episodes(until=runner.state.episode + args.steps)
-                if runner is timeshare:  # closed at once: its idle processes stay out of the other blocks
+                following = blocks[i_block + 1] if i_block + 1 < len(blocks) else ""
+                if runner is timeshare and "timeshare" not in following:  # its idle processes stay out of the rest
                     timeshare.close()
                     timeshare = None
                 for i, r in enumerate(block):
                     r["load"] = round(os.getloadavg()[0], 2)
-                    print(f"  relay {mode:9s} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
+                    print(f"  relay {mode:19s} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
                           f"{r['score_s']:.2f}, update {r['update_s']:.2f}, sync {r['sync_s']:.3f}: push {r['sync_push_s']:.2f} = "
                           f"write {r['sync_write_s']:.2f} + load {r['sync_load_s']:.2f} + rest), "
                           f"{r['samples_per_s']:.3f} samples/s, load {r['load']}{' [warm-up]' if i == 0 else ''}",
@@ -241,10 +243,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.max_new_tokens} tokens per step, micro-batch {args.micro_batch}, Relay 1 thread/process (medians)")
     for measured in rates.values():
         print(rate_line(measured[0]) + " before Relay's blocks; " + rate_line(measured[-1]).split(": ", 1)[1] + " after")
-    print(f"{'side':20s} {'steps':>5s} {'s/step':>8s} {'samples/s':>10s} {'vs best TRL':>11s} {'load':>6s}")
+    print(f"{'side':30s} {'steps':>5s} {'s/step':>8s} {'samples/s':>10s} {'vs best TRL':>11s} {'load':>6s}")
     for r in rows:
         r["ratio"] = r["samples_per_s"] / trl_sps
-        print(f"{r['side']:20s} {r['steps']:5d} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:10.2f}x "
+        print(f"{r['side']:30s} {r['steps']:5d} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:10.2f}x "
               f"{r['load']:6.2f}")
     for r in rows:
         if "update_vs_matmul" in r:

@@ -165,17 +165,24 @@ def test_async_staleness_must_cover_the_update_steps():
 
 
 def test_old_logprobs_source_and_reference_need():
-    from relay.config import needs_reference, old_logprobs_from_generator
+    from relay.config import needs_reference, old_logprobs_source
 
     cfg = load_config("ppo", CONFIGS / "ppo_tiny.yaml")
-    assert old_logprobs_from_generator(cfg) and needs_reference(cfg)  # sync, fp32 generator and learner
+    assert old_logprobs_source(cfg) == "generator" and needs_reference(cfg)  # sync, fp32 generator and learner
     bf16 = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["generation.dtype=bfloat16"])
-    assert not old_logprobs_from_generator(bf16)
+    assert old_logprobs_source(bf16) == "loss"  # one optimizer step per episode: the loss's own forward
+    two_steps = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["generation.dtype=bfloat16", "algo.num_update_steps=2"])
+    assert old_logprobs_source(two_steps) == "learner"
+    asyn = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.mode=async"])
+    assert old_logprobs_source(asyn) == "loss"
     forced = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.old_logprobs=learner"])
-    assert not old_logprobs_from_generator(forced)
+    assert old_logprobs_source(forced) == "learner"
     assert not needs_reference(load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.kl_coef=0"]))
     with pytest.raises(ConfigError, match="algo.old_logprobs"):
         load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.mode=async", "algo.old_logprobs=generator"])
+    with pytest.raises(ConfigError, match="algo.old_logprobs: 'loss' needs algo.num_update_steps 1 \\(got 2\\)"):
+        load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.old_logprobs=loss", "algo.num_update_steps=2"])
+    assert old_logprobs_source(load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["algo.old_logprobs=loss"])) == "loss"
 
 
 def test_k1_kl_as_a_loss_term_is_rejected():
@@ -188,14 +195,14 @@ def test_k1_kl_as_a_loss_term_is_rejected():
 
 
 def test_temperature_makes_old_logprobs_the_learners():
-    """The generators report raw-logit logprobs: with T != 1 'auto' resolves to the learner, 'generator' and
-    async mode (its importance weights) are rejected."""
-    from relay.config import learner_temperature, old_logprobs_from_generator
+    """The generators report raw-logit logprobs: with T != 1 'auto' does not use them (the learner's or the
+    loss's forward instead), 'generator' and async mode (its importance weights) are rejected."""
+    from relay.config import learner_temperature, old_logprobs_source
 
-    hot = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["generation.temperature=0.7"])
-    assert learner_temperature(hot) == 0.7 and not old_logprobs_from_generator(hot)
+    hot = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["generation.temperature=0.7", "algo.num_update_steps=2"])
+    assert learner_temperature(hot) == 0.7 and old_logprobs_source(hot) == "learner"
     greedy = load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["generation.temperature=0"])
-    assert learner_temperature(greedy) == 1.0 and old_logprobs_from_generator(greedy)
+    assert learner_temperature(greedy) == 1.0 and old_logprobs_source(greedy) == "generator"
     with pytest.raises(ConfigError, match="algo.old_logprobs: 'generator' needs generation.temperature 1"):
         load_config("ppo", CONFIGS / "ppo_tiny.yaml", ["generation.temperature=0.7", "algo.old_logprobs=generator"])
     with pytest.raises(ConfigError, match="algo.mode: async needs generation.temperature 1"):

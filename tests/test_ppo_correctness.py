@@ -76,6 +76,39 @@ def test_actor_loss_uses_the_sampling_temperature(tiny_llama_dir):
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize("tis_cap", [0.0, 1.02])
+def test_old_logprobs_from_the_loss_forward_are_the_policy_gradient(tiny_llama_dir, tis_cap):
+    """algo.old_logprobs 'loss': the ratio's old logprobs are the loss forward's own, detached, so the loss is
+    -mean(A) at ratio 1 and its gradient is the policy gradient -mean(w x A x grad log pi) (w = 1 in sync mode;
+    async: the truncated IS weight min(pi / pi_generator, cap), the generator's logprobs in `old_logprobs`)."""
+    from relay.learners.ppo import ppo_actor_loss
+
+    model = _model(tiny_llama_dir)
+    batch = _batch(2)
+    A = batch["action_mask"].shape[1]
+    with torch.no_grad():
+        want = tempered_logprobs(model, batch, A, T)
+    gen = want + 0.03 * torch.randn(want.shape, generator=torch.Generator().manual_seed(3))  # a stale sampler
+    batch.update(old_logprobs=gen, advantages=torch.randn(3, A, generator=torch.Generator().manual_seed(4)))
+    loss, m = ppo_actor_loss(model, batch, clip_eps=0.2, temperature=T, old_from_forward=True, tis_cap=tis_cap)
+    mask, adv = batch["action_mask"], batch["advantages"]
+    assert m["ratio"] == 1.0 and m["approx_kl"] == 0.0 and m["clip_frac"] == 0.0
+    assert abs(m["logprob_diff"] - float(((want - gen).abs() * mask).sum() / mask.sum())) < 1e-5
+    w = torch.exp(want - gen).clamp(max=tis_cap) if tis_cap else torch.ones_like(want)
+    assert (tis_cap > 0) == ("is_weight_mean" in m)
+    if tis_cap:
+        assert bool((w < tis_cap).any() and (w == tis_cap).any())  # some weights truncated, some not
+        assert abs(m["is_weight_mean"] - float((w * mask).sum() / mask.sum())) < 1e-5
+    assert abs(float(loss.detach()) + float((w * adv * mask).sum() / mask.sum())) < 1e-5
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = -(w * adv * tempered_logprobs(model, batch, A, T) * mask).sum() / mask.sum()
+    ref.backward()
+    worst = max(float((got[n] - p.grad).norm() / p.grad.norm().clamp(min=1e-12)) for n, p in model.named_parameters())
+    assert worst < 1e-4
+
+
 def test_reference_scorer_and_old_logprob_recompute_use_the_temperature(tiny_llama_dir):
     """The reference's logprobs and the actor group's old-logprob recompute are those of logits / T."""
     from relay.actors.scorers import ReferenceServer

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from relay.config import load_config, old_logprobs_from_generator
+from relay.config import load_config, old_logprobs_source
 from relay.learners.autocast import resolve_autocast
 from relay.learners.lossfn import causal_logits, token_logprobs
 from relay.learners.ppo import ppo_actor_loss
@@ -26,9 +26,9 @@ def test_resolution(monkeypatch):
 
 def test_autocast_rules_out_generator_old_logprobs():
     cfg = load_config("ppo", None, ["generation.dtype=float32"])
-    assert old_logprobs_from_generator(cfg)
+    assert old_logprobs_source(cfg) == "generator"
     cfg = load_config("ppo", None, ["generation.dtype=float32", "algo.update_autocast=auto"])
-    assert not old_logprobs_from_generator(cfg)
+    assert old_logprobs_source(cfg) == "loss"  # the default num_update_steps 1: the loss's own forward
 
 
 def _batch(model):

@@ -11,7 +11,7 @@ from relay.config.groups import ClusterConfig, LearnerConfig, LoggingConfig, Lor
 from relay.config.loading import PIPELINES, apply_overrides, build, load_config, save_config, to_dict
 from relay.config.ppo import (
     PLAIN_FORWARD_PLUGINS, GenerationConfig, PPOAlgoConfig, PPOConfig, PPOEvalConfig, RewardConfig,
-    actor_shares_prompts, forward_micro_batch, learner_temperature, needs_reference, old_logprobs_from_generator,
+    actor_shares_prompts, forward_micro_batch, learner_temperature, needs_reference, old_logprobs_source,
     ppo_buffer_size,
 )
 from relay.config.reference import field_reference
@@ -23,6 +23,6 @@ __all__ = [
     "GenerationConfig", "LearnerConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "PPOAlgoConfig",
     "PPOConfig", "PPOEvalConfig", "RMConfig", "Range", "RewardConfig", "SFTConfig", "TrainConfig",
     "actor_shares_prompts", "apply_overrides", "build", "detect_device", "doc", "field_reference", "forward_micro_batch",
-    "learner_temperature", "load_config", "needs_reference", "old_logprobs_from_generator", "ppo_buffer_size",
+    "learner_temperature", "load_config", "needs_reference", "old_logprobs_source", "ppo_buffer_size",
     "save_config", "to_dict", "validate",
 ]

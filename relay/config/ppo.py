@@ -173,12 +173,15 @@ class PPOAlgoConfig(Group):
         "(bf16 is emulated there). Changes the numbers at the ~1e-2 level: old logprobs then come from the "
         "learner (fp32), so the first step's ratio is near 1, not exactly 1. 'off' keeps runs bit-reproducible.",
         "off")
-    old_logprobs: Literal["auto", "learner", "generator"] = doc(
+    old_logprobs: Literal["auto", "learner", "generator", "loss"] = doc(
         "Source of the PPO ratio's old logprobs: 'learner' (the actor group recomputes them on the episode before "
         "its first update: ratio exactly 1), 'generator' (vLLM's sampling logprobs: saves one actor forward per "
-        "episode; sync mode and generation.temperature 1 only: vLLM reports logprobs of the raw logits) or "
-        "'auto' (generator in sync mode when generation.dtype and the actor's mixed_precision are both fp32, "
-        "update_autocast is off and the temperature is 1, where the two agree to ~1e-6; learner otherwise).",
+        "episode; sync mode and generation.temperature 1 only: vLLM reports logprobs of the raw logits), 'loss' "
+        "(the update's own forward, detached: ratio exactly 1 and no extra forward; num_update_steps 1 only, "
+        "where the policy has not moved before its one optimizer step; async mode computes its importance "
+        "weights there too) or 'auto' (generator in sync mode when generation.dtype and the actor's "
+        "mixed_precision are both fp32, update_autocast is off and the temperature is 1, where the two agree to "
+        "~1e-6; else loss when num_update_steps is 1; else learner).",
         "auto")
     max_nonfinite_steps: PosInt = doc(
         "An actor or critic optimizer step with a non-finite loss or gradient is skipped (weights untouched, "
@@ -283,13 +286,15 @@ def learner_temperature(cfg: PPOConfig) -> float:
     return t if t > 0 else 1.0
 
 
-def old_logprobs_from_generator(cfg: PPOConfig) -> bool:
-    """Whether the PPO ratio uses the generators' logprobs as they are (see PPOAlgoConfig.old_logprobs)."""
+def old_logprobs_source(cfg: PPOConfig) -> Literal["learner", "generator", "loss"]:
+    """Where the PPO ratio's old logprobs come from (see PPOAlgoConfig.old_logprobs), 'auto' resolved."""
     a = cfg.algo
     if a.old_logprobs != "auto":
-        return a.old_logprobs == "generator"
-    return (a.mode == "sync" and cfg.generation.dtype == "float32" and cfg.actor_learner.mixed_precision == "fp32"
-            and a.update_autocast == "off" and learner_temperature(cfg) == 1.0)
+        return a.old_logprobs
+    if (a.mode == "sync" and cfg.generation.dtype == "float32" and cfg.actor_learner.mixed_precision == "fp32"
+            and a.update_autocast == "off" and learner_temperature(cfg) == 1.0):
+        return "generator"
+    return "loss" if a.num_update_steps == 1 else "learner"
 
 
 # Plugins whose model runs Hugging Face's own forward (with a KV cache): the shared-prompt forwards need one.

@@ -88,8 +88,12 @@ def _check_ppo(cfg: PPOConfig) -> Problems:
     if a.ptx_coef > 0 and not cfg.pretrain_dataset:
         problems.append(("pretrain_dataset", "ptx_coef > 0 needs a prepared ptx dataset"))
     if a.mode == "async" and a.old_logprobs == "generator":
-        problems.append(("algo.old_logprobs", "async mode needs 'learner' (or 'auto'): its importance weights "
+        problems.append(("algo.old_logprobs", "async mode needs 'learner', 'loss' or 'auto': its importance weights "
                                               "compare the learner's logprobs with the generator's"))
+    if a.old_logprobs == "loss" and a.num_update_steps != 1:
+        problems.append(("algo.old_logprobs", f"'loss' needs algo.num_update_steps 1 (got {a.num_update_steps}): "
+                                              "after the first optimizer step the policy has moved, and the loss's "
+                                              "forward no longer gives the old logprobs; use 'learner' or 'auto'"))
     if a.mode == "async" and a.max_staleness < a.num_update_steps:
         # versions count optimizer steps: an async batch is trained num_update_steps versions after it was made
         problems.append(("algo.max_staleness", f"async mode trains each batch {a.num_update_steps} weight versions "

@@ -11,10 +11,12 @@ to every generator, not through the driver (version = actor optimizer steps so f
   while the learners train; they are trained one version later (staleness 1). `max_staleness` evicts older
   samples; the actor loss is weighted by the truncated IS ratio min(pi_learner / pi_generator, tis_cap).
 
-The "old" logprobs of the PPO ratio (`algo.old_logprobs`) are recomputed by the actor group on the episode's
-batch before its first update (ratio exactly 1 at the first step; always so in async mode), or, in sync mode
-with fp32 generators and learners, taken from the generators as they are: there the two agree to ~1e-6, and
-the actor forward saved is a sizeable share of a small episode. With kl_coef 0 no reference actor runs.
+The "old" logprobs of the PPO ratio (`algo.old_logprobs`) are, in sync mode with fp32 generators and learners,
+the generators' as they are (the two agree to ~1e-6, and the actor forward saved is a sizeable share of a small
+episode); else, when an episode makes one optimizer step (`num_update_steps` 1), the loss's own forward,
+detached (the policy has not moved yet: ratio exactly 1, no extra forward; async mode's importance weights are
+computed there); else the actor group recomputes them on the episode's batch before its first update.
+With kl_coef 0 no reference actor runs.
 
 Faults: the reference, reward and buffer actors come back when their process dies (Ray restarts them up to
 `cluster.max_restarts` times; scoring calls in flight are re-run, the buffer's episode is put again, see

@@ -1,4 +1,5 @@
-"""The update phase of a PPO episode: old logprobs (the generators' or recomputed by the actor group), then
+"""The update phase of a PPO episode: old logprobs (the generators', recomputed by the actor group, or taken
+from the loss's own forward), then
 `num_update_steps` optimizer steps of actor (PPO loss + ptx) and critic (value loss), micro-batched.
 
 Logprobs (old and new) are those of logits / generation.temperature (`learner_temperature`). A step the
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from relay.config import (
-    PPOConfig, actor_shares_prompts, forward_micro_batch, learner_temperature, old_logprobs_from_generator,
+    PPOConfig, actor_shares_prompts, forward_micro_batch, learner_temperature, old_logprobs_source,
 )
 from relay.launch.ppo_rollout import learner_batch
 from relay.learners.accumulate import NonfiniteGuard
@@ -50,7 +51,7 @@ class PPOUpdates:
         return {f"ptx_{k}": v for k, v in batch.items()}
 
     def _update(self, exp: Any) -> dict[str, float]:
-        """Old logprobs (recomputed or the generator's), then num_update_steps optimizer steps of actor (and
+        """Old logprobs (`old_logprobs_source`), then num_update_steps optimizer steps of actor (and
         critic). Placement timeshare: the learner ranks take every core of their node for it, then hand back."""
         if self.cfg.placement != "timeshare":
             return self._update_steps(exp, self.cfg.actor_learner.num_threads, self.cfg.critic_learner.num_threads)
@@ -75,17 +76,19 @@ class PPOUpdates:
         batch = {k: v[:keep] for k, v in learner_batch(exp).items()}
         mask = batch["action_mask"].float()
         out: dict[str, float] = {}
-        reuse = old_logprobs_from_generator(cfg)
-        if not reuse:
+        source = old_logprobs_source(cfg)
+        if source == "learner":
             out.update(self._recompute_old_logprobs(batch, mask, async_mode=a.mode == "async"))
-        out.update(update_token_metrics(batch, actor_shares_prompts(cfg), a.num_update_steps, recomputed=not reuse))
+        out.update(update_token_metrics(batch, actor_shares_prompts(cfg), a.num_update_steps,
+                                        recomputed=source == "learner"))
         micro = max(1, -(-keep // dp // a.train_batch_size))  # ceil: rows per rank / train_batch_size
         total_steps = a.num_episodes * a.num_update_steps
         kl_coef = self.kl_ctl.value
         actor_kw = dict(clip_eps=a.eps_clip, ptx_coef=a.ptx_coef, entropy_coef=a.entropy_coef,
                         kl_coef=0.0 if a.kl_in_reward else kl_coef, kl_estimator=a.kl_estimator,
                         shared_prompt=actor_shares_prompts(cfg), temperature=learner_temperature(cfg),
-                        num_threads=actor_threads, autocast=a.update_autocast)
+                        num_threads=actor_threads, autocast=a.update_autocast, old_from_forward=source == "loss",
+                        tis_cap=a.tis_cap if source == "loss" and a.mode == "async" else 0.0)
         guard = self._nonfinite_guard()
         out["nonfinite_skipped"] = 0.0
         out["samples_skipped"] = 0.0  # experiences in actor steps the guard dropped (rows x dropped steps)
@@ -100,8 +103,10 @@ class PPOUpdates:
             out["samples_skipped"] += keep * skipped
             if step == 0:
                 out["approx_kl_first"] = m["approx_kl"]
-                if reuse:  # before any update the loss compares the learner with the generator's logprobs
+                if source != "learner":  # before any update the loss compares the learner with the generator
                     out["logprob_diff"] = m["logprob_diff"]
+                if "is_weight_mean" in m:
+                    out["is_weight_mean"] = m["is_weight_mean"]
             self.state.version += 1
             for k in ("loss", "pg_loss", "entropy", "clip_frac", "approx_kl", "ratio", "ptx_loss", "kl_loss"):
                 if k in m:

@@ -122,6 +122,8 @@ def ppo_actor_loss(
     denominators: dict[str, float] | None = None,
     num_threads: int | None = None,
     autocast: str | None = None,
+    old_from_forward: bool = False,
+    tis_cap: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped PPO surrogate (x truncated IS weights `is_weights` when present, async mode)
     - entropy_coef x entropy + kl_coef x KL(policy || ref) (only when the KL is a loss term: `ref_logprobs`
@@ -131,7 +133,10 @@ def ppo_actor_loss(
     (`relay.learners.prefix_forward`; plain HF forwards only). `denominators`: see `lossfn.normalized`.
     `num_threads`: torch threads of this rank from now on (actor_learner.num_threads). `autocast`: "bf16" (or
     "auto" where this rank's hardware computes bf16 natively) runs the policy forward under bf16 autocast
-    (`relay.learners.autocast`; fp32 weights and loss math; algo.update_autocast)."""
+    (`relay.learners.autocast`; fp32 weights and loss math; algo.update_autocast). `old_from_forward`: the
+    ratio's old logprobs are this forward's own, detached (algo.old_logprobs 'loss': the step is the episode's
+    only one); `old_logprobs` then holds the generator's, which `tis_cap` > 0 turns into truncated importance
+    weights min(pi_learner / pi_generator, tis_cap) (async mode)."""
     prepare_step(num_threads)
     den = denominators_or_counts(denominators, actor_counts, batch)
     batch = trim_padding_columns(batch)
@@ -144,9 +149,13 @@ def ppo_actor_loss(
     # fp32 only per chunk: no [B, A, V] fp32 log-softmax (nor a copy of the logits / temperature) is kept.
     logprobs, token_entropy = chunked_logprobs(resp_logits, batch["input_ids"][:, -num_actions:], temperature)
     n = den["actions"]
-    pg_loss, stats = policy_loss(
-        logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_eps, batch.get("is_weights"), token_normalizer=n
-    )
+    sampled = batch["old_logprobs"]
+    old, is_weights = sampled, batch.get("is_weights")
+    if old_from_forward:
+        old = logprobs.detach()
+        if tis_cap > 0:
+            is_weights = torch.exp(old - sampled).clamp(max=tis_cap) * mask
+    pg_loss, stats = policy_loss(logprobs, old, batch["advantages"], mask, clip_eps, is_weights, token_normalizer=n)
     loss = pg_loss
     # Entropy with a gradient is [B, A, V] work of its own: only when it is in the loss; else the chunked
     # pass's (no-grad) entropy serves the metric.
@@ -158,13 +167,15 @@ def ppo_actor_loss(
         entropy = masked_token_mean(token_entropy, mask, n)
     metrics = {
         # at an episode's first step with generator old logprobs: the learner against its sampler
-        "logprob_diff": float(masked_mean((logprobs.detach() - batch["old_logprobs"]).abs(), mask)),
+        "logprob_diff": float(masked_mean((logprobs.detach() - sampled).abs(), mask)),
         "pg_loss": float(pg_loss.detach()),
         "entropy": float(entropy.detach()),
         "clip_frac": float(stats["clip_frac"]),
         "approx_kl": float(stats["approx_kl"]),
         "ratio": float(stats["ratio"]),
     }
+    if old_from_forward and tis_cap > 0:
+        metrics["is_weight_mean"] = float(masked_mean(is_weights, mask))
     if kl_coef > 0 and "ref_logprobs" in batch:
         kl = masked_token_mean(kl_estimate(logprobs, batch["ref_logprobs"], kl_estimator), mask, n)
         loss = loss + kl_coef * kl
