@@ -19,11 +19,13 @@ the episode's `update_*tokens` metrics) / `update_s`, as a fraction of this mach
 thread count (`benchmarks.matmul_rate`, measured just before Relay's first block and after its last, averaged; the bf16 rate when
 algo.update_autocast puts the update in bf16).
 
-With `--bf16-block` a further sync block runs the update under bf16 autocast (`algo.update_autocast=bf16`), only
-where the CPU computes bf16 natively. With `--timeshare-block` a further sync block runs on a second system
-started with `placement=timeshare` (what `placement: auto` picks on CPU): its engine starts with every core of
-the machine and its update takes every core while the engine waits; its update is compared with the matmul rate
-at that thread count. With both, a last sync block runs the timeshare system's update under bf16 autocast.
+With `--bf16-block` a further sync block runs the update under bf16 autocast (`algo.update_autocast=bf16`), and
+TRL runs again at each thread count with `bf16=True` (its autocast), only where the CPU computes bf16 natively.
+With `--timeshare-block` a further sync block runs on a second system started with `placement=timeshare` (what
+`placement: auto` picks on CPU): its engine starts with every core of the machine and its update takes every
+core while the engine waits; its update is compared with the matmul rate at that thread count. With both, a
+last sync block runs a third system in timeshare with bf16 generation and the update under bf16 autocast.
+Relay is compared with TRL at its best, over thread counts and (with `--bf16-block`) precisions.
 
     make bench-env && python -m benchmarks.bench_grpo_trl [--repeats 1] [--steps 3] [--trl-threads 1,2] [--bf16-block]
         [--timeshare-block] [--no-async] [--out DIR]
@@ -46,7 +48,7 @@ set_bench_env()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_trl(args, model_dir: Path, prompts_json: Path, out: Path, threads: int) -> dict:
+def run_trl(args, model_dir: Path, prompts_json: Path, out: Path, threads: int, bf16: bool = False) -> dict:
     py = REPO / args.bench_venv / "bin" / "python"
     if not py.exists():
         raise SystemExit(f"{py} missing: run `make bench-env` first")
@@ -55,7 +57,7 @@ def run_trl(args, model_dir: Path, prompts_json: Path, out: Path, threads: int) 
            str(prompts_json), "--out", str(out), "--steps", str(args.steps), "--prompts-per-step",
            str(args.prompts_per_step), "--generations", str(args.generations), "--max-new-tokens",
            str(args.max_new_tokens), "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--threads",
-           str(threads)]
+           str(threads)] + (["--bf16"] if bf16 else [])
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
@@ -64,7 +66,7 @@ def run_trl(args, model_dir: Path, prompts_json: Path, out: Path, threads: int) 
     res = json.loads(out.read_text())
     res["process_s"] = time.perf_counter() - t
     for s in res["steps"]:
-        print(f"  trl   {threads} thread(s) step {s['step']}: {s['wall_s']:.2f} s, load {s['load']:.2f}", file=sys.stderr,
+        print(f"  trl   {threads} thread(s){' bf16' if bf16 else ''} step {s['step']}: {s['wall_s']:.2f} s, load {s['load']:.2f}", file=sys.stderr,
               flush=True)
     return res
 
@@ -140,57 +142,62 @@ def main(argv: list[str] | None = None) -> int:
     cores = usable_cores()
     rates: dict[int, list[dict]] = {}
     init_ray(address="local", num_cpus=16, include_dashboard=False)
-    trl_steps: dict[int, list[dict]] = {t: [] for t in thread_counts}
     cfg_autocast = cfg.algo.update_autocast
     blocks = (["sync"] + (["sync bf16"] if args.bf16_block else []) + (["sync timeshare"] if args.timeshare_block else [])
               + (["sync timeshare bf16"] if args.timeshare_block and args.bf16_block else [])
               + ([] if args.no_async else ["async"]))
     block_threads = {b: cores if "timeshare" in b else learner_threads for b in blocks}
-    if args.bf16_block and (reason := bf16_skip_reason()):
-        print(f"bf16 blocks {reason}", file=sys.stderr)
+    bf16_reason = bf16_skip_reason() if args.bf16_block else None
+    if bf16_reason:
+        print(f"bf16 blocks {bf16_reason}", file=sys.stderr)
         blocks = [b for b in blocks if not b.endswith("bf16")]
+    trl_sides = [(t, False) for t in thread_counts] + [(t, True) for t in thread_counts
+                                                        if args.bf16_block and not bf16_reason and not args.trl_result]
+    trl_steps: dict[tuple[int, bool], list[dict]] = {side: [] for side in trl_sides}
     relay: dict[str, list[dict]] = {b: [] for b in blocks}
     trl_runs = []
     system = PPOSystem(cfg)
-    timeshare: PPOSystem | None = None  # the timeshare blocks' own system, up while they run
+    # Timeshare blocks run on systems of their own, started in timeshare (the engine gets every core too: its
+    # threads are fixed at start); "sync timeshare bf16" also generates in bf16 (a dtype fixed at start).
+    extra_sets = {"sync timeshare": ["placement=timeshare"],
+                  "sync timeshare bf16": ["placement=timeshare", "generation.dtype=bfloat16"]}
+    aux: dict[str, PPOSystem] = {}  # the one timeshare system up now, by block
 
     def system_for(mode: str) -> PPOSystem:
-        nonlocal timeshare
-        if "timeshare" not in mode:
+        if mode not in extra_sets:
             return system
-        if timeshare is None:  # started in timeshare: its engine gets every core too (threads are fixed at start)
+        if mode not in aux:
             ts_cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml",
-                                 sets + ["placement=timeshare", f"save_dir={out / 'relay_timeshare'}"])
+                                 sets + extra_sets[mode] + [f"save_dir={out / ('relay_' + mode.replace(' ', '_'))}"])
             validate(ts_cfg, "cpu")
             t = time.monotonic()
-            timeshare = PPOSystem(ts_cfg).start()
-            print(f"relay timeshare system up in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
-        return timeshare
+            aux[mode] = PPOSystem(ts_cfg).start()
+            print(f"relay {mode} system up in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+        return aux[mode]
 
     try:
         t0 = time.monotonic()
         system.start()
         print(f"relay system up in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
         for rep in range(args.repeats):
-            for threads in thread_counts:
+            for threads, bf16 in trl_sides:
                 if args.trl_result:
                     res = json.loads(Path(args.trl_result).read_text()) if rep == 0 else {"steps": [{}]}
                 else:
-                    res = run_trl(args, model_dir, prompts_json, out / f"trl_rep{rep}_t{threads}.json", threads)
-                trl_runs.append(dict(res, threads=threads))
-                trl_steps[threads] += [dict(s, samples=res.get("samples_per_step", n)) for s in res["steps"][1:] if s]
+                    res = run_trl(args, model_dir, prompts_json,
+                                  out / f"trl_rep{rep}_t{threads}{'_bf16' if bf16 else ''}.json", threads, bf16)
+                trl_runs.append(dict(res, threads=threads, bf16=bf16))
+                trl_steps[threads, bf16] += [dict(s, samples=res.get("samples_per_step", n)) for s in res["steps"][1:] if s]
             if not args.no_matmul_rate and not rates:  # next to Relay's blocks: under the load its update sees
                 for t in sorted(set(block_threads.values())):
                     rates[t] = [matmul_rate(model_config(str(model_dir)), t)]
-            for i_block, mode in enumerate(blocks):
+            for mode in blocks:
                 runner = system_for(mode)
                 runner.cfg.algo.mode = mode.split()[0]
                 runner.cfg.algo.update_autocast = "bf16" if mode.endswith("bf16") else cfg_autocast
                 block = runner.run_episodes(until=runner.state.episode + args.steps)
-                following = blocks[i_block + 1] if i_block + 1 < len(blocks) else ""
-                if runner is timeshare and "timeshare" not in following:  # its idle processes stay out of the rest
-                    timeshare.close()
-                    timeshare = None
+                if mode in aux:  # closed at once: its idle processes stay out of the other blocks
+                    aux.pop(mode).close()
                 for i, r in enumerate(block):
                     r["load"] = round(os.getloadavg()[0], 2)
                     print(f"  relay {mode:19s} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
@@ -203,15 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         memory = peak_memory_by_role(system)
     finally:
         system.close()
-        if timeshare is not None:
-            timeshare.close()
+        for other in aux.values():
+            other.close()
     for t, measured in rates.items():
         measured.append(matmul_rate(model_config(str(model_dir)), t))
 
     rows = []
-    for threads, steps in trl_steps.items():
+    for (threads, bf16), steps in trl_steps.items():
         if steps:
-            rows.append({"side": f"TRL GRPOTrainer {threads}t", "threads": threads,
+            rows.append({"side": f"TRL GRPOTrainer {threads}t{' bf16' if bf16 else ''}", "threads": threads, "bf16": bf16,
                          "samples_per_s": statistics.median(s["samples"] / s["wall_s"] for s in steps),
                          "step_s": statistics.median(s["wall_s"] for s in steps),
                          "load": statistics.median(s["load"] for s in steps), "steps": len(steps)})
@@ -264,14 +271,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{limit:.2f}x (g, u: generation and update seconds of the sync block, each on the core it has in "
               f"async mode too); async reaches {gain / limit:.0%} of the limit (goal >= 90%)")
     best = max((r for r in rows if r["side"].startswith("Relay")), key=lambda r: r["samples_per_s"])
-    print(f"Relay best ({best['side']}) / TRL at its best thread count ({trl_best['threads']}): {best['ratio']:.2f}x "
-          f"(goal >= 3x)")
+    print(f"Relay best ({best['side']}) / TRL at its best ({trl_best['side']}): {best['ratio']:.2f}x (goal >= 3x)")
     print("Relay peak resident memory per role (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
     trl_peaks = {r["threads"]: r.get("peak_rss_mib") for r in trl_runs if r.get("peak_rss_mib")}
     if trl_peaks:
         print("TRL peak resident memory (MiB, one process): " + ", ".join(f"{t} thread(s) {v:.0f}" for t, v in trl_peaks.items()))
     write_results(out, {"benchmark": "grpo_vs_trl", "peak_rss_mib": memory, "model": "SmolLM2-135M-Instruct", "args": vars(args),
-                        "rows": rows, "trl_best_threads": trl_best["threads"], "matmul_rates": rates,
+                        "rows": rows, "trl_best": trl_best["side"], "matmul_rates": rates,
                         "trl_runs": trl_runs, "relay_episodes": relay})
     return 0
 

@@ -5,14 +5,18 @@ Matched on both sides: the same prompt token ids (the demo prompt set, last `--m
 sample per prompt, `--prompts-per-step` prompts per PPO update in micro-batches of `--micro-batch` with
 gradient accumulation, at most `--max-new-tokens` new tokens (temperature 1, stop at EOS), one PPO epoch over
 one mini-batch, KL penalty `--kl-coef` in the reward, policy and reference from SmolLM2, reward and value models
-= SmolLM2 with a fresh one-output head, fp32 everywhere, AdamW at the same learning rate, 1 thread per process.
+= SmolLM2 with a fresh one-output head, fp32 everywhere, AdamW at the same learning rate.
 
-TRL runs first, alone (a subprocess with .venv-bench's python and `.venv-bench/trl-ppo` on its path; its first
-update is a warm-up); then Relay starts its system (1 vLLM generator, 1-rank ddp actor and critic groups,
-reference and reward actors) and runs `--steps` episodes in sync mode (the first is a warm-up). samples/s =
-samples per update / update seconds, medians.
+TRL runs first, alone, once per thread count of `--trl-threads` (a subprocess with .venv-bench's python and
+`.venv-bench/trl-ppo` on its path; its first update is a warm-up); Relay is compared with TRL at its best. Then
+Relay starts its system (1 vLLM generator, 1-rank ddp actor and critic groups, reference and reward actors)
+once per placement of `--placements` and runs `--steps` episodes in sync mode (the first is a warm-up): with
+`separate` every process keeps 1 thread; with `timeshare` (what `placement: auto` picks on CPU) the engine and
+the two learner groups take the machine's cores in turn. samples/s = samples per update / update seconds,
+medians.
 
-    make bench-env && python -m benchmarks.bench_ppo_trl [--steps 3] [--out DIR]
+    make bench-env && python -m benchmarks.bench_ppo_trl [--steps 3] [--trl-threads 1,2]
+        [--placements separate,timeshare] [--out DIR]
 """
 from __future__ import annotations
 
@@ -31,22 +35,23 @@ set_bench_env()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_trl(args, model_dir: Path, prompts_json: Path, out: Path) -> dict:
+def run_trl(args, model_dir: Path, prompts_json: Path, out: Path, threads: int) -> dict:
     venv = REPO / args.bench_venv
     if not (venv / "bin" / "python").exists() or not (venv / "trl-ppo").is_dir():
         raise SystemExit(f"{venv} (with trl-ppo/) missing: run `make bench-env` first")
     cmd = [str(venv / "bin" / "python"), str(REPO / "benchmarks" / "trl_ppo_worker.py"), "--model", str(model_dir),
            "--reward", str(model_dir), "--prompts", str(prompts_json), "--out", str(out), "--steps", str(args.steps),
            "--prompts-per-step", str(args.prompts_per_step), "--max-new-tokens", str(args.max_new_tokens),
-           "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--kl-coef", str(args.kl_coef)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(venv / "trl-ppo"))
+           "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--kl-coef", str(args.kl_coef),
+           "--threads", str(threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(venv / "trl-ppo"))
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
         print(proc.stderr[-4000:], file=sys.stderr)
         raise RuntimeError(f"TRL PPO worker failed ({proc.returncode})")
     res = json.loads(out.read_text())
     for s in res["steps"]:
-        print(f"  trl   step {s['step']}: {s['wall_s']:.2f} s, load {s['load']:.2f}", file=sys.stderr, flush=True)
+        print(f"  trl {threads}t step {s['step']}: {s['wall_s']:.2f} s, load {s['load']:.2f}", file=sys.stderr, flush=True)
     return res
 
 
@@ -60,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--bench-venv", default=".venv-bench")
-    ap.add_argument("--trl-result", default=None, help="reuse a trl.json from an earlier run instead of running TRL")
+    ap.add_argument("--trl-threads", default="1,2", help="comma-separated thread counts TRL runs at (each printed; "
+                                                         "Relay is compared with the best)")
+    ap.add_argument("--placements", default="separate,timeshare", help="comma-separated Relay placements to run")
+    ap.add_argument("--trl-result", default=None, help="reuse a trl.json from an earlier run instead of running TRL "
+                                                       "(its thread count is the one it was run at)")
     ap.add_argument("--out", default="runs/bench_ppo_trl")
     args = ap.parse_args(argv)
 
@@ -80,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     prompts_json = out / "prompts.json"
     prompts_json.write_text(json.dumps(prompts))
 
+    trl_runs = []
     if args.trl_result:
-        trl = json.loads(Path(args.trl_result).read_text())
+        trl_runs.append(json.loads(Path(args.trl_result).read_text()))
     else:
-        trl = run_trl(args, model_dir, prompts_json, out / "trl.json")
-    trl_steps = trl["steps"][1:]
+        for threads in (int(t) for t in args.trl_threads.split(",") if t.strip()):
+            trl_runs.append(run_trl(args, model_dir, prompts_json, out / f"trl_t{threads}.json", threads))
 
-    sets = [f"prompt_dataset={prompt_dir}", f"save_dir={out / 'relay_run'}", "logging.use_tensorboard=false",
+    sets = [f"prompt_dataset={prompt_dir}", "logging.use_tensorboard=false",
             "cluster.timeout_s=1800", "actor.pretrain=smollm2", "critic.pretrain=smollm2", "reward.kind=model",
             "reward.model=smollm2", "actor_learner.plugin=ddp", "actor_learner.num_ranks=1", "actor_learner.tp=1",
             "critic_learner.plugin=ddp", "critic_learner.num_ranks=1", "generation.num_generators=1",
@@ -97,39 +107,50 @@ def main(argv: list[str] | None = None) -> int:
             f"algo.accumulation_steps={args.prompts_per_step // args.micro_batch}", "algo.num_update_steps=1",
             "algo.num_collect_steps=1", f"algo.kl_coef={args.kl_coef}", f"algo.num_episodes={args.steps}",
             f"actor_optim.lr={args.lr}", f"critic_optim.lr={args.lr}", "actor_optim.warmup_steps=0",
-            "critic_optim.warmup_steps=0", "save_interval=0", "placement=separate"]
-    cfg = load_config("ppo", REPO / "configs/ppo_tiny.yaml", sets)
-    validate(cfg, "cpu")
+            "critic_optim.warmup_steps=0", "save_interval=0"]
     init_ray(address="local", num_cpus=16, include_dashboard=False)
-    system = PPOSystem(cfg)
-    try:
-        system.start()
-        records = system.run_episodes()
-    finally:
-        system.close()
-    for i, r in enumerate(records):
-        print(f"  relay ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score {r['score_s']:.2f}, "
-              f"update {r['update_s']:.2f}, sync {r['sync_s']:.3f}){' [warm-up]' if i == 0 else ''}",
-              file=sys.stderr, flush=True)
-    relay_steps = records[1:]
+    records: dict[str, list[dict]] = {}
+    for placement in (p.strip() for p in args.placements.split(",") if p.strip()):
+        cfg = load_config("ppo", REPO / "configs/ppo_tiny.yaml",
+                          sets + [f"placement={placement}", f"save_dir={out / f'relay_{placement}'}"])
+        validate(cfg, "cpu")
+        system = PPOSystem(cfg)
+        try:  # one system at a time: its idle processes stay out of the next one's timings
+            system.start()
+            records[placement] = system.run_episodes()
+        finally:
+            system.close()
+        for i, r in enumerate(records[placement]):
+            print(f"  relay {placement} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
+                  f"{r['score_s']:.2f}, update {r['update_s']:.2f}, sync {r['sync_s']:.3f})"
+                  f"{' [warm-up]' if i == 0 else ''}", file=sys.stderr, flush=True)
 
     n = args.prompts_per_step
-    trl_s = statistics.median(s["wall_s"] for s in trl_steps)
-    relay_s = statistics.median(r["episode_s"] for r in relay_steps)
-    rows = [{"side": "TRL PPOTrainer 1.12", "step_s": trl_s, "samples_per_s": n / trl_s,
-             "load": statistics.median(s["load"] for s in trl_steps)},
-            {"side": "Relay PPO sync", "step_s": relay_s, "samples_per_s": n / relay_s,
-             "gen_s": statistics.median(r["gen_s"] for r in relay_steps),
-             "score_s": statistics.median(r["score_s"] for r in relay_steps),
-             "update_s": statistics.median(r["update_s"] for r in relay_steps), "load": os.getloadavg()[0]}]
+    rows = []
+    for trl in trl_runs:
+        steps = trl["steps"][1:]
+        trl_s = statistics.median(s["wall_s"] for s in steps)
+        rows.append({"side": f"TRL PPOTrainer 1.12 {trl.get('threads', 1)}t", "threads": trl.get("threads", 1),
+                     "step_s": trl_s, "samples_per_s": n / trl_s, "load": statistics.median(s["load"] for s in steps)})
+    trl_best = max(rows, key=lambda r: r["samples_per_s"])
+    for placement, recs in records.items():
+        steps = recs[1:]
+        relay_s = statistics.median(r["episode_s"] for r in steps)
+        rows.append({"side": f"Relay PPO sync {placement}", "step_s": relay_s, "samples_per_s": n / relay_s,
+                     "gen_s": statistics.median(r["gen_s"] for r in steps),
+                     "score_s": statistics.median(r["score_s"] for r in steps),
+                     "update_s": statistics.median(r["update_s"] for r in steps), "load": os.getloadavg()[0]})
     print(f"\nPPO (GAE), SmolLM2-135M fp32, {n} prompts x 1 sample x <= {args.max_new_tokens} tokens per update, "
-          f"micro-batch {args.micro_batch}, 1 thread/process (medians)")
-    print(f"{'side':20s} {'s/step':>8s} {'samples/s':>10s} {'vs TRL':>7s}")
+          f"micro-batch {args.micro_batch} (medians); ratios against TRL at its best thread count "
+          f"({trl_best['threads']})")
+    print(f"{'side':28s} {'s/step':>8s} {'samples/s':>10s} {'vs best TRL':>11s}")
     for r in rows:
-        r["ratio"] = r["samples_per_s"] / rows[0]["samples_per_s"]
-        print(f"{r['side']:20s} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:6.2f}x")
-    write_results(out, {"benchmark": "ppo_vs_trl", "args": vars(args), "rows": rows, "trl": trl,
-                        "relay_episodes": records})
+        r["ratio"] = r["samples_per_s"] / trl_best["samples_per_s"]
+        extra = (f"  (gen {r['gen_s']:.1f} s, score {r['score_s']:.1f} s, update {r['update_s']:.1f} s)"
+                 if "update_s" in r else "")
+        print(f"{r['side']:28s} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:10.2f}x{extra}")
+    write_results(out, {"benchmark": "ppo_vs_trl", "args": vars(args), "rows": rows, "trl_runs": trl_runs,
+                        "trl_best_threads": trl_best["threads"], "relay_episodes": records})
     return 0
 
 

@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true", help="TrainingArguments.bf16: bf16 autocast on CPU too")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -70,7 +71,7 @@ def main() -> int:
         report_to=[],
         save_strategy="no",
         use_cpu=True,
-        bf16=False,
+        bf16=args.bf16,
         gradient_checkpointing=False,
         dataloader_num_workers=0,
         seed=args.seed,
@@ -86,7 +87,7 @@ def main() -> int:
     total = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "reward" in h]
     json.dump({"steps": timer.steps, "total_s": total, "samples_per_step": completions, "logs": logs,
-               "threads": args.threads, "torch": torch.__version__,
+               "threads": args.threads, "bf16": args.bf16, "torch": torch.__version__,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
                "trl": __import__("trl").__version__, "transformers": __import__("transformers").__version__},
               open(args.out, "w"), indent=1)

@@ -182,6 +182,8 @@ def test_plugin_trains_saves_and_resumes(group, tiny_llama_dir, references, tmp_
     loaded = group.full_state_dict()
     assert loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    half = group.full_state_dict("bfloat16")  # what a bf16 engine is sent
+    assert all(half[k].dtype == torch.bfloat16 and torch.equal(half[k], v.to(torch.bfloat16)) for k, v in loaded.items())
     r3b = group.train_step(batch, loss)
     r4b = group.train_step(batch, loss)
     assert rel(r3b["loss"], r3["loss"]) < 1e-6, (r3b, r3)  # same weights, same forward

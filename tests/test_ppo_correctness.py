@@ -162,6 +162,26 @@ def test_reward_kl_uses_tempered_policy_logprobs():
     assert torch.equal(policy_logprobs(r, sc1, {}), r.gen_logprobs)
 
 
+def test_weight_sync_sends_the_engines_dtype():
+    """A bf16/fp16 engine gets its weights in its own dtype (half the bytes); fp32 and 'auto' get them as held."""
+    from relay.launch.ppo import PPOSystem
+
+    class Pool:
+        def push_weights(self, send, version, rewind=False):
+            return {"dtype": send(f"push v{version}")}
+
+    class Actor:  # the learner group's sender: returns the dtype it was asked for
+        def publish_weights(self, push, dtype=None):
+            assert push == "push v3"
+            return dtype
+
+    for dtype, want in (("float32", None), ("auto", None), ("bfloat16", "bfloat16"), ("float16", "float16")):
+        system = SimpleNamespace(cfg=build(PPOConfig, {"generation": {"dtype": dtype}}), pool=Pool(), actor=Actor(),
+                                 state=SimpleNamespace(version=3))
+        PPOSystem.sync_weights(system)
+        assert system.last_sync == {"dtype": want}, dtype
+
+
 # -------------------------------------------------------------------------------------------- stop ids
 def _prompt_folder(tmp_path, name: str, template: dict | None):
     folder = tmp_path / name

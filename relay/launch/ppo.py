@@ -32,6 +32,7 @@ in memory at a time).
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -298,9 +299,13 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
     def sync_weights(self, rewind: bool = False) -> float:
         """The actor group's rank 0 pushes its weights straight to every generator at `state.version`
         (`rewind`: older than theirs, after going back to a checkpoint); returns seconds. The driver passes
-        only generator handles and the version (`GeneratorPool.push_weights`), never the tensors."""
+        only generator handles and the version (`GeneratorPool.push_weights`), never the tensors. A bf16 or
+        fp16 engine gets its own dtype (half the bytes of fp32; it would round them to it on load anyway)."""
         t0 = time.monotonic()
-        self.last_sync = self.pool.push_weights(self.actor.publish_weights, self.state.version, rewind=rewind)
+        dtype = self.cfg.generation.dtype
+        send = (self.actor.publish_weights if dtype in ("float32", "auto")
+                else functools.partial(self.actor.publish_weights, dtype=dtype))
+        self.last_sync = self.pool.push_weights(send, self.state.version, rewind=rewind)
         return time.monotonic() - t0
 
     # ------------------------------------------------------------------------------------------ episodes
