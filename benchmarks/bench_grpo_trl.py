@@ -9,9 +9,10 @@ training and fp32 generation, AdamW at the same learning rate, 1 thread per proc
 
 TRL runs in the peer environment (`make bench-env`) as a subprocess (`benchmarks/trl_grpo_worker.py`) at each
 of `--trl-threads` (default 1 and 2: both are printed, Relay is compared with the best); its first step is a
-warm-up. Relay runs one `PPOSystem` (advantage_estimator=grpo, 1 vLLM generator, 1-rank ddp
-actor group) in sync mode, then async mode (generation of the next batch overlaps the update); the first
-episode of each block is a warm-up. The sides alternate `--repeats` times; samples/s = completions per
+warm-up. Then Relay runs one `PPOSystem` (advantage_estimator=grpo, 1 vLLM generator, 1-rank ddp actor group,
+`placement=separate`) in sync mode, then async mode (generation of the next batch overlaps the update), and
+closes it before the next system starts (one Relay system at a time, none while TRL runs); the first episode of
+each block is a warm-up. The sides alternate `--repeats` times; samples/s = completions per
 optimizer step / step seconds, medians over counted steps.
 
 Relay's update is also reported against the hardware: its matmul FLOPs (`relay.models.flops.update_flops` over
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts_json.write_text(json.dumps(texts))
 
     n = args.prompts_per_step * args.generations
-    sets = [f"prompt_dataset={prompt_dir}", f"save_dir={out / 'relay_run'}", "logging.use_tensorboard=false",
+    sets = [f"prompt_dataset={prompt_dir}", "logging.use_tensorboard=false",
             "cluster.timeout_s=1800", "actor.pretrain=smollm2", "actor_learner.plugin=ddp",
             "actor_learner.num_ranks=1", "generation.num_generators=1", "generation.dtype=float32",
             f"generation.max_new_tokens={args.max_new_tokens}", f"generation.n_samples_per_prompt={args.generations}",
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             f"algo.train_batch_size={args.micro_batch}", f"algo.accumulation_steps={n // args.micro_batch}",
             "algo.num_update_steps=1", "algo.num_collect_steps=1", "algo.kl_coef=0.0", "algo.num_episodes=100000",
             f"actor_optim.lr={args.lr}", "actor_optim.warmup_steps=0", "save_interval=0",
-            "placement=separate"] + args.sets  # the timeshare block has a system of its own
+            "placement=separate"] + args.sets  # the timeshare blocks have systems of their own
     cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml", sets)
     validate(cfg, "cpu")
 
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[int, list[dict]] = {}
     init_ray(address="local", num_cpus=16, include_dashboard=False)
     cfg_autocast = cfg.algo.update_autocast
-    blocks = (["sync"] + (["sync bf16"] if args.bf16_block else []) + (["sync timeshare"] if args.timeshare_block else [])
-              + (["sync timeshare bf16"] if args.timeshare_block and args.bf16_block else [])
-              + ([] if args.no_async else ["async"]))
+    blocks = (["sync"] + (["sync bf16"] if args.bf16_block else []) + ([] if args.no_async else ["async"])
+              + (["sync timeshare"] if args.timeshare_block else [])
+              + (["sync timeshare bf16"] if args.timeshare_block and args.bf16_block else []))
     block_threads = {b: cores if "timeshare" in b else learner_threads for b in blocks}
     bf16_reason = bf16_skip_reason() if args.bf16_block else None
     if bf16_reason:
@@ -156,30 +157,36 @@ def main(argv: list[str] | None = None) -> int:
     trl_steps: dict[tuple[int, bool], list[dict]] = {side: [] for side in trl_sides}
     relay: dict[str, list[dict]] = {b: [] for b in blocks}
     trl_runs = []
-    system = PPOSystem(cfg)
-    # Timeshare blocks run on systems of their own, started in timeshare (the engine gets every core too: its
-    # threads are fixed at start); "sync timeshare bf16" also generates in bf16 (a dtype fixed at start).
-    extra_sets = {"sync timeshare": ["placement=timeshare"],
-                  "sync timeshare bf16": ["placement=timeshare", "generation.dtype=bfloat16"]}
-    aux: dict[str, PPOSystem] = {}  # the one timeshare system up now, by block
+    # One Relay system is up at a time (none while TRL runs): the idle processes and memory of another would
+    # weigh on the timings. Timeshare blocks run on systems started in timeshare (the engine gets every core too:
+    # its threads are fixed at start); "sync timeshare bf16" also generates in bf16 (a dtype fixed at start).
+    kinds = {"separate": [], "timeshare": ["placement=timeshare"],
+             "timeshare bf16": ["placement=timeshare", "generation.dtype=bfloat16"]}
+    systems: dict[str, PPOSystem] = {}
+    memory: dict[str, float] = {}
 
-    def system_for(mode: str) -> PPOSystem:
-        if mode not in extra_sets:
-            return system
-        if mode not in aux:
-            ts_cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml",
-                                 sets + extra_sets[mode] + [f"save_dir={out / ('relay_' + mode.replace(' ', '_'))}"])
-            validate(ts_cfg, "cpu")
+    def close(kind: str) -> None:
+        if kind == "separate":  # the memory table's figures come from the separate system
+            memory.update(peak_memory_by_role(systems[kind]))
+        systems.pop(kind).close()
+
+    def system_for(mode: str, rep: int) -> PPOSystem:
+        kind = mode.split(" ", 1)[1] if mode.startswith("sync timeshare") else "separate"
+        for other in [k for k in systems if k != kind]:
+            close(other)
+        if kind not in systems:
+            run_cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml", sets + kinds[kind] + [
+                f"save_dir={out / ('relay_' + kind.replace(' ', '_') + f'_rep{rep}')}"])
+            validate(run_cfg, "cpu")
             t = time.monotonic()
-            aux[mode] = PPOSystem(ts_cfg).start()
-            print(f"relay {mode} system up in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
-        return aux[mode]
+            systems[kind] = PPOSystem(run_cfg).start()
+            print(f"relay {kind} system up in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+        return systems[kind]
 
     try:
-        t0 = time.monotonic()
-        system.start()
-        print(f"relay system up in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
         for rep in range(args.repeats):
+            for kind in list(systems):
+                close(kind)
             for threads, bf16 in trl_sides:
                 if args.trl_result:
                     res = json.loads(Path(args.trl_result).read_text()) if rep == 0 else {"steps": [{}]}
@@ -192,26 +199,23 @@ def main(argv: list[str] | None = None) -> int:
                 for t in sorted(set(block_threads.values())):
                     rates[t] = [matmul_rate(model_config(str(model_dir)), t)]
             for mode in blocks:
-                runner = system_for(mode)
+                runner = system_for(mode, rep)
                 runner.cfg.algo.mode = mode.split()[0]
                 runner.cfg.algo.update_autocast = "bf16" if mode.endswith("bf16") else cfg_autocast
                 block = runner.run_episodes(until=runner.state.episode + args.steps)
-                if mode in aux:  # closed at once: its idle processes stay out of the other blocks
-                    aux.pop(mode).close()
                 for i, r in enumerate(block):
                     r["load"] = round(os.getloadavg()[0], 2)
                     print(f"  relay {mode:19s} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
                           f"{r['score_s']:.2f}, update {r['update_s']:.2f}, sync {r['sync_s']:.3f}: push {r['sync_push_s']:.2f} = "
-                          f"write {r['sync_write_s']:.2f} + load {r['sync_load_s']:.2f} + rest), "
+                          f"write {r['sync_write_s']:.2f} (serialize {r['sync_serialize_s']:.2f}, file {r['sync_file_s']:.2f}, put "
+                          f"{r['sync_put_s']:.2f}) + load {r['sync_load_s']:.2f} + rest; gather {r['sync_gather_s']:.2f}), "
                           f"{r['samples_per_s']:.3f} samples/s, load {r['load']}{' [warm-up]' if i == 0 else ''}",
                           file=sys.stderr, flush=True)
                     if i > 0:
                         relay[mode].append(r)
-        memory = peak_memory_by_role(system)
     finally:
-        system.close()
-        for other in aux.values():
-            other.close()
+        for kind in list(systems):
+            close(kind)
     for t, measured in rates.items():
         measured.append(matmul_rate(model_config(str(model_dir)), t))
 
@@ -273,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     best = max((r for r in rows if r["side"].startswith("Relay")), key=lambda r: r["samples_per_s"])
     print(f"Relay best ({best['side']}) / TRL at its best ({trl_best['side']}): {best['ratio']:.2f}x (goal >= 3x)")
     print("Relay peak resident memory per role (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
-    trl_peaks = {r["threads"]: r.get("peak_rss_mib") for r in trl_runs if r.get("peak_rss_mib")}
+    trl_peaks = {f"{r['threads']} thread(s){' bf16' if r.get('bf16') else ''}": r.get("peak_rss_mib") for r in trl_runs
+                 if r.get("peak_rss_mib")}
     if trl_peaks:
-        print("TRL peak resident memory (MiB, one process): " + ", ".join(f"{t} thread(s) {v:.0f}" for t, v in trl_peaks.items()))
+        print("TRL peak resident memory (MiB, one process): " + ", ".join(f"{t} {v:.0f}" for t, v in trl_peaks.items()))
     write_results(out, {"benchmark": "grpo_vs_trl", "peak_rss_mib": memory, "model": "SmolLM2-135M-Instruct", "args": vars(args),
                         "rows": rows, "trl_best": trl_best["side"], "matmul_rates": rates,
                         "trl_runs": trl_runs, "relay_episodes": relay})

@@ -7,7 +7,9 @@ copy the benchmarks use), forward + backward, no Ray. Variants, interleaved `--r
 - `before`: the loss with the one-shot fp32 `log_softmax(logits).gather` and a second log-softmax for the
   entropy metric (the code before the chunked logprobs; patched in for this variant only),
 - `chunked`: the loss as it is (chunked logprobs, entropy from the same pass),
-- `chunked+bf16`: the same under bf16 autocast (`autocast="bf16"`), only where the CPU has native bf16.
+- `chunked+bf16`: the same under bf16 autocast (`autocast="bf16"`), only where the CPU has native bf16,
+- `compiled`, `compiled+bf16` (asked for by `--variants`): the same two with the model under
+  `torch.compile(dynamic=True)` (inductor, C++ on CPU); the warm-up step, which compiles, is timed apart.
 
 Achieved GFLOP/s = `relay.models.flops.update_flops` (prompt tokens once per group when the shared-prompt
 forward is on; padding not counted) / step time; the matmul rate (`benchmarks.matmul_rate`, fp32 and bf16, at
@@ -131,21 +133,26 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = [v for v in args.variants.split(",") if v]
     skip = bf16_skip_reason()
-    if skip and "chunked+bf16" in variants:
-        variants.remove("chunked+bf16")
-        print(f"chunked+bf16 {skip}")
+    for v in [v for v in variants if v.endswith("+bf16")] if skip else []:
+        variants.remove(v)
+        print(f"{v} {skip}")
     base_kw = {"shared_prompt": shared, "num_threads": args.threads}
-    kws = {"before": base_kw, "chunked": base_kw, "chunked+bf16": {**base_kw, "autocast": "bf16"}}
+    kws = {"before": base_kw, "chunked": base_kw, "chunked+bf16": {**base_kw, "autocast": "bf16"},
+           "compiled": base_kw, "compiled+bf16": {**base_kw, "autocast": "bf16"}}
+    compiled = torch.compile(model, dynamic=True) if any(v.startswith("compiled") for v in variants) else None
+    models = {v: compiled if v.startswith("compiled") else model for v in variants}
     rates = [matmul_rate(cfg, args.threads, rate_tokens)]
     print(rate_line(rates[0]), flush=True)
     times: dict[str, list[float]] = {v: [] for v in variants}
-    for v in variants:  # warm-up
+    warmup_s = {}
+    for v in variants:  # warm-up (compiles the compiled variants)
         with before_logprobs() if v == "before" else contextlib.nullcontext():
-            step_seconds(model, batch, kws[v])
+            warmup_s[v] = step_seconds(models[v], batch, kws[v])
+    print("  warm-up: " + ", ".join(f"{v} {s:.1f} s" for v, s in warmup_s.items()), flush=True)
     for rep in range(args.repeats):
         for v in variants:
             with before_logprobs() if v == "before" else contextlib.nullcontext():
-                times[v].append(step_seconds(model, batch, kws[v]))
+                times[v].append(step_seconds(models[v], batch, kws[v]))
         print(f"  repeat {rep}: " + ", ".join(f"{v} {times[v][-1]:.2f} s" for v in variants), flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
     opt_s = []
@@ -180,11 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     if "before" in times:
         for r in rows[1:]:
             print(f"{r['variant']} / before: {statistics.median(times['before']) / r['step_s']:.2f}x faster")
+    for v, plain in (("compiled", "chunked"), ("compiled+bf16", "chunked+bf16")):
+        if v in times and plain in times:
+            print(f"{v} / {plain}: {statistics.median(times[plain]) / statistics.median(times[v]):.2f}x faster "
+                  f"(its first step, which compiles: {warmup_s[v]:.1f} s)")
     print(f"AdamW step (134.5M fp32 parameters): {statistics.median(opt_s):.2f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "tokens": tokens, "logit_tokens": logit_tokens, "flops": flops, "rows": rows,
-                       "matmul_rates": rates, "optimizer_s": opt_s, "rows_b": B, "bf16_skipped": skip,
+                       "matmul_rates": rates, "optimizer_s": opt_s, "warmup_s": warmup_s, "rows_b": B, "bf16_skipped": skip,
                        "machine": machine_info()}, f, indent=1)
     return 0
 

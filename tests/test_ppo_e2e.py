@@ -135,6 +135,8 @@ def test_sync_mode_invariants(e2e_run):
                     "sync_s", "rollout_tokens_per_s", "samples_per_s"):
             assert key in rec
         assert 0 < rec["sync_write_s"] + rec["sync_load_s"] <= rec["sync_push_s"] <= rec["sync_s"]
+        parts = [rec[f"sync_{k}_s"] for k in ("serialize", "file", "put")]  # generators here: files and kept refs
+        assert all(p > 0 for p in parts) and sum(parts) <= rec["sync_write_s"] and rec["sync_gather_s"] > 0
     assert set(e2e_run["versions"].values()) == {2}
 
 

@@ -138,7 +138,7 @@ class WeightPush:
             if shm:
                 folder = new_transfer_folder(total)
                 report["shm_dir"] = str(folder.parent)
-            paths, blobs = self._buckets(state_dict, folder, bool(store) or self.keep)
+            paths, blobs = self._buckets(state_dict, folder, bool(store) or self.keep, report)
             report["buckets"], report["write_s"] = max(len(paths), len(blobs)), time.perf_counter() - t
             refs: dict[Any, int] = {}
             if time.monotonic() < deadline:  # nothing is sent once the deadline has passed
@@ -193,21 +193,34 @@ class WeightPush:
                     failures[i] = f"node_id: {_short(err)}"
         return nodes, failures, unasked
 
-    def _buckets(self, state_dict: Mapping[str, torch.Tensor], folder: Path | None,
-                 to_store: bool) -> tuple[list[str], list[Any]]:
+    def _buckets(self, state_dict: Mapping[str, torch.Tensor], folder: Path | None, to_store: bool,
+                 report: dict[str, Any]) -> tuple[list[str], list[Any]]:
         """Serialize each bucket once; write its bytes into `folder` (shared memory) and/or `ray.put` them (the
-        sender owns those objects). One bucket's bytes are held at a time."""
+        sender owns those objects). One bucket's bytes are held at a time. Adds the seconds of each part to
+        `report` (serialize_s, file_s, put_s)."""
         import ray
 
         paths: list[str] = []
         blobs: list[Any] = []
         meta = {"relay_version": str(self.version)}
+        spent = dict.fromkeys(("serialize_s", "file_s", "put_s"), 0.0)
+        t = time.perf_counter()
         for i, blob in enumerate(iter_serialized_buckets(state_dict, self.bucket_bytes, metadata=meta)):
+            t = _lap(spent, "serialize_s", t)
             if folder is not None:
                 paths.append(str(write_private(folder / f"weights-{i:05d}.safetensors", blob)))
+                t = _lap(spent, "file_s", t)
             if to_store:
                 blobs.append(ray.put(blob))
+                t = _lap(spent, "put_s", t)
+        report.update(spent)
         return paths, blobs
+
+
+def _lap(spent: dict[str, float], key: str, since: float) -> float:
+    now = time.perf_counter()
+    spent[key] += now - since
+    return now
 
 
 def push_error(report: Mapping[str, Any], push: WeightPush | None = None) -> Exception | None:
