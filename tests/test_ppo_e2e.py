@@ -136,7 +136,7 @@ def test_sync_mode_invariants(e2e_run):
             assert key in rec
         assert 0 < rec["sync_write_s"] + rec["sync_load_s"] <= rec["sync_push_s"] <= rec["sync_s"]
         parts = [rec[f"sync_{k}_s"] for k in ("serialize", "file", "put")]  # generators here: files and kept refs
-        assert all(p > 0 for p in parts) and sum(parts) <= rec["sync_write_s"] and rec["sync_gather_s"] > 0
+        assert all(p > 0 for p in parts) and sum(parts) <= rec["sync_write_s"]
     assert set(e2e_run["versions"].values()) == {2}
 
 

@@ -171,7 +171,8 @@ class PPOAlgoConfig(Group):
         "and logprob math kept (1.5x faster steps where the CPU computes bf16 natively; see "
         "relay.learners.autocast). 'auto': bf16 on GPUs and CPUs with AVX512_BF16/AMX, off on AVX2-only CPUs "
         "(bf16 is emulated there). Changes the numbers at the ~1e-2 level: old logprobs then come from the "
-        "learner (fp32), so the first step's ratio is near 1, not exactly 1. 'off' keeps runs bit-reproducible.",
+        "update's own forward (old_logprobs 'auto' with num_update_steps 1: ratio exactly 1) or the learner's "
+        "fp32 recompute (the first step's ratio near 1, not exactly 1). 'off' keeps runs bit-reproducible.",
         "off")
     old_logprobs: Literal["auto", "learner", "generator", "loss"] = doc(
         "Source of the PPO ratio's old logprobs: 'learner' (the actor group recomputes them on the episode before "

@@ -390,7 +390,7 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
             "sync_push_s": float(self.last_sync.get("total_s", 0.0)),
             "sync_write_s": float(self.last_sync.get("write_s", 0.0)),
             "sync_load_s": float(self.last_sync.get("load_s", 0.0)),
-            **{f"sync_{k}": float(self.last_sync.get(k, 0.0)) for k in ("serialize_s", "file_s", "put_s", "gather_s")},
+            **{f"sync_{k}": float(self.last_sync.get(k, 0.0)) for k in ("serialize_s", "file_s", "put_s")},
         }
         if self._eval_due(ep + 1, final=ep + 1 == a.num_episodes):
             t_eval = time.monotonic()

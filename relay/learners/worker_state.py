@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -87,16 +86,11 @@ class WeightsAndCheckpoints:
         (None elsewhere). `send` is a picklable callable from the caller, e.g. a `relay.actors.weight_push.
         WeightPush` that sends the weights to generators from here, so they never pass through the driver.
         Non-finite weights raise instead (`check_finite_weights`)."""
-        t = time.perf_counter()
         self.check_finite_weights("publish_weights")
         state = self.full_state_dict(dtype)
         if self.rank != 0:
             return None
-        gather_s = time.perf_counter() - t
-        out = send(state)
-        if isinstance(out, dict):
-            out["gather_s"] = gather_s  # the finite check and the full state's gather and copy
-        return out
+        return send(state)
 
     def _plain_state(self) -> dict[str, Any]:
         from colossalai.utils import get_non_persistent_buffers_set
