@@ -167,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def close(kind: str) -> None:
         if kind == "separate":  # the memory table's figures come from the separate system
-            memory.update(peak_memory_by_role(systems[kind]))
+            try:
+                memory.update(peak_memory_by_role(systems[kind]))
+            except Exception as err:  # noqa: BLE001 - a broken system must still close (and not hide the error)
+                print(f"peak memory not read: {err!r}", file=sys.stderr)
         systems.pop(kind).close()
 
     def system_for(mode: str, rep: int) -> PPOSystem:

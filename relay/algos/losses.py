@@ -52,6 +52,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, token_normalizer: float 
     return total / token_normalizer
 
 
+def truncated_is_weights(
+    logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float, action_mask: torch.Tensor
+) -> torch.Tensor:
+    """Truncated importance weights min(pi / pi_behaviour, cap) per response token [B, T] (verl's TIS), 0 off the
+    action mask: how async mode corrects for samples drawn by older generator weights."""
+    return torch.exp(logprobs.float() - behaviour_logprobs.float()).clamp(max=cap) * action_mask
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

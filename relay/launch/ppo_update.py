@@ -135,6 +135,7 @@ class PPOUpdates:
         """Old logprobs from the actor group (ratio exactly 1 at the first step); async: the truncated IS
         weights learner/generator. Returns the generator-vs-learner difference metrics (with a temperature other
         than 1 they include it: the generators report logprobs of the raw logits)."""
+        from relay.algos.losses import truncated_is_weights
         from relay.algos.masked import masked_mean
 
         A = mask.shape[1]
@@ -147,6 +148,6 @@ class PPOUpdates:
         out = {"logprob_diff": float(masked_mean(diff, mask)), "logprob_diff_max": float(diff.max())}
         batch["old_logprobs"] = learner_lp
         if async_mode:
-            batch["is_weights"] = torch.exp(learner_lp - gen_lp).clamp(max=self.cfg.algo.tis_cap) * mask
+            batch["is_weights"] = truncated_is_weights(learner_lp, gen_lp, self.cfg.algo.tis_cap, mask)
             out["is_weight_mean"] = float(masked_mean(batch["is_weights"], mask))
         return out

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from relay.algos.kl import kl_estimate
-from relay.algos.losses import entropy_from_logits, lm_loss, policy_loss, value_loss
+from relay.algos.losses import entropy_from_logits, lm_loss, policy_loss, truncated_is_weights, value_loss
 from relay.algos.masked import masked_mean, masked_token_mean
 from relay.learners.lossfn import (
     IGNORE_INDEX, causal_logits, denominators_or_counts, model_inputs, normalized, register_loss,
@@ -154,7 +154,7 @@ def ppo_actor_loss(
     if old_from_forward:
         old = logprobs.detach()
         if tis_cap > 0:
-            is_weights = torch.exp(old - sampled).clamp(max=tis_cap) * mask
+            is_weights = truncated_is_weights(old, sampled, tis_cap, mask)
     pg_loss, stats = policy_loss(logprobs, old, batch["advantages"], mask, clip_eps, is_weights, token_normalizer=n)
     loss = pg_loss
     # Entropy with a gradient is [B, A, V] work of its own: only when it is in the loss; else the chunked
