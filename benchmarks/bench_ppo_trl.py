@@ -12,11 +12,12 @@ TRL runs first, alone, once per thread count of `--trl-threads` (a subprocess wi
 Relay starts its system (1 vLLM generator, 1-rank ddp actor and critic groups, reference and reward actors)
 once per placement of `--placements` and runs `--steps` episodes in sync mode (the first is a warm-up): with
 `separate` every process keeps 1 thread; with `timeshare` (what `placement: auto` picks on CPU) the engine and
-the two learner groups take the machine's cores in turn. samples/s = samples per update / update seconds,
-medians.
+the learner groups take the machine's cores in turn. The critic's steps run beside the actor's
+(`algo.overlap_critic`, the default; `--critic overlap,serial` also runs each placement with the critic after
+the actor). samples/s = samples per update / update seconds, medians.
 
     make bench-env && python -m benchmarks.bench_ppo_trl [--steps 3] [--trl-threads 1,2]
-        [--placements separate,timeshare] [--out DIR]
+        [--placements separate,timeshare] [--critic overlap,serial] [--out DIR]
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trl-threads", default="1,2", help="comma-separated thread counts TRL runs at (each printed; "
                                                          "Relay is compared with the best)")
     ap.add_argument("--placements", default="separate,timeshare", help="comma-separated Relay placements to run")
+    ap.add_argument("--critic", default="overlap", help="comma-separated: 'overlap' (critic steps beside the "
+                                                        "actor's, the default) and/or 'serial' (after it)")
     ap.add_argument("--trl-result", default=None, help="reuse a trl.json from an earlier run instead of running TRL "
                                                        "(its thread count is the one it was run at)")
     ap.add_argument("--out", default="runs/bench_ppo_trl")
@@ -110,19 +113,24 @@ def main(argv: list[str] | None = None) -> int:
             "critic_optim.warmup_steps=0", "save_interval=0"]
     init_ray(address="local", num_cpus=16, include_dashboard=False)
     records: dict[str, list[dict]] = {}
-    for placement in (p.strip() for p in args.placements.split(",") if p.strip()):
+    systems = [(p.strip(), c.strip()) for p in args.placements.split(",") if p.strip()
+               for c in args.critic.split(",") if c.strip()]
+    for placement, critic in systems:
+        name = placement if critic == "overlap" else f"{placement}, serial critic"
         cfg = load_config("ppo", REPO / "configs/ppo_tiny.yaml",
-                          sets + [f"placement={placement}", f"save_dir={out / f'relay_{placement}'}"])
+                          sets + [f"placement={placement}", f"algo.overlap_critic={str(critic == 'overlap').lower()}",
+                                  f"save_dir={out / f'relay_{placement}_{critic}'}"])
         validate(cfg, "cpu")
         system = PPOSystem(cfg)
         try:  # one system at a time: its idle processes stay out of the next one's timings
             system.start()
-            records[placement] = system.run_episodes()
+            records[name] = system.run_episodes()
         finally:
             system.close()
-        for i, r in enumerate(records[placement]):
-            print(f"  relay {placement} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
-                  f"{r['score_s']:.2f}, update {r['update_s']:.2f}, sync {r['sync_s']:.3f})"
+        for i, r in enumerate(records[name]):
+            print(f"  relay {name} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
+                  f"{r['score_s']:.2f}, update {r['update_s']:.2f} of which actor and critic together "
+                  f"{r.get('update_overlap_s', 0.0):.2f}, sync {r['sync_s']:.3f})"
                   f"{' [warm-up]' if i == 0 else ''}", file=sys.stderr, flush=True)
 
     n = args.prompts_per_step
@@ -143,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nPPO (GAE), SmolLM2-135M fp32, {n} prompts x 1 sample x <= {args.max_new_tokens} tokens per update, "
           f"micro-batch {args.micro_batch} (medians); ratios against TRL at its best thread count "
           f"({trl_best['threads']})")
-    print(f"{'side':28s} {'s/step':>8s} {'samples/s':>10s} {'vs best TRL':>11s}")
+    print(f"{'side':44s} {'s/step':>8s} {'samples/s':>10s} {'vs best TRL':>11s}")
     for r in rows:
         r["ratio"] = r["samples_per_s"] / trl_best["samples_per_s"]
         extra = (f"  (gen {r['gen_s']:.1f} s, score {r['score_s']:.1f} s, update {r['update_s']:.1f} s)"
                  if "update_s" in r else "")
-        print(f"{r['side']:28s} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:10.2f}x{extra}")
+        print(f"{r['side']:44s} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:10.2f}x{extra}")
     write_results(out, {"benchmark": "ppo_vs_trl", "args": vars(args), "rows": rows, "trl_runs": trl_runs,
                         "trl_best_threads": trl_best["threads"], "relay_episodes": records})
     return 0

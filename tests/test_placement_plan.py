@@ -290,3 +290,15 @@ def test_engine_threads_follow_the_placement():
     assert engine_threads(ppo("ppo_tiny_grpo.yaml", "placement=timeshare", "generation.num_generators=2"), cores=8) == 4
     assert engine_threads(ppo("ppo_tiny_grpo.yaml", "placement=timeshare", "generation.num_generators=3"), cores=2) == 1
     assert engine_threads(ppo("ppo_tiny_grpo.yaml", "placement=timeshare", "generation.cpu_threads=3"), cores=8) == 3
+
+
+def test_cores_shared_over_the_ranks_that_train_at_once():
+    from relay.learners.group import share_node_cores
+
+    # one actor rank and one critic rank on a 2-core node: a core each (serially each would take both)
+    assert share_node_cores([[("a", 2)], [("a", 2)]]) == [[1], [1]]
+    assert share_node_cores([[("a", 2)]]) == [[2]]
+    # actor ranks on two nodes, the critic on the first only: node a's 8 cores go to 2 ranks, b's 6 to 1
+    assert share_node_cores([[("a", 8), ("b", 6)], [("a", 8)]]) == [[4, 6], [4]]
+    # more ranks than cores: every rank still gets a thread
+    assert share_node_cores([[("a", 1), ("a", 1)], [("a", 1)]]) == [[1, 1], [1]]

@@ -131,6 +131,7 @@ def test_sync_mode_invariants(e2e_run):
         assert rec["approx_kl_first"] < 1e-6
         assert rec["buffer_size"] == ppo_buffer_size(cfg) == 8 == rec["samples"]
         assert rec["staleness_mean"] == 0.0
+        assert cfg.algo.overlap_critic and rec["update_overlap_s"] > 0  # critic steps ran beside the actor's
         for key in ("reward_mean", "kl", "actor_loss", "critic_loss", "ptx_loss", "approx_kl", "clip_frac", "entropy",
                     "sync_s", "rollout_tokens_per_s", "samples_per_s"):
             assert key in rec

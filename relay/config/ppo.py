@@ -184,6 +184,10 @@ class PPOAlgoConfig(Group):
         "mixed_precision are both fp32, update_autocast is off and the temperature is 1, where the two agree to "
         "~1e-6; else loss when num_update_steps is 1; else learner).",
         "auto")
+    overlap_critic: bool = doc(
+        "Run each update step's critic step at the same time as the actor's (both groups compute at once, as "
+        "OpenRLHF does) instead of after it. Placement timeshare then shares each node's cores over the actor and "
+        "critic ranks together. Same numbers either way: the two steps share no state.", True)
     max_nonfinite_steps: PosInt = doc(
         "An actor or critic optimizer step with a non-finite loss or gradient is skipped (weights untouched, "
         "counted as nonfinite_skipped); after this many update steps in a row with a skip the run stops with "
@@ -229,7 +233,8 @@ class PPOConfig(Group):
         "and optimizer state, so leave room (ZeRO, offload, smaller micro-batches) or the rank runs out of memory. "
         "'timeshare' (CPU, sync mode): generators sit in the actor-learner ranks' bundles and reserve no CPUs of "
         "their own; generation and update take turns, and each learner rank trains with every core its node "
-        "gives it (cores / ranks on the node) instead of actor_learner.num_threads, handing back after the update.",
+        "gives it (cores / learner ranks on the node; actor and critic ranks share them when algo.overlap_critic) "
+        "instead of actor_learner.num_threads, handing back after the update.",
         "auto")
     algo: PPOAlgoConfig = doc("Algorithm.", factory=PPOAlgoConfig)
     logging: LoggingConfig = doc("Metrics and logging.", factory=LoggingConfig)

@@ -1,6 +1,9 @@
 """The update phase of a PPO episode: old logprobs (the generators', recomputed by the actor group, or taken
 from the loss's own forward), then
-`num_update_steps` optimizer steps of actor (PPO loss + ptx) and critic (value loss), micro-batched.
+`num_update_steps` optimizer steps of actor (PPO loss + ptx) and critic (value loss), micro-batched. With
+`algo.overlap_critic` each step's critic step runs at the same time as the actor's (the groups share no
+state), and placement timeshare shares the node's cores over both groups' ranks; `update_overlap_s` says how
+long the two really ran together.
 
 Logprobs (old and new) are those of logits / generation.temperature (`learner_temperature`). A step the
 learners skip for a non-finite loss or gradient is counted (`nonfinite_skipped`); `algo.max_nonfinite_steps`
@@ -21,6 +24,7 @@ from relay.config import (
 )
 from relay.launch.ppo_rollout import learner_batch
 from relay.learners.accumulate import NonfiniteGuard
+from relay.learners.group import share_node_cores
 
 
 def update_token_metrics(batch: dict[str, Any], shared: bool, steps: int, recomputed: bool) -> dict[str, float]:
@@ -57,7 +61,9 @@ class PPOUpdates:
             return self._update_steps(exp, self.cfg.actor_learner.num_threads, self.cfg.critic_learner.num_threads)
         groups = [g for g in (self.actor, self.critic) if g is not None]
         if self.phase_threads is None:  # reset when the learner groups are (re)built
-            self.phase_threads = [g.phase_threads() for g in groups]
+            cores = [g.rank_cores() for g in groups]
+            together = self.cfg.algo.overlap_critic
+            self.phase_threads = share_node_cores(cores) if together else [share_node_cores([c])[0] for c in cores]
         with contextlib.ExitStack() as stack:
             for group, counts in zip(groups, self.phase_threads):
                 stack.enter_context(group.hand_over_threads(counts))
@@ -92,13 +98,21 @@ class PPOUpdates:
         guard = self._nonfinite_guard()
         out["nonfinite_skipped"] = 0.0
         out["samples_skipped"] = 0.0  # experiences in actor steps the guard dropped (rows x dropped steps)
+        out["update_overlap_s"] = 0.0
+        critic_kw = dict(loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip, num_threads=critic_threads)
         for step in range(a.num_update_steps):
             n = self.state.version
             self.actor.set_lr(lr_at(n, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio))
+            if self.critic is not None:
+                self.critic.set_lr(lr_at(n, cfg.critic_optim.lr, total_steps, cfg.critic_optim.warmup_steps, cfg.critic_optim.min_lr_ratio))
             actor_batch = dict(batch)
             if self.ptx is not None:
                 actor_batch.update(self._ptx_rows(micro))
-            m = self.actor.train_step(actor_batch, loss=ppo_actor_loss, micro_batches=micro, **actor_kw)
+            actor_call = self.actor.start_train_step(actor_batch, loss=ppo_actor_loss, micro_batches=micro, **actor_kw)
+            critic_call = None
+            if self.critic is not None and a.overlap_critic:
+                critic_call = self.critic.start_train_step(batch, **critic_kw)
+            m = self.actor.finish(actor_call)
             skipped = m.get("nonfinite_skipped", 0.0)
             out["samples_skipped"] += keep * skipped
             if step == 0:
@@ -113,10 +127,11 @@ class PPOUpdates:
                     key = "actor_loss" if k == "loss" else k
                     out[key] = out.get(key, 0.0) + m[k] / a.num_update_steps
             if self.critic is not None:
-                self.critic.set_lr(lr_at(n, cfg.critic_optim.lr, total_steps, cfg.critic_optim.warmup_steps, cfg.critic_optim.min_lr_ratio))
-                c = self.critic.train_step(batch, loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip,
-                                           num_threads=critic_threads)
+                c = self.critic.finish(critic_call) if critic_call else self.critic.train_step(batch, **critic_kw)
                 out["critic_loss"] = out.get("critic_loss", 0.0) + c["loss"] / a.num_update_steps
+                # rank 0 of each group: how long both groups were inside their step at once
+                together = min(m["step_ended"], c["step_ended"]) - max(m["step_started"], c["step_started"])
+                out["update_overlap_s"] += max(0.0, together)
                 skipped += c.get("nonfinite_skipped", 0.0)
             out["nonfinite_skipped"] += skipped
             guard.update(skipped > 0, f"episode {self.state.episode + 1}, update step {step + 1}")

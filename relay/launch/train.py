@@ -315,7 +315,8 @@ def train(cfg: TrainConfig, stage_name: str, group: Any = None) -> TrainResult:
                 batch, stage.loss, micro_batches=cfg.accumulation_steps, **kw, step_seed=hash((cfg.seed, step))
             )
             dt = time.time() - t1
-            out.pop("step", None)
+            for key in ("step", "step_started", "step_ended"):
+                out.pop(key, None)
             record = {"epoch": round(order.epoch + order.position / order.batches_per_epoch, 4), "lr": lr, **out,
                       "samples_per_s": len(idx) / dt, "tokens_per_s": token_count(batch) / dt, "step_time": dt}
             done = step + 1

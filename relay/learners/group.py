@@ -53,6 +53,7 @@ __all__ = [
     "LearnerSpec",
     "LearnerWorker",
     "LossFn",
+    "PendingCall",
     "causal_lm_loss",
     "causal_logits",
     "model_inputs",
@@ -68,6 +69,25 @@ def _micro_batch_size(n: int) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"micro_batch_size must be an int >= 0 (0: one forward per rank), got {n!r}")
     return n
+
+
+@dataclasses.dataclass
+class PendingCall:
+    """A fan-out call that was started and not yet waited for (`LearnerGroup.finish`): lets two groups run at
+    the same time, e.g. the PPO actor's and critic's update steps."""
+
+    refs: list[Any]  # one object ref per rank, in rank order
+    what: str  # what the call does, for errors and timeouts
+
+
+def share_node_cores(groups: list[list[tuple[str, int]]]) -> list[list[int]]:
+    """Threads per rank for groups that compute at the same time: each node's cores split evenly over every rank
+    of every group on it (at least 1). `groups[g][r]` is rank r's (node id, cores it may use)."""
+    per_node: dict[str, int] = {}
+    for ranks in groups:
+        for node, _ in ranks:
+            per_node[node] = per_node.get(node, 0) + 1
+    return [[max(1, cores // per_node[node]) for node, cores in ranks] for ranks in groups]
 
 
 class LearnerGroupError(RuntimeError):
@@ -176,15 +196,23 @@ class LearnerGroup:
             self._placement = None
 
     # ---- fan-out plumbing --------------------------------------------------------------------------------
-    def _call_each(self, method: str, *args: Any, what: str | None = None, **kwargs: Any) -> list[Any]:
+    def _start_each(self, method: str, *args: Any, what: str | None = None, **kwargs: Any) -> PendingCall:
         if self.broken:
             raise LearnerGroupError(f"{self.role}: group is broken ({self.broken}); shut it down and create a new one")
-        return self._wait([getattr(w, method).remote(*args, **kwargs) for w in self.workers], what or method)
+        return PendingCall([getattr(w, method).remote(*args, **kwargs) for w in self.workers], what or method)
 
-    def _call(self, method: str, *args: Any, what: str | None = None, **kwargs: Any) -> list[Any]:
+    def _start(self, method: str, *args: Any, what: str | None = None, **kwargs: Any) -> PendingCall:
         # Large arguments (batches) go to the object store once, not once per rank.
         args = tuple(ray.put(a) if isinstance(a, dict) else a for a in args)
-        return self._call_each(method, *args, what=what, **kwargs)
+        return self._start_each(method, *args, what=what, **kwargs)
+
+    def _call_each(self, method: str, *args: Any, what: str | None = None, **kwargs: Any) -> list[Any]:
+        pending = self._start_each(method, *args, what=what, **kwargs)
+        return self._wait(pending.refs, pending.what)
+
+    def _call(self, method: str, *args: Any, what: str | None = None, **kwargs: Any) -> list[Any]:
+        pending = self._start(method, *args, what=what, **kwargs)
+        return self._wait(pending.refs, pending.what)
 
     def _wait(self, refs: list[Any], what: str) -> list[Any]:
         """Results in rank order; raise the first failure at once (the other ranks would wait on collectives)."""
@@ -240,7 +268,18 @@ class LearnerGroup:
     ) -> dict:
         """One optimizer step on the global batch (rows split over dp ranks, then each rank's rows into
         `micro_batches` slices whose gradients accumulate); dp-averaged loss and metrics."""
-        return self._call("train_step", batch, loss, loss_kwargs, micro_batches, what="train_step")[0]
+        return self.finish(self.start_train_step(batch, loss, micro_batches, **loss_kwargs))
+
+    def start_train_step(
+        self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", micro_batches: int = 1, **loss_kwargs: Any
+    ) -> PendingCall:
+        """`train_step` without waiting: the ranks start it and the driver goes on (another group's step, say);
+        `finish(pending)` waits and returns what `train_step` would."""
+        return self._start("train_step", batch, loss, loss_kwargs, micro_batches, what="train_step")
+
+    def finish(self, pending: PendingCall) -> Any:
+        """Wait for a call this group started (`start_train_step`); rank 0's answer, failures as in every call."""
+        return self._wait(pending.refs, pending.what)[0]
 
     def gradients(
         self, batch: dict[str, Any], loss: str | LossFn = "causal_lm", micro_batches: int = 1, **loss_kwargs: Any
@@ -292,12 +331,15 @@ class LearnerGroup:
         the current build (build it with the same plugin, tp and LoRA settings as the one that saved)."""
         return self._call("load_checkpoint", str(path), what="load_checkpoint")[0]
 
+    def rank_cores(self) -> list[tuple[str, int]]:
+        """Per rank: (its Ray node id, the cores its process may use)."""
+        return list(zip(self._call_each("node_id", what="node_id"), self._call_each("cores", what="cores")))
+
     def phase_threads(self) -> list[int]:
         """Per rank: the cores of its node shared out over the group's ranks there (at least 1): what a rank may
-        train with while nothing else on the node runs (placement timeshare)."""
-        nodes = self._call_each("node_id", what="node_id")
-        cores = self._call_each("cores", what="cores")
-        return [max(1, c // nodes.count(n)) for n, c in zip(nodes, cores)]
+        train with while nothing else on the node runs (placement timeshare). Groups that train at the same time
+        share with `share_node_cores`."""
+        return share_node_cores([self.rank_cores()])[0]
 
     @contextlib.contextmanager
     def hand_over_threads(self, counts: list[int]) -> Iterator[None]:

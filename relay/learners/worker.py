@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,10 +283,12 @@ class LearnerWorker(WeightsAndCheckpoints):
         micro_batches: int = 1,
     ):
         """One optimizer step on the global `batch`; returns dp-averaged {'loss', metrics..., 'nonfinite_skipped',
-        'step'}. A non-finite loss or gradient on any rank skips the step on every rank (gradients dropped,
-        weights and optimizer state untouched) and reports nonfinite_skipped = 1."""
+        'step'} and this rank's 'step_started' / 'step_ended' (Unix seconds: when two groups overlap). A
+        non-finite loss or gradient on any rank skips the step on every rank (gradients dropped, weights and
+        optimizer state untouched) and reports nonfinite_skipped = 1."""
         from relay.learners.plugins import plugin_clips_gradients
 
+        started = time.time()
         self.model.train()
         self.optimizer.zero_grad()
         stats = self._accumulate(batch, loss, loss_kwargs, micro_batches)
@@ -297,7 +300,8 @@ class LearnerWorker(WeightsAndCheckpoints):
             self.step += 1
         self.optimizer.zero_grad()
         out = stats.reduce(self._dp_sum, self._dp_size())
-        return {**out, "nonfinite_skipped": float(skip), "step": self.step}
+        return {**out, "nonfinite_skipped": float(skip), "step": self.step, "step_started": started,
+                "step_ended": time.time()}
 
     def _accumulate(
         self, batch: dict[str, Any], loss: str | LossFn, loss_kwargs: dict | None, micro_batches: int
