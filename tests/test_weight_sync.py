@@ -314,3 +314,26 @@ def test_failed_load_marks_generator_broken(generator, tiny_llama_dir, tmp_path)
     assert not health["ok"] and "failed while loading" in health["broken"]
     with pytest.raises(Exception, match="GeneratorBroken|failed while loading"):
         generator.generate(PROMPTS, SamplingConfig(max_tokens=4))
+
+
+def test_packed_buckets_are_what_safetensors_reads(tmp_path):
+    """`pack_bucket` writes the format itself (one copy per tensor); safetensors' own reader is the reference."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    from relay.actors.weight_sync import pack_bucket
+
+    tensors = {"z.bf16": torch.randn(3, 5).to(torch.bfloat16), "a.f32": torch.randn(7),
+               "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3), "mask": torch.tensor([True, False, True]),
+               "half": torch.randn(2, 2).half(), "empty": torch.zeros(0, 4), "u8": torch.arange(5, dtype=torch.uint8)}
+    blob = pack_bucket(tensors, metadata={"relay_version": "3"})
+    back = load(blob.tobytes())
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape and torch.equal(back[name], t), name
+    path = write_blobs([blob], tmp_path)[0]
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"relay_version": "3"}
+    assert (8 + int.from_bytes(blob[:8].tobytes(), "little")) % 8 == 0  # data starts 8-byte aligned
+    with pytest.raises(WeightUpdateError, match="complex64"):
+        pack_bucket({"c": torch.zeros(2, dtype=torch.complex64)})

@@ -357,9 +357,9 @@ class VLLMGenerator:
         total_s = time.perf_counter() - start
         return {"version": new_version, "check_s": check_s, "load_s": total_s, "workers": reports}
 
-    def update_weights_from_blobs(self, version: int | None, *blobs: bytes, allow_partial: bool = False,
+    def update_weights_from_blobs(self, version: int | None, *blobs: Any, allow_partial: bool = False,
                                   rewind: bool = False) -> dict:
-        """Object-store path: safetensors bucket bytes (resolved by Ray on this node) -> local files -> load."""
+        """Object-store path: safetensors buckets (uint8 arrays, resolved by Ray on this node) -> local files -> load."""
         start = time.perf_counter()
         folder = new_transfer_folder(sum(len(b) for b in blobs))
         try:
