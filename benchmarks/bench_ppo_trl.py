@@ -14,10 +14,12 @@ once per placement of `--placements` and runs `--steps` episodes in sync mode (t
 `separate` every process keeps 1 thread; with `timeshare` (what `placement: auto` picks on CPU) the engine and
 the learner groups take the machine's cores in turn. The critic's steps run beside the actor's
 (`algo.overlap_critic`, the default; `--critic overlap,serial` also runs each placement with the critic after
-the actor). samples/s = samples per update / update seconds, medians.
+the actor). With `--precisions fp32,bf16` TRL also runs with `bf16=True` (its autocast) at each thread count and
+Relay with bf16 generation, reference and reward and the update under bf16 autocast (`BF16_SETS`), where the
+CPU computes bf16 natively. samples/s = samples per update / update seconds, medians.
 
     make bench-env && python -m benchmarks.bench_ppo_trl [--steps 3] [--trl-threads 1,2]
-        [--placements separate,timeshare] [--critic overlap,serial] [--out DIR]
+        [--placements separate,timeshare] [--critic overlap,serial] [--precisions fp32,bf16] [--out DIR]
 """
 from __future__ import annotations
 
@@ -36,7 +38,13 @@ set_bench_env()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_trl(args, model_dir: Path, prompts_json: Path, out: Path, threads: int) -> dict:
+# Relay in bf16: generation, reference and reward models in bf16, the actor's and critic's update under bf16
+# autocast (fp32 weights and optimizer, as TRL's bf16=True).
+BF16_SETS = ["generation.dtype=bfloat16", "reference.dtype=bfloat16", "reward.dtype=bfloat16",
+             "algo.update_autocast=bf16"]
+
+
+def run_trl(args, model_dir: Path, prompts_json: Path, out: Path, threads: int, bf16: bool = False) -> dict:
     venv = REPO / args.bench_venv
     if not (venv / "bin" / "python").exists() or not (venv / "trl-ppo").is_dir():
         raise SystemExit(f"{venv} (with trl-ppo/) missing: run `make bench-env` first")
@@ -44,7 +52,7 @@ def run_trl(args, model_dir: Path, prompts_json: Path, out: Path, threads: int) 
            "--reward", str(model_dir), "--prompts", str(prompts_json), "--out", str(out), "--steps", str(args.steps),
            "--prompts-per-step", str(args.prompts_per_step), "--max-new-tokens", str(args.max_new_tokens),
            "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--kl-coef", str(args.kl_coef),
-           "--threads", str(threads)]
+           "--threads", str(threads)] + (["--bf16"] if bf16 else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(venv / "trl-ppo"))
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
@@ -52,7 +60,7 @@ def run_trl(args, model_dir: Path, prompts_json: Path, out: Path, threads: int) 
         raise RuntimeError(f"TRL PPO worker failed ({proc.returncode})")
     res = json.loads(out.read_text())
     for s in res["steps"]:
-        print(f"  trl {threads}t step {s['step']}: {s['wall_s']:.2f} s, load {s['load']:.2f}", file=sys.stderr, flush=True)
+        print(f"  trl {threads}t{' bf16' if bf16 else ''} step {s['step']}: {s['wall_s']:.2f} s, load {s['load']:.2f}", file=sys.stderr, flush=True)
     return res
 
 
@@ -71,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--placements", default="separate,timeshare", help="comma-separated Relay placements to run")
     ap.add_argument("--critic", default="overlap", help="comma-separated: 'overlap' (critic steps beside the "
                                                         "actor's, the default) and/or 'serial' (after it)")
+    ap.add_argument("--precisions", default="fp32", help="comma-separated: fp32 and/or bf16 (TRL with bf16=True, its "
+                                                          "autocast; Relay with bf16 generation, reference and reward "
+                                                          "and the update under bf16 autocast; skipped where the CPU "
+                                                          "lacks native bf16)")
     ap.add_argument("--trl-result", default=None, help="reuse a trl.json from an earlier run instead of running TRL "
                                                        "(its thread count is the one it was run at)")
     ap.add_argument("--out", default="runs/bench_ppo_trl")
@@ -83,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from relay.models.smollm2 import prepare_smollm2
 
     from benchmarks.bench_ppo import demo_prompts
+    from benchmarks.matmul_rate import bf16_skip_reason
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -92,12 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     prompts_json = out / "prompts.json"
     prompts_json.write_text(json.dumps(prompts))
 
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if "bf16" in precisions and (reason := bf16_skip_reason()):
+        print(f"bf16 skipped: {reason}", file=sys.stderr)
+        precisions.remove("bf16")
     trl_runs = []
     if args.trl_result:
         trl_runs.append(json.loads(Path(args.trl_result).read_text()))
     else:
-        for threads in (int(t) for t in args.trl_threads.split(",") if t.strip()):
-            trl_runs.append(run_trl(args, model_dir, prompts_json, out / f"trl_t{threads}.json", threads))
+        for precision in precisions:
+            for threads in (int(t) for t in args.trl_threads.split(",") if t.strip()):
+                suffix = "" if precision == "fp32" else f"_{precision}"
+                trl_runs.append(run_trl(args, model_dir, prompts_json, out / f"trl_t{threads}{suffix}.json", threads,
+                                        bf16=precision == "bf16"))
 
     sets = [f"prompt_dataset={prompt_dir}", "logging.use_tensorboard=false",
             "cluster.timeout_s=1800", "actor.pretrain=smollm2", "critic.pretrain=smollm2", "reward.kind=model",
@@ -113,13 +133,14 @@ def main(argv: list[str] | None = None) -> int:
             "critic_optim.warmup_steps=0", "save_interval=0"]
     init_ray(address="local", num_cpus=16, include_dashboard=False)
     records: dict[str, list[dict]] = {}
-    systems = [(p.strip(), c.strip()) for p in args.placements.split(",") if p.strip()
+    systems = [(pr, p.strip(), c.strip()) for pr in precisions for p in args.placements.split(",") if p.strip()
                for c in args.critic.split(",") if c.strip()]
-    for placement, critic in systems:
-        name = placement if critic == "overlap" else f"{placement}, serial critic"
+    for precision, placement, critic in systems:
+        name = placement + ("" if critic == "overlap" else ", serial critic") + ("" if precision == "fp32" else " bf16")
         cfg = load_config("ppo", REPO / "configs/ppo_tiny.yaml",
                           sets + [f"placement={placement}", f"algo.overlap_critic={str(critic == 'overlap').lower()}",
-                                  f"save_dir={out / f'relay_{placement}_{critic}'}"])
+                                  f"save_dir={out / f'relay_{placement}_{critic}_{precision}'}"]
+                          + (BF16_SETS if precision == "bf16" else []))
         validate(cfg, "cpu")
         system = PPOSystem(cfg)
         try:  # one system at a time: its idle processes stay out of the next one's timings
@@ -138,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     for trl in trl_runs:
         steps = trl["steps"][1:]
         trl_s = statistics.median(s["wall_s"] for s in steps)
-        rows.append({"side": f"TRL PPOTrainer 1.12 {trl.get('threads', 1)}t", "threads": trl.get("threads", 1),
+        rows.append({"side": f"TRL PPOTrainer 1.12 {trl.get('threads', 1)}t{' bf16' if trl.get('bf16') else ''}",
+                     "threads": trl.get("threads", 1), "bf16": trl.get("bf16", False),
                      "step_s": trl_s, "samples_per_s": n / trl_s, "load": statistics.median(s["load"] for s in steps)})
     trl_best = max(rows, key=lambda r: r["samples_per_s"])
     for placement, recs in records.items():
@@ -147,18 +169,20 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"side": f"Relay PPO sync {placement}", "step_s": relay_s, "samples_per_s": n / relay_s,
                      "gen_s": statistics.median(r["gen_s"] for r in steps),
                      "score_s": statistics.median(r["score_s"] for r in steps),
-                     "update_s": statistics.median(r["update_s"] for r in steps), "load": os.getloadavg()[0]})
-    print(f"\nPPO (GAE), SmolLM2-135M fp32, {n} prompts x 1 sample x <= {args.max_new_tokens} tokens per update, "
-          f"micro-batch {args.micro_batch} (medians); ratios against TRL at its best thread count "
-          f"({trl_best['threads']})")
+                     "update_s": statistics.median(r["update_s"] for r in steps),
+                     "sync_s": statistics.median(r["sync_s"] for r in steps), "load": os.getloadavg()[0]})
+    print(f"\nPPO (GAE), SmolLM2-135M {'/'.join(precisions)}, {n} prompts x 1 sample x <= {args.max_new_tokens} tokens per update, "
+          f"micro-batch {args.micro_batch} (medians); ratios against TRL at its best "
+          f"({trl_best['threads']} threads{', bf16' if trl_best['bf16'] else ', fp32'})")
     print(f"{'side':44s} {'s/step':>8s} {'samples/s':>10s} {'vs best TRL':>11s}")
     for r in rows:
         r["ratio"] = r["samples_per_s"] / trl_best["samples_per_s"]
-        extra = (f"  (gen {r['gen_s']:.1f} s, score {r['score_s']:.1f} s, update {r['update_s']:.1f} s)"
+        extra = (f"  (gen {r['gen_s']:.1f} s, score {r['score_s']:.1f} s, update {r['update_s']:.1f} s, "
+                 f"sync {r['sync_s']:.1f} s)"
                  if "update_s" in r else "")
         print(f"{r['side']:44s} {r['step_s']:8.2f} {r['samples_per_s']:10.3f} {r['ratio']:10.2f}x{extra}")
     write_results(out, {"benchmark": "ppo_vs_trl", "args": vars(args), "rows": rows, "trl_runs": trl_runs,
-                        "trl_best_threads": trl_best["threads"], "relay_episodes": records})
+                        "trl_best_threads": trl_best["threads"], "trl_best_bf16": trl_best["bf16"], "relay_episodes": records})
     return 0
 
 

@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true", help="PPOConfig.bf16: bf16 autocast on CPU too")
     args = ap.parse_args()
 
     import torch
@@ -56,7 +57,7 @@ def main() -> int:
         local_rollout_forward_batch_size=args.micro_batch,
         num_mini_batches=1, num_ppo_epochs=1, total_episodes=args.steps * args.prompts_per_step,
         response_length=args.max_new_tokens, temperature=1.0, stop_token="eos", missing_eos_penalty=None,
-        kl_coef=args.kl_coef, learning_rate=args.lr, lr_scheduler_type="constant", use_cpu=True, bf16=False,
+        kl_coef=args.kl_coef, learning_rate=args.lr, lr_scheduler_type="constant", use_cpu=True, bf16=args.bf16,
         fp16=False, report_to=[], save_strategy="no", logging_steps=1, num_sample_generations=0, seed=0,
         dataloader_num_workers=0, gradient_checkpointing=False,
     )
@@ -70,7 +71,7 @@ def main() -> int:
     t0 = time.perf_counter()
     trainer.train()
     json.dump({"steps": timer.steps, "total_s": time.perf_counter() - t0, "trl": trl.__version__,
-               "samples_per_step": args.prompts_per_step, "threads": args.threads}, open(args.out, "w"), indent=1)
+               "samples_per_step": args.prompts_per_step, "threads": args.threads, "bf16": args.bf16}, open(args.out, "w"), indent=1)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""bf16 autocast for the actor update (`relay.learners.autocast`, algo.update_autocast): resolution per CPU,
+"""bf16 autocast for the actor and critic update (`relay.learners.autocast`, algo.update_autocast): resolution per CPU,
 the loss's forward really runs bf16 while weights and gradients stay fp32, and the loss stays close to fp32.
 No Ray."""
 from __future__ import annotations
@@ -64,3 +64,28 @@ def test_bf16_forward_fp32_weights_and_close_loss(tiny_llama_dir):
     assert abs(fp32_m["ratio"] - 1) < 1e-6
     assert abs(bf16_m["ratio"] - 1) < 5e-2 and bf16_m["ratio"] != fp32_m["ratio"]
     assert abs(float(bf16_loss.detach()) - float(fp32_loss.detach())) < 5e-2
+
+
+def test_critic_forward_under_autocast_keeps_fp32_values(tiny_llama_dir):
+    from relay.learners.ppo import ppo_critic_loss
+    from relay.models.heads import CriticModel
+
+    critic = CriticModel.from_pretrained(str(tiny_llama_dir), dtype=torch.float32, seed=3).train()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (4, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "action_mask": torch.ones(4, 5),
+             "old_values": torch.zeros(4, 5), "returns": torch.randn(4, 5)}
+    seen = []
+    hooks = [critic.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(("mlp", o.dtype))),
+             critic.value_head.register_forward_hook(lambda m, i, o: seen.append(("head", o.dtype)))]
+    fp32_loss, _ = ppo_critic_loss(critic, batch)
+    bf16_loss, _ = ppo_critic_loss(critic, batch, autocast="bf16")
+    for h in hooks:
+        h.remove()
+    assert seen == [("mlp", torch.float32), ("head", torch.float32), ("mlp", torch.bfloat16), ("head", torch.float32)]
+    bf16_loss.backward()
+    assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
+               for p in critic.parameters())
+    assert critic.value_head.weight.grad is not None
+    fp32, bf16 = float(fp32_loss.detach()), float(bf16_loss.detach())
+    assert 0 < abs(bf16 - fp32) < 5e-2 * max(1.0, abs(fp32))

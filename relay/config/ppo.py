@@ -167,8 +167,8 @@ class PPOAlgoConfig(Group):
         "plugins ddp/zero2/zero2_cpu without grad_checkpoint (the shardformer forwards of '3d' have no KV cache).",
         True)
     update_autocast: Literal["off", "bf16", "auto"] = doc(
-        "Actor update: run the policy forward (and so its backward) under bf16 autocast, fp32 weights, optimizer "
-        "and logprob math kept (1.5x faster steps where the CPU computes bf16 natively; see "
+        "Update: run the policy's forward (and so its backward), and the critic's, under bf16 autocast, fp32 "
+        "weights, optimizer, logprob and value math kept (1.5x faster steps where the CPU computes bf16 natively; see "
         "relay.learners.autocast). 'auto': bf16 on GPUs and CPUs with AVX512_BF16/AMX, off on AVX2-only CPUs "
         "(bf16 is emulated there). Changes the numbers at the ~1e-2 level: old logprobs then come from the "
         "update's own forward (old_logprobs 'auto' with num_update_steps 1: ratio exactly 1) or the learner's "

@@ -99,7 +99,8 @@ class PPOUpdates:
         out["nonfinite_skipped"] = 0.0
         out["samples_skipped"] = 0.0  # experiences in actor steps the guard dropped (rows x dropped steps)
         out["update_overlap_s"] = 0.0
-        critic_kw = dict(loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip, num_threads=critic_threads)
+        critic_kw = dict(loss=ppo_critic_loss, micro_batches=micro, value_clip=a.value_clip, num_threads=critic_threads,
+                         autocast=a.update_autocast)
         for step in range(a.num_update_steps):
             n = self.state.version
             self.actor.set_lr(lr_at(n, cfg.actor_optim.lr, total_steps, cfg.actor_optim.warmup_steps, cfg.actor_optim.min_lr_ratio))

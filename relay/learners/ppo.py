@@ -196,13 +196,17 @@ def ppo_actor_loss(
 def ppo_critic_loss(
     model: Any, batch: dict[str, Any], value_clip: float = 0.2, denominators: dict[str, float] | None = None,
     num_threads: int | None = None,
+    autocast: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss of the critic's response values against `returns` (clip around `old_values`), a
-    mean over the step's action tokens."""
+    mean over the step's action tokens. `autocast`: as in `ppo_actor_loss` (the critic's forward under bf16
+    autocast, values and loss in fp32)."""
     prepare_step(num_threads)
     den = denominators_or_counts(denominators, action_counts, batch)
     batch = trim_padding_columns(batch)
     mask = batch["action_mask"].float()
-    values = response_values(model(**model_inputs(batch)).float(), mask.shape[1])
+    with autocast_forward(model, autocast):
+        out = model(**model_inputs(batch))
+    values = response_values(out.float(), mask.shape[1])
     loss = value_loss(values, batch["old_values"], batch["returns"], mask, value_clip, token_normalizer=den["actions"])
     return loss, {"value_mean": float(masked_mean(values.detach(), mask))}

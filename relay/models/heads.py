@@ -59,7 +59,9 @@ class CriticModel(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.value_head(hidden).squeeze(-1)
+        # the head in the weights' dtype even under autocast: bf16 values would round returns at ~1e-2
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     # HF-like helpers used by ColossalAI policies, LoRA and gradient checkpointing.
     def get_input_embeddings(self) -> nn.Module:
