@@ -172,16 +172,16 @@ def remove_busy_generator(pool, cluster, record: dict, timeout_s: float = 60.0) 
 def wrap_update(system, cluster, seen: dict) -> None:
     """Remove the node of actor ranks 2-3 as episode LEARNER_LOSS's update goes out (only the first time)."""
     group = system.actor
-    real = group.train_step
+    real = group.start_train_step  # what the update loop calls (then finish)
 
-    def train_step(*args, **kwargs):
+    def start_train_step(*args, **kwargs):
         if "learner_lost" not in seen and system.state.episode == LEARNER_LOSS:
             nodes, pids = group.nodes(), group.pids()
             seen["learner_lost"] = {"ranks_on_it": [i for i, n in enumerate(nodes) if n == nodes[2]],
                                     "rank_pids": pids, **lose_node(cluster, nodes[2])}
         return real(*args, **kwargs)
 
-    group.train_step = train_step
+    group.start_train_step = start_train_step
 
 
 if __name__ == "__main__":

@@ -273,8 +273,11 @@ def test_ppo_update_stops_after_repeated_nonfinite_steps():
         def forward_logprobs(self, b, temperature=1.0, last=None, micro_batch_size=0):
             return torch.zeros(b["input_ids"].shape[0], last)
 
-        def train_step(self, batch, loss=None, micro_batches=1, **kw):
+        def start_train_step(self, batch, loss=None, micro_batches=1, **kw):  # the group's start/finish pair
             return {"loss": float("nan"), "approx_kl": 0.0, "logprob_diff": 0.0, "nonfinite_skipped": 1.0, "step": 0}
+
+        def finish(self, pending):
+            return pending
 
     class Exp(SimpleNamespace):
         def __len__(self):

@@ -27,11 +27,13 @@ def metrics_steps(run) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def test_sigterm_stops_at_a_safe_point_and_resume_auto_finishes(tiny_demo_data, tmp_path):
+def test_sigterm_stops_at_a_safe_point_and_resume_auto_finishes(ray_session, tiny_demo_data, tmp_path):
     run = tmp_path / "sft"
+    # on the suite's cluster, as a job's driver is on its cluster (and no cluster start per run)
+    address = ray_session.get_runtime_context().gcs_address
     args = ["sft", "--config", "configs/sft_tiny.yaml", "--set", f"dataset={tiny_demo_data / 'sft'}",
             "--set", f"save_dir={run}", "--set", "learner.num_ranks=1", "--set", f"max_steps={STEPS}",
-            "--set", "save_interval=0", "--set", "logging.use_tensorboard=false"]
+            "--set", "save_interval=0", "--set", "logging.use_tensorboard=false", "--set", f"cluster.address={address}"]
     out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"  # files: a full pipe would block it
     with out_file.open("w") as out, err_file.open("w") as errs:
         proc = subprocess.Popen([str(BIN / "relay"), *args], cwd=REPO, env=job_env(), stdout=out, stderr=errs)

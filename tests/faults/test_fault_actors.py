@@ -192,7 +192,7 @@ def test_nan_gradient_is_skipped_counted_and_the_run_goes_on(fault_system, capsy
     system, taken = fault_system
     if system.state.episode != 6:
         pytest.skip("needs the state test_killed_buffer_redoes_the_episode leaves (6 episodes)")
-    real = system.actor.train_step
+    real = system.actor.start_train_step  # what the update loop calls (then finish)
     poisoned = []
 
     def spy(batch, *args, **kwargs):
@@ -201,7 +201,7 @@ def test_nan_gradient_is_skipped_counted_and_the_run_goes_on(fault_system, capsy
             poisoned.append(system.state.version)
         return real(batch, *args, **kwargs)
 
-    system.actor.train_step = spy
+    system.actor.start_train_step = spy
     records = system.run_episodes(until=EPISODES)
     assert poisoned and [r["episode"] for r in records] == [7, 8]
     nan_ep, after = records

@@ -184,7 +184,7 @@ def _check_history(system, trained, restarts: int, out: str, killed: dict, what:
 
 def test_killed_actor_rank_restarts_the_groups_from_the_checkpoint(fault_system, capsys):
     system, trained = fault_system
-    killed = _kill_before(system, "actor", "train_step", rank=1, episode=2)
+    killed = _kill_before(system, "actor", "start_train_step", rank=1, episode=2)
     t0 = time.monotonic()
     records = system.run_episodes(until=3)
     out = capsys.readouterr().err
