@@ -129,7 +129,7 @@ def test_weight_push_crosses_nodes_by_node_id_and_never_through_the_driver(sim):
     near, far = report["per_generator"]
     assert near["how"] == "paths" and near["node"] == w["sender_node"]
     assert all(f"relay-weights-{w['sender_pid']}-" in p for p in near["paths"])  # the sender's own folder
-    assert far["how"] == "blobs" and far["node"] == w["driver_node"] and far["arg_types"] == ["bytes"]
+    assert far["how"] == "blobs" and far["node"] == w["driver_node"] and far["arg_types"] == ["ndarray"]  # Ray resolved the refs: the buckets themselves
     for got in (near, far, w["joined"]):
         assert got["sums"] == expected and got["version"] == 1
         assert got["dtypes"]["model.norm.weight"] == "torch.bfloat16"
