@@ -187,7 +187,8 @@ class PPOAlgoConfig(Group):
     overlap_critic: bool = doc(
         "Run each update step's critic step at the same time as the actor's (both groups compute at once, as "
         "OpenRLHF does) instead of after it. Placement timeshare then shares each node's cores over the actor and "
-        "critic ranks together. Same numbers either way: the two steps share no state.", True)
+        "critic ranks together. The two steps share no state, so only the timing changes (and, in timeshare, each "
+        "rank's thread count, which can move float rounding).", True)
     max_nonfinite_steps: PosInt = doc(
         "An actor or critic optimizer step with a non-finite loss or gradient is skipped (weights untouched, "
         "counted as nonfinite_skipped); after this many update steps in a row with a skip the run stops with "
