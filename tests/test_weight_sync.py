@@ -321,12 +321,14 @@ def test_packed_buckets_are_what_safetensors_reads(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load
 
-    from relay.actors.weight_sync import pack_bucket
+    from relay.actors.weight_sync import pack_bucket, write_bucket_file
 
     tensors = {"z.bf16": torch.randn(3, 5).to(torch.bfloat16), "a.f32": torch.randn(7),
                "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3), "mask": torch.tensor([True, False, True]),
                "half": torch.randn(2, 2).half(), "empty": torch.zeros(0, 4), "u8": torch.arange(5, dtype=torch.uint8)}
     blob = pack_bucket(tensors, metadata={"relay_version": "3"})
+    direct = write_bucket_file(tensors, tmp_path / "direct.safetensors", metadata={"relay_version": "3"})
+    assert direct.read_bytes() == blob.tobytes() and oct(direct.stat().st_mode & 0o777) == "0o600"
     back = load(blob.tobytes())
     assert back.keys() == tensors.keys()
     for name, t in tensors.items():
@@ -334,6 +336,8 @@ def test_packed_buckets_are_what_safetensors_reads(tmp_path):
     path = write_blobs([blob], tmp_path)[0]
     with safe_open(str(path), "pt") as f:
         assert f.metadata() == {"relay_version": "3"}
+    with pytest.raises(FileExistsError):  # never over (or through) what is already there
+        write_bucket_file(tensors, direct)
     assert (8 + int.from_bytes(blob[:8].tobytes(), "little")) % 8 == 0  # data starts 8-byte aligned
     with pytest.raises(WeightUpdateError, match="complex64"):
         pack_bucket({"c": torch.zeros(2, dtype=torch.complex64)})

@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 from relay.actors.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     WeightUpdateError,
-    iter_serialized_buckets,
+    bucket_plan,
     new_transfer_folder,
+    pack_bucket,
+    write_bucket_file,
 )
-from relay.scratch import write_private
 
 if TYPE_CHECKING:
     import torch
@@ -195,9 +196,11 @@ class WeightPush:
 
     def _buckets(self, state_dict: Mapping[str, torch.Tensor], folder: Path | None, to_store: bool,
                  report: dict[str, Any]) -> tuple[list[str], list[Any]]:
-        """Serialize each bucket once; write its bytes into `folder` (shared memory) and/or `ray.put` them (the
-        sender owns those objects). One bucket's bytes are held at a time. Adds the seconds of each part to
-        `report` (serialize_s, file_s, put_s)."""
+        """Write each bucket once: straight from the tensors into a file in `folder` (shared memory), and/or
+        `ray.put` its bytes (the sender owns those objects), read back from that file or else packed
+        (`pack_bucket`). One bucket's bytes are held at a time. Adds the seconds of each part to `report`:
+        serialize_s (preparing and packing the buckets), file_s, put_s."""
+        import numpy as np
         import ray
 
         paths: list[str] = []
@@ -205,12 +208,18 @@ class WeightPush:
         meta = {"relay_version": str(self.version)}
         spent = dict.fromkeys(("serialize_s", "file_s", "put_s"), 0.0)
         t = time.perf_counter()
-        for i, blob in enumerate(iter_serialized_buckets(state_dict, self.bucket_bytes, metadata=meta)):
+        for i, (bucket, bucket_meta) in enumerate(bucket_plan(state_dict, self.bucket_bytes, metadata=meta)):
             t = _lap(spent, "serialize_s", t)
-            if folder is not None:
-                paths.append(str(write_private(folder / f"weights-{i:05d}.safetensors", blob)))
+            blob = None
+            if folder is not None:  # straight from the tensors into the file; the store copies from the file
+                path = write_bucket_file(bucket, folder / f"weights-{i:05d}.safetensors", bucket_meta)
+                paths.append(str(path))
+                blob = np.asarray(np.memmap(path, dtype=np.uint8, mode="r")) if to_store else None
                 t = _lap(spent, "file_s", t)
-            if to_store:
+            elif to_store:
+                blob = pack_bucket(bucket, metadata=bucket_meta)
+                t = _lap(spent, "serialize_s", t)
+            if blob is not None:
                 blobs.append(ray.put(blob))
                 t = _lap(spent, "put_s", t)
         report.update(spent)

@@ -92,16 +92,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def pack_bucket(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Any:
-    """One safetensors file's bytes as a uint8 numpy array, each tensor copied once into its place.
-
-    safetensors' own `save` copies every tensor twice (to Python bytes, then into the file image) and took
-    2-3 s for SmolLM2's 540 MB inside a busy PPO system; this writes the format (8-byte little-endian header
-    length, JSON header padded with spaces to 8 bytes, then the data in header order) straight into one buffer.
-    `tensors` must be CPU and contiguous (`_prepare`)."""
-    import numpy as np
-    import torch
-
+def _bucket_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, int]:
+    """A safetensors file's first bytes (8-byte little-endian header length, JSON header padded with spaces to 8
+    bytes; the data follows in the tensors' order) and the data's length."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, t in tensors.items():
@@ -112,15 +105,60 @@ def pack_bucket(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
         offset += _nbytes(t)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    out = np.empty(8 + len(head) + offset, dtype=np.uint8)
-    out[:8] = np.frombuffer(struct.pack("<Q", len(head)), dtype=np.uint8)
-    out[8 : 8 + len(head)] = np.frombuffer(head, dtype=np.uint8)
-    data = torch.from_numpy(out[8 + len(head):])
-    for name, t in tensors.items():
-        start, end = header[name]["data_offsets"]
-        if end > start:
-            data[start:end].copy_(t.reshape(-1).view(torch.uint8))
+    return struct.pack("<Q", len(head)) + head, offset
+
+
+def _raw(t: torch.Tensor) -> Any:
+    import torch
+
+    return t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes, no copy
+
+
+def pack_bucket(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Any:
+    """One safetensors file's bytes as a uint8 numpy array, each tensor copied once into its place.
+
+    safetensors' own `save` copies every tensor twice (to Python bytes, then into the file image): 0.6 s for
+    SmolLM2's 540 MB on a quiet machine, 2-3 s inside a busy PPO system. `tensors` must be CPU and contiguous
+    (`_prepare`)."""
+    import numpy as np
+
+    head, size = _bucket_header(tensors, metadata)
+    out = np.empty(len(head) + size, dtype=np.uint8)
+    out[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    at = len(head)
+    for t in tensors.values():
+        n = _nbytes(t)
+        if n:
+            out[at : at + n] = _raw(t)
+        at += n
     return out
+
+
+def write_bucket_file(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write one safetensors file straight from the tensors' memory (the only copy is the kernel's into the
+    file: 0.2 s for 540 MB to /dev/shm, where building the bytes first cost 0.3-1.6 s more, most of it page
+    faults of a fresh buffer). A new private file, as `write_private`. `tensors` must be CPU and contiguous."""
+    head, _ = _bucket_header(tensors, metadata)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    with os.fdopen(os.open(path, flags, 0o600), "wb", buffering=0) as f:
+        f.write(head)
+        for t in tensors.values():
+            if _nbytes(t):
+                view = memoryview(_raw(t))
+                while view:  # a raw write may take only part
+                    view = view[f.write(view):]
+    return Path(path)
+
+
+def bucket_plan(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                metadata: Mapping[str, str] | None = None) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """The state dict's buckets (CPU, contiguous tensors of at most `bucket_bytes` each) with their metadata
+    (`metadata` + bucket number and count), one at a time."""
+    tensors = _prepare(state_dict)
+    plan = plan_buckets([(n, _nbytes(t)) for n, t in tensors.items()], bucket_bytes)
+    for i, names in enumerate(plan):
+        yield {n: tensors[n] for n in names}, {**(metadata or {}), "bucket": str(i), "num_buckets": str(len(plan))}
 
 
 def iter_serialized_buckets(
@@ -131,11 +169,8 @@ def iter_serialized_buckets(
     """The state dict as safetensors blobs (`pack_bucket`: uint8 arrays, written and `ray.put` like bytes) of at
     most `bucket_bytes` of tensors each, one at a time (so a caller can hand each to the object store before
     the next is built)."""
-    tensors = _prepare(state_dict)
-    plan = plan_buckets([(n, _nbytes(t)) for n, t in tensors.items()], bucket_bytes)
-    for i, names in enumerate(plan):
-        meta = {**(metadata or {}), "bucket": str(i), "num_buckets": str(len(plan))}
-        yield pack_bucket({n: tensors[n] for n in names}, metadata=meta)
+    for bucket, meta in bucket_plan(state_dict, bucket_bytes, metadata):
+        yield pack_bucket(bucket, metadata=meta)
 
 
 def serialize_buckets(
