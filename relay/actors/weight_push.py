@@ -2,15 +2,15 @@
 
 The driver never holds the tensors. It builds a `WeightPush` (generator handles, their Ray node ids, the
 version) and hands it to the sender, which calls it with its full state dict (`LearnerGroup.publish_weights`);
-the push serializes each size-bounded safetensors bucket once (`relay.actors.weight_sync`) and then, per
+the push writes each size-bounded safetensors bucket once (`relay.actors.weight_sync`) and then, per
 generator, by node id (`choose_transports`), never by whether a path happens to exist:
 
-* ``shm``: a generator on the sender's node loads bucket files the sender wrote to a private folder in its
-  node's /dev/shm (on disk when /dev/shm is missing or too small); one write, N memory-mapped reads. The folder
-  is removed after the push.
-* ``object_store``: a generator on another node gets the buckets' ObjectRefs; Ray moves the bytes to its node,
-  where it writes them to its own /dev/shm and loads them the same way. Bytes rather than numpy arrays because
-  numpy has no bfloat16.
+* ``shm``: a generator on the sender's node loads bucket files the sender wrote, straight from the tensors, to
+  a private folder in its node's /dev/shm (on disk when /dev/shm is missing or too small); one write, N
+  memory-mapped reads. The folder is removed after the push.
+* ``object_store``: a generator on another node gets the buckets' ObjectRefs; Ray moves the bytes (a uint8
+  array of the file's bytes: numpy has no bfloat16) to its node, where it writes them to its own /dev/shm and
+  loads them the same way.
 
 With `keep` (what `GeneratorPool` asks for) the buckets also stay in the object store after the push and the
 report carries their refs. The sender owns those objects (they live as long as it does and someone holds a
