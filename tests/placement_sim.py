@@ -224,7 +224,7 @@ def weights() -> dict:
 
             state = {}
             for blob in blobs:
-                state.update(load(bytes(blob)))  # pack_bucket arrays, as the real generator gets them
+                state.update(load(bytes(blob)))  # uint8 arrays of the bucket files, as the real generator gets them
             return self._got("blobs", version, state, arg_types=sorted({type(b).__name__ for b in blobs}))
 
         def _got(self, how, version, state, **extra) -> dict:
