@@ -194,16 +194,13 @@ def write_buckets(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = _prepare(state_dict)
-    plan = plan_buckets([(n, _nbytes(t)) for n, t in tensors.items()], bucket_bytes)
     paths = []
-    for i, names in enumerate(plan):
-        path = out_dir / f"{prefix}-{i:05d}-of-{len(plan):05d}.safetensors"
-        meta = {**(metadata or {}), "bucket": str(i), "num_buckets": str(len(plan))}
+    for i, (bucket, meta) in enumerate(bucket_plan(state_dict, bucket_bytes, metadata)):
+        path = out_dir / f"{prefix}-{i:05d}-of-{int(meta['num_buckets']):05d}.safetensors"
         # save_file opens the path it is given: give it a mkstemp file, and rename (which replaces a link
         # planted at `path` instead of writing through it)
         tmp = private_temp_file(out_dir, path.name)
-        save_file({n: tensors[n] for n in names}, str(tmp), metadata=meta)
+        save_file(bucket, str(tmp), metadata=meta)
         os.replace(tmp, path)
         paths.append(path)
     return paths

@@ -332,14 +332,9 @@ class LearnerGroup:
         return self._call("load_checkpoint", str(path), what="load_checkpoint")[0]
 
     def rank_cores(self) -> list[tuple[str, int]]:
-        """Per rank: (its Ray node id, the cores its process may use)."""
+        """Per rank: (its Ray node id, the cores its process may use); `share_node_cores` turns the groups' lists
+        into threads per rank for placement timeshare."""
         return list(zip(self._call_each("node_id", what="node_id"), self._call_each("cores", what="cores")))
-
-    def phase_threads(self) -> list[int]:
-        """Per rank: the cores of its node shared out over the group's ranks there (at least 1): what a rank may
-        train with while nothing else on the node runs (placement timeshare). Groups that train at the same time
-        share with `share_node_cores`."""
-        return share_node_cores([self.rank_cores()])[0]
 
     @contextlib.contextmanager
     def hand_over_threads(self, counts: list[int]) -> Iterator[None]:
