@@ -10,14 +10,23 @@ through a link) or `private_temp_file` (mkstemp).
 
 $RELAY_SHM_DIR replaces /dev/shm as the shared-memory root (tests point it at a small or full folder); it
 reaches every Relay actor (`relay.cluster.options.actor_env`).
+
+A sender that writes the same sizes again and again (a learner pushing weights every episode) keeps its folder
+between uses (`reused_dir`): overwriting a file's existing pages costs a fifth of filling fresh ones (0.2 s
+against 0.5-1.9 s for 650 MB on a quiet machine, more in a busy one). A kept folder goes when its process ends
+(`release_reused_dirs`, at exit, or swept by the next process of the same pid namespace that keeps one).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -89,3 +98,114 @@ def private_temp_file(folder: str | Path, name: str) -> Path:
     fd, path = tempfile.mkstemp(prefix=f"{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folders kept between uses by one process.
+
+OWNER_FILE = ".relay-owner"  # "<pid namespace> <pid>" of the process keeping the folder
+_reused: dict[str, Path] = {}
+_reused_busy: set[str] = set()
+_reused_lock = threading.Lock()
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphans(root: str | Path, stem: str) -> list[Path]:
+    """Remove the kept folders `<root>/<stem>*` whose process is gone (SIGKILL skips the exit hook). Only
+    folders this user owns and whose owner file names this pid namespace: a pid means nothing in another
+    container that shares /dev/shm. Returns the removed folders."""
+    removed = []
+    for folder in Path(root).glob(f"{stem}*"):
+        try:
+            if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            namespace, pid = (folder / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
+            continue  # not a kept folder (a throwaway one is removed by its user), or not ours
+        if namespace == _pid_namespace() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        logger.info("removed %d scratch folder(s) of ended processes: %s", len(removed), [p.name for p in removed])
+    return removed
+
+
+@dataclass
+class ReusedDir:
+    """A folder lent by `reused_dir`; `discard()` when its files must not be overwritten later (a reader may
+    still map them)."""
+
+    path: Path
+    reused: bool
+    """False: a throwaway folder (the kept one was in use by another thread); removed after the `with`."""
+    kept: bool = True
+
+    def discard(self) -> None:
+        self.kept = False
+
+
+@contextmanager
+def reused_dir(key: str, stem: str, needed_bytes: int = 0, what: str = "scratch files") -> Iterator[ReusedDir]:
+    """This process's kept private folder for `key` (made on first use as `private_dir(f"{stem}{pid}-")`),
+    lent for the `with` block. The folder is removed instead of kept when the block raises or calls
+    `discard()`; a second thread asking while it is lent gets a throwaway folder."""
+    with _reused_lock:
+        busy = key in _reused_busy
+        folder = None if busy else _reused.get(key)
+        if not busy:
+            _reused_busy.add(key)
+    try:
+        if folder is not None and not folder.is_dir():
+            folder = None
+        if folder is None:
+            folder = private_dir(f"{stem}{os.getpid()}-", needed_bytes, what=what)
+            if not busy:
+                sweep_orphans(folder.parent, stem)
+                write_private(folder / OWNER_FILE, f"{_pid_namespace()} {os.getpid()}".encode())
+                with _reused_lock:
+                    _reused[key] = folder
+        lease = ReusedDir(folder, reused=not busy)
+        try:
+            yield lease
+        except BaseException:
+            lease.discard()
+            raise
+        finally:
+            if not (lease.kept and lease.reused):
+                shutil.rmtree(folder, ignore_errors=True)
+                if lease.reused:
+                    with _reused_lock:
+                        _reused.pop(key, None)
+    finally:
+        if not busy:
+            with _reused_lock:
+                _reused_busy.discard(key)
+
+
+def release_reused_dirs() -> None:
+    """Remove every folder this process keeps (it is about to end, or no longer sends)."""
+    with _reused_lock:
+        folders = [f for k, f in _reused.items() if k not in _reused_busy]
+        for k in [k for k in _reused if k not in _reused_busy]:
+            del _reused[k]
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+atexit.register(release_reused_dirs)

@@ -128,3 +128,56 @@ def test_no_predictable_shared_paths_in_relay():
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if p.name != "scratch.py" and '"/dev/shm"' in p.read_text()]
     assert offenders == []
+
+
+def _kept(tmp_path, monkeypatch, key="k"):
+    monkeypatch.setenv(scratch.ENV_ROOT, str(tmp_path))
+    return scratch.reused_dir(key, "relay-t-", 1000)
+
+
+def test_reused_dir_is_kept_between_uses_and_removed_on_release(tmp_path, monkeypatch):
+    with _kept(tmp_path, monkeypatch) as first:
+        (first.path / "f").write_bytes(b"x")
+    with _kept(tmp_path, monkeypatch) as second:
+        assert second.path == first.path and second.reused and (second.path / "f").read_bytes() == b"x"
+        assert first.path.name.startswith(f"relay-t-{os.getpid()}-") and _mode(first.path) == 0o700
+        with _kept(tmp_path, monkeypatch) as nested:  # lent already (another thread's push): a throwaway one
+            assert nested.path != first.path and not nested.reused
+        assert not nested.path.exists() and first.path.exists()
+    scratch.release_reused_dirs()
+    assert not first.path.exists()
+    with _kept(tmp_path, monkeypatch) as fresh:
+        assert fresh.path != first.path
+    scratch.release_reused_dirs()
+
+
+def test_reused_dir_is_removed_when_discarded_or_failed(tmp_path, monkeypatch):
+    with _kept(tmp_path, monkeypatch) as lease:
+        lease.discard()  # a reader may still map its files
+    assert not lease.path.exists()
+    with pytest.raises(RuntimeError), _kept(tmp_path, monkeypatch) as broken:
+        raise RuntimeError("half written")
+    assert not broken.path.exists()
+    with _kept(tmp_path, monkeypatch) as again:
+        assert again.path not in (lease.path, broken.path)
+    scratch.release_reused_dirs()
+
+
+def test_sweep_removes_only_ended_processes_folders_of_this_namespace(tmp_path):
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead_pid = int(ended.stdout)
+    ns = scratch._pid_namespace()
+    folders = {}
+    for name, owner in {"dead": f"{ns} {dead_pid}", "alive": f"{ns} {os.getppid()}",
+                        "other-namespace": f"pid:[1] {dead_pid}", "no-owner": None}.items():
+        folders[name] = tmp_path / f"relay-t-{name}"
+        folders[name].mkdir()
+        if owner is not None:
+            (folders[name] / scratch.OWNER_FILE).write_text(owner)
+    removed = scratch.sweep_orphans(tmp_path, "relay-t-")
+    assert removed == [folders["dead"]] and not folders["dead"].exists()
+    assert all(folders[n].exists() for n in ("alive", "other-namespace", "no-owner"))

@@ -297,6 +297,40 @@ def test_shm_push_falls_back_to_disk_when_shm_is_full(generator, tiny_llama_dir,
 
 
 @pytest.mark.slow
+def test_reused_transfer_files_carry_each_new_version(generator, tiny_llama_dir):
+    """With `reuse` (the pool's pushes) the sender keeps its transfer folder and overwrites the same files on
+    the next push; the engine copied the first version out of them (it keeps no parameter in the files'
+    memory), so the second push's weights, not a mix, are what it serves. A push with a late generator gives
+    the folder up: that reader may still map the files."""
+    import ray
+
+    from relay import scratch
+    from relay.actors.sampling import SamplingConfig
+    from relay.actors.weight_push import WeightPush, push_error
+
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=12, seed=11)
+    v = generator.version()
+    first, second = _perturbed(tiny_llama_dir, seed=6), _perturbed(tiny_llama_dir, seed=7)
+    reports = []
+    for i, weights in enumerate((first, second), start=1):
+        report = WeightPush([generator], v + i, strategy="shm", timeout_s=120, reuse=True)(weights)
+        assert push_error(report) is None and report["reused_files"]
+        assert [w["aliases_files"] for w in report["per_generator"][0]["workers"]] == [False]
+        reports.append(report)
+    folder = scratch._reused["weight-transfer"]
+    assert folder.is_dir() and folder.name.startswith(f"relay-weights-{os.getpid()}-")
+    served = generator.generate(PROMPTS, sampling)
+    assert {r.weight_version for r in served} == {v + 2}
+    assert _hf_logprobs(_hf_model(tiny_llama_dir, second), served) < 1e-3
+    assert _hf_logprobs(_hf_model(tiny_llama_dir, first), served) > 1e-2  # the second version, not the first
+
+    node = ray.get(generator.actor.node_id.remote())
+    late = WeightPush([generator], v + 3, nodes=[node], strategy="shm", timeout_s=1e-3, reuse=True)(first)
+    assert late["late"] == [0] and not folder.exists() and "weight-transfer" not in scratch._reused
+    assert generator.version() == v + 2
+
+
+@pytest.mark.slow
 def test_failed_load_marks_generator_broken(generator, tiny_llama_dir, tmp_path):
     """A file that passes the header check but is truncated fails inside vLLM's reload, which leaves the engine
     half-loaded: the update must raise, the version stay, and the generator refuse to generate. Runs last in
@@ -341,3 +375,23 @@ def test_packed_buckets_are_what_safetensors_reads(tmp_path):
     assert (8 + int.from_bytes(blob[:8].tobytes(), "little")) % 8 == 0  # data starts 8-byte aligned
     with pytest.raises(WeightUpdateError, match="complex64"):
         pack_bucket({"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_bucket_file_overwritten_in_place(tmp_path):
+    """A reused transfer folder's files are rewritten in place (same inode: the pages are reused) and cut to
+    the new length; what is read back is the new bucket, byte for byte what `pack_bucket` makes."""
+    from relay.actors.weight_sync import pack_bucket, write_bucket_file
+
+    big = {"a": torch.randn(1000), "b": torch.randn(30, 30)}
+    small = {"a": torch.randn(10)}
+    path = write_bucket_file(big, tmp_path / "w.safetensors", {"relay_version": "1"})
+    inode = path.stat().st_ino
+    write_bucket_file(small, path, {"relay_version": "2"}, overwrite=True)
+    assert path.stat().st_ino == inode and path.read_bytes() == pack_bucket(small, {"relay_version": "2"}).tobytes()
+    assert torch.equal(read_buckets([path])["a"], small["a"])
+    fresh = write_bucket_file(small, tmp_path / "new.safetensors", overwrite=True)  # nothing there yet: created
+    assert oct(fresh.stat().st_mode & 0o777) == "0o600"
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "target")
+    with pytest.raises(OSError):  # never through a link
+        write_bucket_file(small, tmp_path / "link.safetensors", overwrite=True)
+    assert not (tmp_path / "target").exists()

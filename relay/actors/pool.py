@@ -215,7 +215,7 @@ class GeneratorPool(MembershipMixin, DispatchMixin):
             targets = [m for m in self._members.values() if m.state == ACTIVE]
             push = WeightPush([m.actor for m in targets], version, nodes=[m.node_id for m in targets],
                               strategy=self.options.push_strategy, timeout_s=timeout_s, rewind=rewind, keep=True,
-                              names=[m.name for m in targets])
+                              reuse=True, names=[m.name for m in targets])
             report = dict(send(push))
             blobs = list(report.pop("blobs", None) or [])
             if not blobs:

@@ -34,6 +34,23 @@ def _tied_embeddings(worker) -> bool:
         return False
 
 
+def _aliases(model, ranges: list[tuple[int, int]]) -> bool:
+    """Some parameter or buffer of `model` lies in the memory of a loaded file tensor (the engine kept the
+    file's mapping instead of copying it): the sender must then not overwrite those files later."""
+    import bisect
+
+    ranges = sorted(r for r in ranges if r[1] > r[0])
+    starts = [r[0] for r in ranges]
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        ptr = t.data_ptr()
+        i = bisect.bisect_right(starts, ptr) - 1
+        if i >= 0 and ptr < ranges[i][1]:
+            return True
+    return False
+
+
 class RelayWorkerExtension:
     """Methods added to vLLM's worker class (`self` is the worker; it has `model_runner`)."""
 
@@ -53,6 +70,7 @@ class RelayWorkerExtension:
         explain_vllm_reload_warnings(_tied_embeddings(self))
         probes: dict[str, torch.Tensor] = {}
         counts = {"tensors": 0, "bytes": 0}
+        file_ranges: list[tuple[int, int]] = []  # the memory-mapped file tensors (start, end)
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             for path in paths:
@@ -60,7 +78,9 @@ class RelayWorkerExtension:
                     for name in f.keys():
                         tensor = f.get_tensor(name)
                         counts["tensors"] += 1
+                        before = counts["bytes"]
                         counts["bytes"] += tensor.numel() * tensor.element_size()
+                        file_ranges.append((tensor.data_ptr(), tensor.data_ptr() + counts["bytes"] - before))
                         if _is_probe(name):
                             probes[name] = tensor
                         yield name, tensor
@@ -113,6 +133,7 @@ class RelayWorkerExtension:
             "bytes": counts["bytes"],
             "probes_verified": verified,
             "params_not_updated": len(missing),
+            "aliases_files": _aliases(model, file_ranges),
         }
 
     def relay_param_sums(self, names: list[str]) -> dict[str, float]:

@@ -7,7 +7,10 @@ generator, by node id (`choose_transports`), never by whether a path happens to 
 
 * ``shm``: a generator on the sender's node loads bucket files the sender wrote, straight from the tensors, to
   a private folder in its node's /dev/shm (on disk when /dev/shm is missing or too small); one write, N
-  memory-mapped reads. The folder is removed after the push.
+  memory-mapped reads. The folder is removed after the push, or with `reuse` (what `GeneratorPool` asks for)
+  kept by the sender for its next push, which overwrites the files in place: reusing their pages costs a
+  fifth of filling fresh ones. A push after which a reader may still map the files (a late or failed
+  generator, an engine whose parameters alias the file) removes the folder instead.
 * ``object_store``: a generator on another node gets the buckets' ObjectRefs; Ray moves the bytes (a uint8
   array of the file's bytes: numpy has no bfloat16) to its node, where it writes them to its own /dev/shm and
   loads them the same way.
@@ -27,19 +30,22 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relay.actors.weight_sync import (
     DEFAULT_BUCKET_BYTES,
+    TRANSFER_STEM,
     WeightUpdateError,
     bucket_plan,
     new_transfer_folder,
     pack_bucket,
     write_bucket_file,
 )
+from relay.scratch import ReusedDir, reused_dir
 
 if TYPE_CHECKING:
     import torch
@@ -104,6 +110,9 @@ class WeightPush:
     """Leave the buckets in the object store and return their refs (`blobs`), for generators that start later."""
     names: list[str] = field(default_factory=list)
     """Generator names for messages (default: their positions)."""
+    reuse: bool = False
+    """Keep the shared-memory transfer folder in the sending process for its next push (`relay.scratch.
+    reused_dir`; removed when that process ends)."""
 
     def __post_init__(self) -> None:
         choose_transports("", [], self.strategy)  # validates the strategy name
@@ -133,19 +142,20 @@ class WeightPush:
             "per_generator": [None] * len(actors)}
         shm = [i for i in targets if chosen[i] == "shm"]
         store = [i for i in targets if chosen[i] == "object_store"]
-        folder: Path | None = None
-        try:
-            t = time.perf_counter()
-            if shm:
-                folder = new_transfer_folder(total)
-                report["shm_dir"] = str(folder.parent)
-            paths, blobs = self._buckets(state_dict, folder, bool(store) or self.keep, report)
-            report["buckets"], report["write_s"] = max(len(paths), len(blobs)), time.perf_counter() - t
+        with self._folder(total, bool(shm)) as lease:
             refs: dict[Any, int] = {}
+            kw = {"allow_partial": self.allow_partial, "rewind": self.rewind}
+            t = time.perf_counter()
+            paths = self._write_files(state_dict, lease.path, report) if lease is not None else []
+            if lease is not None:
+                report["shm_dir"], report["reused_files"] = str(lease.path.parent), lease.reused
             if time.monotonic() < deadline:  # nothing is sent once the deadline has passed
-                kw = {"allow_partial": self.allow_partial, "rewind": self.rewind}
                 for i in shm:
                     refs[actors[i].update_weights.remote(paths, self.version, **kw)] = i
+            # the object-store copy is made while those generators load
+            blobs = self._put_blobs(state_dict, paths, report) if store or self.keep else []
+            report["buckets"], report["write_s"] = max(len(paths), len(blobs)), time.perf_counter() - t
+            if time.monotonic() < deadline:
                 for i in store:
                     # Top-level ObjectRef arguments are resolved by Ray on the receiving node.
                     refs[actors[i].update_weights_from_blobs.remote(self.version, *blobs, **kw)] = i
@@ -158,11 +168,10 @@ class WeightPush:
                     report["per_generator"][refs[ref]] = ray.get(ref, timeout=0)
                 except Exception as err:  # noqa: BLE001 - collected; `push_error` raises them together
                     failures[refs[ref]] = _short(err)
+            if lease is not None and (report["late"] or failures or _aliases_files(report["per_generator"])):
+                lease.discard()  # a reader may still map these files: never overwrite them
             if self.keep:
                 report["blobs"] = blobs
-        finally:
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
         loads = [r["load_s"] for r in report["per_generator"] if r]
         report["load_s"] = max(loads) if loads else 0.0
         report["total_s"] = time.perf_counter() - start
@@ -194,36 +203,67 @@ class WeightPush:
                     failures[i] = f"node_id: {_short(err)}"
         return nodes, failures, unasked
 
-    def _buckets(self, state_dict: Mapping[str, torch.Tensor], folder: Path | None, to_store: bool,
-                 report: dict[str, Any]) -> tuple[list[str], list[Any]]:
-        """Write each bucket once: straight from the tensors into a file in `folder` (shared memory), and/or
-        `ray.put` its bytes (the sender owns those objects), read back from that file or else packed
-        (`pack_bucket`). One bucket's bytes are held at a time. Adds the seconds of each part to `report`:
-        serialize_s (preparing and packing the buckets), file_s, put_s."""
+    @contextmanager
+    def _folder(self, total: int, needed: bool) -> Iterator[ReusedDir | None]:
+        """The transfer folder for this push (None when no generator reads files): fresh and removed after,
+        or, with `reuse`, this process's kept one."""
+        if not needed:
+            yield None
+        elif self.reuse:
+            with reused_dir("weight-transfer", TRANSFER_STEM, total, what="weight transfer") as lease:
+                yield lease
+        else:
+            folder = new_transfer_folder(total)
+            try:
+                yield ReusedDir(folder, reused=False)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _write_files(self, state_dict: Mapping[str, torch.Tensor], folder: Path, report: dict[str, Any]) -> list[str]:
+        """Each bucket straight from the tensors into a file in `folder` (overwriting the last push's files in
+        a reused folder); the seconds go to `report` as serialize_s (planning) and file_s."""
+        spent = dict.fromkeys(("serialize_s", "file_s"), 0.0)
+        paths = []
+        t = time.perf_counter()
+        buckets = bucket_plan(state_dict, self.bucket_bytes, metadata={"relay_version": str(self.version)})
+        for i, (bucket, bucket_meta) in enumerate(buckets):
+            t = _lap(spent, "serialize_s", t)
+            path = write_bucket_file(bucket, folder / f"weights-{i:05d}.safetensors", bucket_meta, overwrite=True)
+            paths.append(str(path))
+            t = _lap(spent, "file_s", t)
+        for stale in set(folder.glob("weights-*.safetensors")) - set(map(Path, paths)):
+            stale.unlink()  # a reused folder's buckets from a push with more of them
+        report.update(spent)
+        return paths
+
+    def _put_blobs(self, state_dict: Mapping[str, torch.Tensor], paths: list[str],
+                   report: dict[str, Any]) -> list[Any]:
+        """`ray.put` each bucket's bytes (the sender owns those objects): read from its file in `paths` when
+        there are files, else packed from the tensors (`pack_bucket`). One bucket's bytes are held at a time.
+        Adds put_s (and the packing to serialize_s)."""
         import numpy as np
         import ray
 
-        paths: list[str] = []
-        blobs: list[Any] = []
-        meta = {"relay_version": str(self.version)}
-        spent = dict.fromkeys(("serialize_s", "file_s", "put_s"), 0.0)
+        spent = {"serialize_s": report.get("serialize_s", 0.0), "put_s": 0.0}
+        if paths:
+            blobs = (np.asarray(np.memmap(p, dtype=np.uint8, mode="r")) for p in paths)
+        else:
+            meta = {"relay_version": str(self.version)}
+            blobs = (pack_bucket(b, metadata=m) for b, m in bucket_plan(state_dict, self.bucket_bytes, meta))
+        refs = []
         t = time.perf_counter()
-        for i, (bucket, bucket_meta) in enumerate(bucket_plan(state_dict, self.bucket_bytes, metadata=meta)):
+        for blob in blobs:
             t = _lap(spent, "serialize_s", t)
-            blob = None
-            if folder is not None:  # straight from the tensors into the file; the store copies from the file
-                path = write_bucket_file(bucket, folder / f"weights-{i:05d}.safetensors", bucket_meta)
-                paths.append(str(path))
-                blob = np.asarray(np.memmap(path, dtype=np.uint8, mode="r")) if to_store else None
-                t = _lap(spent, "file_s", t)
-            elif to_store:
-                blob = pack_bucket(bucket, metadata=bucket_meta)
-                t = _lap(spent, "serialize_s", t)
-            if blob is not None:
-                blobs.append(ray.put(blob))
-                t = _lap(spent, "put_s", t)
+            refs.append(ray.put(blob))
+            t = _lap(spent, "put_s", t)
         report.update(spent)
-        return paths, blobs
+        return refs
+
+
+def _aliases_files(reports: Sequence[Mapping[str, Any] | None]) -> bool:
+    """Some engine kept a parameter that is the loaded file's memory (`RelayWorkerExtension` checks): the
+    files must not be overwritten while it lives."""
+    return any(w.get("aliases_files") for r in reports if r for w in r.get("workers") or [] if isinstance(w, Mapping))
 
 
 def _lap(spent: dict[str, float], key: str, since: float) -> float:

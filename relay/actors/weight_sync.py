@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
+TRANSFER_STEM = "relay-weights-"  # + pid + "-": transfer folders' names
 # Names a learner's state dict may carry that vLLM skips on load (HF keeps them as buffers or tied aliases).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
@@ -135,19 +136,28 @@ def pack_bucket(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 
 
 def write_bucket_file(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                      metadata: Mapping[str, str] | None = None) -> Path:
+                      metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write one safetensors file straight from the tensors' memory (the only copy is the kernel's into the
     file: 0.2 s for 540 MB to /dev/shm, where building the bytes first cost 0.3-1.6 s more, most of it page
-    faults of a fresh buffer). A new private file, as `write_private`. `tensors` must be CPU and contiguous."""
-    head, _ = _bucket_header(tensors, metadata)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    with os.fdopen(os.open(path, flags, 0o600), "wb", buffering=0) as f:
+    faults of a fresh buffer). A new private file, as `write_private`; with `overwrite`, a regular file already
+    at `path` (in a folder only this user can write: `relay.scratch.reused_dir`) is rewritten in place, its
+    pages reused, and cut to the new length. `tensors` must be CPU and contiguous."""
+    head, size = _bucket_header(tensors, metadata)
+    flags = os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags) if overwrite else None
+    except FileNotFoundError:
+        fd = None
+    if fd is None:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb", buffering=0) as f:
         f.write(head)
         for t in tensors.values():
             if _nbytes(t):
                 view = memoryview(_raw(t))
                 while view:  # a raw write may take only part
                     view = view[f.write(view):]
+        f.truncate(len(head) + size)
     return Path(path)
 
 
@@ -334,5 +344,5 @@ def transfer_dir(needed_bytes: int = 0, preferred: str | None = None) -> Path:
 
 def new_transfer_folder(needed_bytes: int = 0) -> Path:
     """A fresh private folder (mode 0700, unpredictable name) for one transfer; the caller removes it."""
-    return private_dir(f"relay-weights-{os.getpid()}-", needed_bytes, what="weight transfer")
+    return private_dir(f"{TRANSFER_STEM}{os.getpid()}-", needed_bytes, what="weight transfer")
 

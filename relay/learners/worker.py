@@ -423,7 +423,10 @@ class LearnerWorker(WeightsAndCheckpoints):
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        from relay.scratch import release_reused_dirs
+
         self._drop()
+        release_reused_dirs()  # the weight-transfer folder rank 0 kept between pushes
         if dist.is_initialized():
             dist.destroy_process_group()
 
