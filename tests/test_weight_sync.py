@@ -314,7 +314,7 @@ def test_reused_transfer_files_carry_each_new_version(generator, tiny_llama_dir)
     reports = []
     for i, weights in enumerate((first, second), start=1):
         report = WeightPush([generator], v + i, strategy="shm", timeout_s=120, reuse=True)(weights)
-        assert push_error(report) is None and report["reused_files"]
+        assert push_error(report) is None and report["overwritten"] == (0 if i == 1 else report["buckets"])
         assert [w["aliases_files"] for w in report["per_generator"][0]["workers"]] == [False]
         reports.append(report)
     folder = scratch._reused["weight-transfer"]

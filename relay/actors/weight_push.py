@@ -148,7 +148,7 @@ class WeightPush:
             t = time.perf_counter()
             paths = self._write_files(state_dict, lease.path, report) if lease is not None else []
             if lease is not None:
-                report["shm_dir"], report["reused_files"] = str(lease.path.parent), lease.reused
+                report["shm_dir"] = str(lease.path.parent)
             if time.monotonic() < deadline:  # nothing is sent once the deadline has passed
                 for i in shm:
                     refs[actors[i].update_weights.remote(paths, self.version, **kw)] = i
@@ -221,19 +221,23 @@ class WeightPush:
 
     def _write_files(self, state_dict: Mapping[str, torch.Tensor], folder: Path, report: dict[str, Any]) -> list[str]:
         """Each bucket straight from the tensors into a file in `folder` (overwriting the last push's files in
-        a reused folder); the seconds go to `report` as serialize_s (planning) and file_s."""
+        a reused folder: `overwritten` in `report` counts them); the seconds go to `report` as serialize_s
+        (planning) and file_s."""
         spent = dict.fromkeys(("serialize_s", "file_s"), 0.0)
         paths = []
+        overwritten = 0
         t = time.perf_counter()
         buckets = bucket_plan(state_dict, self.bucket_bytes, metadata={"relay_version": str(self.version)})
         for i, (bucket, bucket_meta) in enumerate(buckets):
             t = _lap(spent, "serialize_s", t)
-            path = write_bucket_file(bucket, folder / f"weights-{i:05d}.safetensors", bucket_meta, overwrite=True)
+            path = folder / f"weights-{i:05d}.safetensors"
+            overwritten += path.is_file()
+            write_bucket_file(bucket, path, bucket_meta, overwrite=True)
             paths.append(str(path))
             t = _lap(spent, "file_s", t)
         for stale in set(folder.glob("weights-*.safetensors")) - set(map(Path, paths)):
             stale.unlink()  # a reused folder's buckets from a push with more of them
-        report.update(spent)
+        report.update(spent, overwritten=overwritten)
         return paths
 
     def _put_blobs(self, state_dict: Mapping[str, torch.Tensor], paths: list[str],

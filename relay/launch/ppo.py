@@ -386,11 +386,13 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
             "kl_coef": self.kl_ctl.value, "gen_s": gen_s, "score_s": score_s, "update_s": update_s,
             "sync_s": sync_s, "episode_s": episode_s, "rollout_tokens_per_s": rollout.num_tokens / max(gen_s, 1e-9),
             "samples_per_s": len(exp) / max(episode_s, 1e-9), "sync_share": sync_s / max(episode_s, 1e-9),
-            # where the sync's time goes: the sender's push (serialize + write/put, then the slowest load)
+            # where the sync's time goes: the sender's push (serialize + write, then the object-store put while
+            # the generators load)
             "sync_push_s": float(self.last_sync.get("total_s", 0.0)),
             "sync_write_s": float(self.last_sync.get("write_s", 0.0)),
             "sync_load_s": float(self.last_sync.get("load_s", 0.0)),
             **{f"sync_{k}": float(self.last_sync.get(k, 0.0)) for k in ("serialize_s", "file_s", "put_s")},
+            "sync_overwritten": int(self.last_sync.get("overwritten", 0)),  # buckets written over kept files
         }
         if self._eval_due(ep + 1, final=ep + 1 == a.num_episodes):
             t_eval = time.monotonic()
