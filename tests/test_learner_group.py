@@ -310,6 +310,20 @@ def test_group_api_errors_and_custom_loss(group, tiny_llama_dir, references):
     assert math.isfinite(group.train_step(batch)["loss"])
     assert all(torch.equal(v, before[k]) for k, v in group.full_state_dict().items())  # lr 0: no change
 
+    def scale(factor):
+        def send(state):
+            """Writes into what it is handed: the push reads the weights in place, not a copy of them."""
+            for v in state.values():
+                v.mul_(factor)
+        return send
+
+    group.publish_weights(scale(2.0))
+    doubled = group.full_state_dict()
+    shared = [k for k in before if before[k].abs().sum() > 0 and torch.equal(doubled[k], 2 * before[k])]
+    assert shared, "rank 0's own (unsharded) weights must reach the sender uncopied"
+    group.publish_weights(scale(0.5))  # powers of two: exactly back
+    assert all(torch.equal(v, before[k]) for k, v in group.full_state_dict().items())
+
 
 def equal_rows_batch() -> dict:
     """8 full rows x 16 tokens with the same label count: a mean of micro-batch token means is then the

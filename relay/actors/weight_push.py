@@ -227,7 +227,8 @@ class WeightPush:
         paths = []
         overwritten = 0
         t = time.perf_counter()
-        buckets = bucket_plan(state_dict, self.bucket_bytes, metadata={"relay_version": str(self.version)})
+        meta = {"relay_version": str(self.version)}
+        buckets = bucket_plan(state_dict, self.bucket_bytes, metadata=meta, unshare=False)
         for i, (bucket, bucket_meta) in enumerate(buckets):
             t = _lap(spent, "serialize_s", t)
             path = folder / f"weights-{i:05d}.safetensors"
@@ -253,7 +254,8 @@ class WeightPush:
             blobs = (np.asarray(np.memmap(p, dtype=np.uint8, mode="r")) for p in paths)
         else:
             meta = {"relay_version": str(self.version)}
-            blobs = (pack_bucket(b, metadata=m) for b, m in bucket_plan(state_dict, self.bucket_bytes, meta))
+            plan = bucket_plan(state_dict, self.bucket_bytes, meta, unshare=False)
+            blobs = (pack_bucket(b, metadata=m) for b, m in plan)
         refs = []
         t = time.perf_counter()
         for blob in blobs:

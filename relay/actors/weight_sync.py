@@ -71,14 +71,15 @@ def plan_buckets(sizes: Sequence[tuple[str, int]], bucket_bytes: int = DEFAULT_B
     return buckets
 
 
-def _prepare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, detached tensors; aliases (tied weights) are cloned: safetensors refuses shared memory."""
+def _prepare(state_dict: Mapping[str, torch.Tensor], unshare: bool = True) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, detached tensors; with `unshare` tensors sharing a storage (tied weights, views into a
+    flat ZeRO buffer) are cloned: safetensors' `save` refuses shared memory (our own writers do not care)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in state_dict.items():
         t = tensor.detach().to("cpu").contiguous()
         ptr = t.untyped_storage().data_ptr()
-        if ptr in seen and t.numel() > 0:
+        if unshare and ptr in seen and t.numel() > 0:
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         out[name] = t
@@ -162,10 +163,11 @@ def write_bucket_file(tensors: Mapping[str, torch.Tensor], path: str | Path,
 
 
 def bucket_plan(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                metadata: Mapping[str, str] | None = None) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, str]]]:
+                metadata: Mapping[str, str] | None = None,
+                unshare: bool = True) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, str]]]:
     """The state dict's buckets (CPU, contiguous tensors of at most `bucket_bytes` each) with their metadata
-    (`metadata` + bucket number and count), one at a time."""
-    tensors = _prepare(state_dict)
+    (`metadata` + bucket number and count), one at a time; `unshare` as `_prepare`."""
+    tensors = _prepare(state_dict, unshare)
     plan = plan_buckets([(n, _nbytes(t)) for n, t in tensors.items()], bucket_bytes)
     for i, names in enumerate(plan):
         yield {n: tensors[n] for n in names}, {**(metadata or {}), "bucket": str(i), "num_buckets": str(len(plan))}

@@ -45,8 +45,10 @@ class WeightsAndCheckpoints:
             out = out.narrow(param._padding_dim, 0, param._origin_length)
         return out
 
-    def full_state_dict(self, dtype: str | None = None) -> dict[str, Any] | None:
-        """Full HF-named weights on rank 0 (None elsewhere): tp shards gathered, LoRA merged, tied weights once."""
+    def full_state_dict(self, dtype: str | None = None, own: bool = True) -> dict[str, Any] | None:
+        """Full HF-named weights on rank 0 (None elsewhere): tp shards gathered, LoRA merged, tied weights once.
+        `own=False` leaves a tensor that is the model's own memory uncopied (a reader done before the next
+        step: the weight push, which would otherwise copy 540 MB into fresh pages every episode)."""
         import torch
 
         cast = getattr(torch, dtype) if dtype else None
@@ -65,7 +67,7 @@ class WeightsAndCheckpoints:
         for k, v in state.items():
             t = v.detach().to(device="cpu", dtype=cast)
             # Own the memory: ZeRO's params can be views into flat buffers, which safetensors refuses to save.
-            out[k] = t.clone() if t.data_ptr() == v.data_ptr() else t
+            out[k] = t.clone() if own and t.data_ptr() == v.data_ptr() else t
         return out
 
     def check_finite_weights(self, what: str) -> None:
@@ -85,9 +87,10 @@ class WeightsAndCheckpoints:
         """Rank 0 hands the full state (as `full_state_dict`) to `send(state_dict)` and returns what it returns
         (None elsewhere). `send` is a picklable callable from the caller, e.g. a `relay.actors.weight_push.
         WeightPush` that sends the weights to generators from here, so they never pass through the driver.
-        Non-finite weights raise instead (`check_finite_weights`)."""
+        The tensors may be the model's own memory: `send` copies what it keeps before it returns. Non-finite
+        weights raise instead (`check_finite_weights`)."""
         self.check_finite_weights("publish_weights")
-        state = self.full_state_dict(dtype)
+        state = self.full_state_dict(dtype, own=False)
         if self.rank != 0:
             return None
         return send(state)
