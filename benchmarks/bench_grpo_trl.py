@@ -209,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                 for i, r in enumerate(block):
                     r["load"] = round(os.getloadavg()[0], 2)
                     print(f"  relay {mode:19s} ep {r['episode']}: {r['episode_s']:.2f} s (gen {r['gen_s']:.2f}, score "
-                          f"{r['score_s']:.2f}, update {r['update_s']:.2f}, sync {r['sync_s']:.3f}: push {r['sync_push_s']:.2f} = "
+                          f"{r['score_s']:.2f}, update {r['update_s']:.2f}, sync {r['sync_s']:.3f}: push {r['sync_push_s']:.2f}: "
                           f"write {r['sync_write_s']:.2f} (serialize {r['sync_serialize_s']:.2f}, file {r['sync_file_s']:.2f}, put "
-                          f"{r['sync_put_s']:.2f}) + load {r['sync_load_s']:.2f} + rest), "
+                          f"{r['sync_put_s']:.2f} while the generators load), load {r['sync_load_s']:.2f}, "
+                          f"{r['sync_overwritten']} bucket(s) overwritten in place), "
                           f"{r['samples_per_s']:.3f} samples/s, load {r['load']}{' [warm-up]' if i == 0 else ''}",
                           file=sys.stderr, flush=True)
                     if i > 0:

@@ -77,10 +77,10 @@ class RelayWorkerExtension:
                 with safe_open(path, framework="pt", device="cpu") as f:
                     for name in f.keys():
                         tensor = f.get_tensor(name)
+                        nbytes = tensor.numel() * tensor.element_size()
                         counts["tensors"] += 1
-                        before = counts["bytes"]
-                        counts["bytes"] += tensor.numel() * tensor.element_size()
-                        file_ranges.append((tensor.data_ptr(), tensor.data_ptr() + counts["bytes"] - before))
+                        counts["bytes"] += nbytes
+                        file_ranges.append((tensor.data_ptr(), tensor.data_ptr() + nbytes))
                         if _is_probe(name):
                             probes[name] = tensor
                         yield name, tensor
