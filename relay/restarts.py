@@ -71,30 +71,52 @@ class RestartWatch:
         return {f"restarts_{role.removeprefix('relay/').split('@', 1)[0]}": n for role, n in self.restarts.items()}
 
 
+def is_restarting(err: BaseException) -> bool:
+    """Ray is still bringing the actor back ("The actor is restarting": ActorUnavailableError), worth waiting
+    for rather than another loss: on a loaded machine a restart outlasts the first short waits."""
+    import ray.exceptions
+
+    return isinstance(err, ray.exceptions.ActorUnavailableError)
+
+
 def redo_on_loss(work: Callable[[int], T], role: str, max_restarts: int, *,
                  is_loss: Callable[[BaseException], bool] = is_actor_loss,
+                 is_restarting: Callable[[BaseException], bool] = is_restarting,
                  note: Callable[[str], None] | None = None, sleep: Callable[[float], None] = time.sleep,
-                 first_wait_s: float = 0.5) -> T:
+                 first_wait_s: float = 0.5, restart_wait_s: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic) -> T:
     """Run `work(attempt)`; when it fails because the actor was lost, wait a little (the restart takes seconds)
-    and run it again from the start, at most `max_restarts` more times; then raise ActorLost naming `role`.
+    and run it again from the start, for at most `max_restarts` losses; then raise ActorLost naming `role`.
+    A retry that finds the actor still restarting (`is_restarting`) is not a new loss: it waits on, for at
+    most `restart_wait_s` in a row.
 
     `work` must be safe to redo on a restarted (empty) actor: it redoes everything it needs, e.g. puts the
     episode's experiences again before taking them."""
-    wait = first_wait_s
-    for attempt in range(max_restarts + 1):
+    wait, losses, attempt = first_wait_s, 0, 0
+    restarting_since: float | None = None
+    while True:
         try:
             return work(attempt)
         except Exception as err:
             if not is_loss(err):
                 raise
-            if attempt == max_restarts:
-                raise ActorLost(lost_message(role, max_restarts, err)) from err
+            if attempt > 0 and is_restarting(err):  # the last loss is still being brought back
+                restarting_since = clock() if restarting_since is None else restarting_since
+                if clock() - restarting_since > restart_wait_s:
+                    raise ActorLost(lost_message(role, max_restarts, err)) from err
+                what = f"{role} is still restarting; trying again in {wait:.1f} s"
+            else:
+                restarting_since = None
+                if losses == max_restarts:
+                    raise ActorLost(lost_message(role, max_restarts, err)) from err
+                losses += 1
+                what = (f"{role} was lost ({type(err).__name__}); redoing its part of the episode on the restarted "
+                        f"actor (restart {losses} of {max_restarts})")
             if note is not None:
-                note(f"{role} was lost ({type(err).__name__}); redoing its part of the episode on the restarted "
-                     f"actor (attempt {attempt + 2} of {max_restarts + 1})")
+                note(what)
             sleep(wait)
             wait = min(wait * 2, 8.0)
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 def call_or_explain(fn: Callable[[], T], role: str, max_restarts: int,

@@ -97,6 +97,18 @@ def tiny_demo_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def no_kept_transfer_folder():
+    """A module whose pushes run in the test process starts and ends without a transfer folder kept by this
+    process (`WeightPush.reuse`: pool pushes with `local_sender` keep one until the process ends), so
+    leftover checks see only their own pushes and later files none of theirs."""
+    from relay import scratch
+
+    scratch.release_reused_dirs()
+    yield
+    scratch.release_reused_dirs()
+
+
 @pytest.fixture
 def log_lines():
     """`log_lines("relay.x")` -> a list that collects that logger's messages (INFO and up) until the test ends.

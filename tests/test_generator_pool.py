@@ -17,6 +17,8 @@ import pytest
 from relay.actors.ledger import DONE, EXHAUSTED, IN_FLIGHT, QUEUED, DispatchLedger
 from relay.actors.weight_push import local_sender
 
+pytestmark = pytest.mark.usefixtures("no_kept_transfer_folder")
+
 # ------------------------------------------------------------------------------------------ ledger (pure)
 
 

@@ -59,6 +59,50 @@ def test_redo_on_loss_redoes_whole_work_then_gives_up_naming_the_role():
     assert isinstance(info.value.__cause__, Lost)
 
 
+class Restarting(Lost):
+    """Stands for ray.exceptions.ActorUnavailableError ("The actor is restarting")."""
+
+
+def test_redo_on_loss_waits_for_a_slow_restart_without_counting_it_as_a_loss():
+    """One loss, then the restarted actor needs longer than the first waits (a loaded machine): the retries
+    that find it still restarting wait on instead of using up the restarts; a restart that never ends is
+    given up after `restart_wait_s`."""
+    now = [0.0]
+    calls, notes, sleeps = [], [], []
+
+    def sleep(s):
+        sleeps.append(s)
+        now[0] += s
+
+    def work(attempt):
+        calls.append(attempt)
+        if attempt == 0:
+            raise Lost("actor died")
+        if attempt < 5:
+            raise Restarting("the actor is restarting")
+        return "done"
+
+    kw = {"is_loss": is_lost, "is_restarting": lambda e: isinstance(e, Restarting), "sleep": sleep,
+          "clock": lambda: now[0]}
+    assert redo_on_loss(work, "relay/buffer", 1, note=notes.append, **kw) == "done"
+    assert calls == [0, 1, 2, 3, 4, 5] and sleeps == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert "restart 1 of 1" in notes[0] and all("still restarting" in n for n in notes[1:])
+
+    def never_back(attempt):
+        raise Lost("actor died") if attempt == 0 else Restarting("the actor is restarting")
+
+    now[0] = 0.0
+    with pytest.raises(ActorLost, match="relay/buffer died"):
+        redo_on_loss(never_back, "relay/buffer", 1, restart_wait_s=30.0, **kw)
+    assert 30.0 < now[0] < 30.0 + 8.0 * 3
+
+    def dies_twice(attempt):  # a second real loss after the restart does count
+        raise Lost("died again")
+
+    with pytest.raises(ActorLost):
+        redo_on_loss(dies_twice, "relay/buffer", 1, **kw)
+
+
 def test_redo_on_loss_passes_other_errors_through_at_once():
     calls = []
 

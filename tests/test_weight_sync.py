@@ -23,6 +23,8 @@ from relay.actors.weight_sync import (
     write_buckets,
 )
 
+pytestmark = pytest.mark.usefixtures("no_kept_transfer_folder")
+
 
 def _state_dict() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
