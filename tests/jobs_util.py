@@ -87,18 +87,27 @@ def start_cluster(num_cpus: int = 16):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit(address: str, jobs: dict[str, list[str]]) -> None:
+def submit(address: str, jobs: dict[str, list[str]], tries: int = 4) -> None:
     """`ray job submit --no-wait --working-dir REPO ... -- ENTRYPOINT` for each submission id -> entrypoint, all at
-    once: each CLI start costs seconds of CPU, and the uploads are one package (same content, same hash)."""
+    once: each CLI start costs seconds of CPU, and the uploads are one package (same content, same hash). A
+    submission the dashboard turns away because its job agent is not up yet ("No available agent", seen on a
+    loaded machine) is tried again, up to `tries` times in all."""
     runtime_env = json.dumps({"excludes": EXCLUDES})
     procs = {sid: subprocess.Popen(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", sid, "--no-wait",
          "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--", *entrypoint],
         env=submit_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     ) for sid, entrypoint in jobs.items()}
+    retry = {}
     for sid, proc in procs.items():
         out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0 and "No available agent" in out and tries > 1:
+            retry[sid] = jobs[sid]
+            continue
         assert proc.returncode == 0, f"ray job submit {sid} failed:\n{out[-3000:]}"
+    if retry:
+        time.sleep(5.0)
+        submit(address, retry, tries - 1)
 
 
 def listed_entrypoints(address: str) -> dict[str, str]:
