@@ -2,7 +2,9 @@
 sampling options, control calls while busy."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,10 +34,15 @@ def test_generator_module_imports_without_vllm():
 
 
 @pytest.fixture(scope="module")
-def generator(ray_session, tiny_llama_dir, tmp_path_factory):
+def generator_run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(scope="module")
+def generator(ray_session, tiny_llama_dir, generator_run_dir):
     from relay.actors.generator import GeneratorConfig, start_generator
 
-    cfg = GeneratorConfig(model=str(tiny_llama_dir), max_model_len=512, run_dir=str(tmp_path_factory.mktemp("vllm")))
+    cfg = GeneratorConfig(model=str(tiny_llama_dir), max_model_len=512, run_dir=str(generator_run_dir))
     gen = start_generator(cfg, name="test-generator-gen", timeout_s=240)
     yield gen
     gen.kill()
@@ -70,6 +77,15 @@ def test_ready_and_control(generator):
     health = generator.health()
     assert health["ok"] and health["broken"] is None and health["engine_pids"] == []
     assert generator.generate([], SamplingConfig()) == []
+
+
+def test_vllm_model_info_cache_outlives_the_engine(generator, generator_run_dir):
+    """The run folder holds the engine's sockets only; vLLM's model-info cache stays in vLLM's cache root, where
+    the next engine start finds it (a cold one cost each start a 17 s subprocess that imports vLLM)."""
+    root = Path(os.environ.get("VLLM_CACHE_ROOT") or Path.home() / ".cache" / "vllm")
+    assert sorted(p.name for p in generator_run_dir.iterdir()) == ["rpc"]
+    cached = json.loads((root / "modelinfos" / "vllm-model_executor-models-llama-LlamaForCausalLM.json").read_text())
+    assert cached["modelinfo"]["is_text_generation_model"] is True
 
 
 @pytest.mark.slow

@@ -148,3 +148,15 @@ def test_reward_actor_bad_rule_fails_at_start(ray_session):
 
     with pytest.raises(Exception, match="cannot import module"):
         start_reward_actor({"kind": "rule", "rule": "relay.nope:fn"}, name="reward-bad", num_cpus=0.1, timeout_s=60)
+
+
+def test_reward_actor_unloadable_tokenizer_fails_at_start(ray_session, tmp_path):
+    """The tokenizer that decodes ids loads while the actor starts (with the run's other actors), so a folder
+    without one fails there rather than at the first episode's scoring."""
+    from relay.actors.rewards import start_reward_actor
+
+    with pytest.raises(Exception, match=str(tmp_path)):
+        start_reward_actor({"kind": "rule", "rule": "relay.actors.rewards:ends_with_eos"}, tokenizer=str(tmp_path),
+                           name="reward-bad-tok", num_cpus=0.1, timeout_s=60)
+    with pytest.raises(ValueError):
+        ray_session.get_actor("relay/reward-bad-tok", namespace="relay")

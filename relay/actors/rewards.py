@@ -169,8 +169,14 @@ class RewardServer:
 
     def __init__(self, cfg: Any, tokenizer: str | None = None):
         self.source = make_reward_source(cfg, tokenizer)
-        self._tokenizer_path = tokenizer
         self._tokenizer = None
+        if tokenizer:  # loaded while the run starts (importing it took 7 s), not in the first episode's scoring
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            except Exception as err:
+                raise RewardError(f"reward: no tokenizer to decode responses in {tokenizer}: {err}") from err
         self.calls, self.samples, self.seconds = 0, 0, 0.0
 
     def score(self, prompts: list[str], responses: list[str], **info: Any) -> list[float]:
@@ -184,11 +190,7 @@ class RewardServer:
                   finish_reasons: list[str] | None = None, eos_token_ids: list[int] | None = None) -> list[float]:
         """Decode (keeping special tokens) and score; ids are passed on to the source as `info`."""
         if self._tokenizer is None:
-            if not self._tokenizer_path:
-                raise RewardError("RewardActor.score_ids needs a tokenizer (start_reward_actor(tokenizer=...))")
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+            raise RewardError("RewardActor.score_ids needs a tokenizer (start_reward_actor(tokenizer=...))")
         tok = self._tokenizer
         if eos_token_ids is None and tok.eos_token_id is not None:
             eos_token_ids = [int(tok.eos_token_id)]

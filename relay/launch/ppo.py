@@ -36,10 +36,11 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from relay.cluster.together import start_together
 from relay.config import PPOConfig, learner_temperature, needs_reference, ppo_buffer_size, save_config, to_dict
 from relay.launch import safe_points
 from relay.launch.ppo_rollout import Rollout, Scorers, build_rollout, sampling_config, score_rollout
@@ -162,16 +163,20 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         timeout, restarts = cfg.cluster.timeout_s, cfg.cluster.max_restarts
         # Reference, reward and buffer come back if their process dies (Ray restarts them, see relay.restarts)
         rc = cfg.reference
-        self.ref = (start_reference(self.actor_path, scoped("ref", run), timeout_s=timeout, max_restarts=restarts,
-                                    dtype=rc.dtype, micro_batch_size=rc.micro_batch_size, **place("reference", 0))
-                    if needs_reference(cfg) else None)
-        self.reward = start_reward_actor(cfg.reward, self.actor_path, name=scoped("reward", run),
-                                         timeout_s=timeout, max_restarts=restarts, **place("reward", 0))
         limit = cfg.buffer_limit or ppo_buffer_size(cfg) * (2 if a.mode == "async" else 1)
-        self.buffer = start_buffer(limit, scoped("buffer", run), pad_token_id=self.pad_id, seed=cfg.seed,
-                                   timeout_s=timeout, max_restarts=restarts, **place("buffer", 0))
+        starters = {
+            "reward": lambda: start_reward_actor(cfg.reward, self.actor_path, name=scoped("reward", run),
+                                                 timeout_s=timeout, max_restarts=restarts, **place("reward", 0)),
+            "buffer": lambda: start_buffer(limit, scoped("buffer", run), pad_token_id=self.pad_id, seed=cfg.seed,
+                                           timeout_s=timeout, max_restarts=restarts, **place("buffer", 0)),
+            **self._learner_starters(),
+        }
+        if needs_reference(cfg):
+            starters["ref"] = lambda: start_reference(
+                self.actor_path, scoped("ref", run), timeout_s=timeout, max_restarts=restarts, dtype=rc.dtype,
+                micro_batch_size=rc.micro_batch_size, **place("reference", 0))
+        start_together(starters, keep=lambda name, value: setattr(self, name, value))
         self._log_scorers(self._watch_restarts())
-        self._start_learners()
         self.pool.wait_ready(timeout)
         self._reset_run_state()
         if (stop := safe_points.active()) is not None:
@@ -199,21 +204,29 @@ class PPOSystem(PPOUpdates, PPOCheckpoints, PPOEvaluation, PPORecovery):
         return self
 
     def _start_learners(self) -> None:
-        """The actor (and, for GAE, critic) learner groups, freshly built from the model folders."""
+        """The actor (and, for GAE, critic) learner groups, freshly built from the model folders, side by side."""
+        start_together(self._learner_starters(), keep=lambda name, value: setattr(self, name, value))
+
+    def _learner_starters(self) -> dict[str, Callable[[], Any]]:
+        """Starters (for `start_together`) of the actor and, for GAE, critic learner groups."""
         from relay.learners.group import LearnerGroup
 
         cfg, timeout = self.cfg, self.cfg.cluster.timeout_s
         al, cl = cfg.actor_learner, cfg.critic_learner
         common = dict(run=self.run_name, timeout_s=timeout, placement=self.placement)
         self.phase_threads = None  # the update's threads per rank (placement timeshare), asked again of new ranks
-        self.actor = LearnerGroup.create(al.num_ranks, self.actor_path, "causal_lm", role="actor",
-                                         num_cpus=al.num_cpus_per_rank, num_gpus=al.num_gpus_per_rank or None,
-                                         placement_role="actor_learner", **common, **learner_options(cfg, "actor"))
+        starters: dict[str, Callable[[], Any]] = {
+            "actor": lambda: LearnerGroup.create(al.num_ranks, self.actor_path, "causal_lm", role="actor",
+                                                 num_cpus=al.num_cpus_per_rank,
+                                                 num_gpus=al.num_gpus_per_rank or None,
+                                                 placement_role="actor_learner", **common,
+                                                 **learner_options(cfg, "actor"))}
         if self.critic_path:
-            self.critic = LearnerGroup.create(cl.num_ranks, self.critic_path, "critic", role="critic",
-                                              num_cpus=cl.num_cpus_per_rank, num_gpus=cl.num_gpus_per_rank or None,
-                                              placement_role="critic_learner", **common,
-                                              **learner_options(cfg, "critic"))
+            starters["critic"] = lambda: LearnerGroup.create(
+                cl.num_ranks, self.critic_path, "critic", role="critic", num_cpus=cl.num_cpus_per_rank,
+                num_gpus=cl.num_gpus_per_rank or None, placement_role="critic_learner", **common,
+                **learner_options(cfg, "critic"))
+        return starters
 
     def _reserve_placement(self) -> None:
         """Check the run's layout against the cluster's nodes (a table of what is missing when it cannot fit)
