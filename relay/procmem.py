@@ -41,8 +41,24 @@ def reset_peak_rss(pid: int | None = None) -> bool:
         return False
 
 
-def memory_mib(reset: bool = False) -> dict[str, float | None]:
-    """{'rss', 'peak'} of this process in MiB; `reset`: start a new peak after reading (to measure one phase)."""
+def trim_heap() -> bool:
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim); False where there is no glibc.
+    Freed memory otherwise stays resident: a later phase that reuses it shows no growth of its own."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
+    except (OSError, AttributeError):
+        return False
+
+
+def memory_mib(reset: bool = False, trim: bool = False) -> dict[str, float | None]:
+    """{'rss', 'peak'} of this process in MiB; `reset`: start a new peak after reading (to measure one phase);
+    `trim`: first return freed heap pages to the kernel (`trim_heap`), so the phase's peak counts what it uses."""
+    if trim:
+        trim_heap()
     out = {"rss": rss_mib(), "peak": peak_rss_mib()}
     if reset:
         reset_peak_rss()

@@ -307,7 +307,7 @@ def test_learner_memory_follows_the_micro_batch_not_the_batch(group, tiny_llama_
     group.train_step(long_rows(8), "causal_lm")  # optimizer state and allocator pools exist from here on
 
     def step_growth(rows: int, micro_batches: int) -> float:
-        rest = group.memory_mib(reset=True)
+        rest = group.memory_mib(reset=True, trim=True)
         group.train_step(long_rows(rows), "causal_lm", micro_batches=micro_batches)
         return max(m["peak"] - r["rss"] for m, r in zip(group.memory_mib(), rest))
 
@@ -377,12 +377,13 @@ def test_micro_batched_forwards_equal_one_forward(group, tiny_llama_dir):
 def test_forward_memory_follows_the_micro_batch(group, tiny_llama_dir):
     """A no-grad forward's peak resident memory above the rank's resting size follows its micro-batch: 32 rows
     of 256 tokens per rank in micro-batches of 4 need a fraction of what one forward over all 32 needs (logits
-    and attention scale with the rows; measured 4 MiB against 60-66 MiB)."""
+    and attention scale with the rows; measured 16-18 MiB against 72 MiB). Freed heap pages go back to the kernel
+    before each measure: left resident, an earlier test's pages served the whole forward with no growth at all."""
     configure(group, tiny_llama_dir)
     inputs = {k: v for k, v in long_rows(64).items() if k != "labels"}
 
     def growth(size: int) -> float:
-        rest = group.memory_mib(reset=True)
+        rest = group.memory_mib(reset=True, trim=True)
         group.forward_logprobs(inputs, micro_batch_size=size)
         return max(m["peak"] - r["rss"] for m, r in zip(group.memory_mib(), rest))
 

@@ -346,9 +346,10 @@ class LearnerGroup:
             if not self.broken:
                 self._wait([w.set_num_threads.remote(n) for w, n in zip(self.workers, before)], "set_num_threads")
 
-    def memory_mib(self, reset: bool = False) -> list[dict[str, float | None]]:
-        """Per rank: {'rss', 'peak'} resident memory in MiB (peak since start or the last `reset=True` call)."""
-        return self._call_each("memory_mib", reset, what="memory_mib")
+    def memory_mib(self, reset: bool = False, trim: bool = False) -> list[dict[str, float | None]]:
+        """Per rank: {'rss', 'peak'} resident memory in MiB (peak since start or the last `reset=True` call;
+        `trim`: freed heap pages go back to the kernel first, see `relay.procmem.trim_heap`)."""
+        return self._call_each("memory_mib", reset, trim, what="memory_mib")
 
     def pids(self) -> list[int]:
         """Each rank's process id, in rank order."""

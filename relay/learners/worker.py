@@ -94,12 +94,12 @@ class LearnerWorker(WeightsAndCheckpoints):
 
         return usable_cores()
 
-    def memory_mib(self, reset: bool = False) -> dict[str, float | None]:
+    def memory_mib(self, reset: bool = False, trim: bool = False) -> dict[str, float | None]:
         """{'rss', 'peak'} of this rank's process in MiB, the peak since start or the last reset; `reset`: start
-        a new peak after reading (to measure one step's)."""
+        a new peak after reading (to measure one step's); `trim`: first return freed heap pages to the kernel."""
         from relay.procmem import memory_mib
 
-        return memory_mib(reset)
+        return memory_mib(reset, trim)
 
     def set_num_threads(self, n: int) -> int:
         """torch's intra-op threads from now on; returns the count before (for handing cores back)."""
