@@ -42,7 +42,8 @@ def reset_peak_rss(pid: int | None = None) -> bool:
 
 
 def trim_heap() -> bool:
-    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim); False where there is no glibc.
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim); True if any went back, False if
+    none did or there is no glibc.
     Freed memory otherwise stays resident: a later phase that reuses it shows no growth of its own."""
     import ctypes
     import ctypes.util

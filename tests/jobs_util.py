@@ -78,13 +78,19 @@ def start_cluster(num_cpus: int = 16):
                 time.sleep(1)
         yield address
     finally:
+        # `ray start --block` ends the whole node when one of its processes dies (e.g. its dashboard agent, seen
+        # once under load 10): keep the logs of a node that ended on its own, to say why.
+        ended = proc.poll()
         proc.send_signal(signal.SIGTERM)  # --block: the node stops the processes it started
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # only this cluster's session
         log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        if ended is None:
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            print(f"\n[jobs] the private head node ended by itself (exit {ended}): its logs are kept in {temp}")
 
 
 def submit(address: str, jobs: dict[str, list[str]], tries: int = 4) -> None:

@@ -11,7 +11,6 @@ def start_together(starters: dict[str, Callable[[], Any]], keep: Callable[[str, 
     result as soon as it is ready (one at a time), so a caller can shut down what did start when another
     starter fails. The first failure (by name order) is raised once every starter has ended; the
     others are attached to it as notes."""
-    results: dict[str, Any] = {}
     errors: dict[str, BaseException] = {}
     lock = threading.Lock()
 
@@ -23,7 +22,6 @@ def start_together(starters: dict[str, Callable[[], Any]], keep: Callable[[str, 
                 errors[name] = err
             return
         with lock:
-            results[name] = value
             keep(name, value)
 
     threads = [threading.Thread(target=run, args=item, name=f"relay-start-{item[0]}", daemon=True)
