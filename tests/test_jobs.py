@@ -33,7 +33,8 @@ from browser_util import CHROMIUM, browse  # noqa: E402
 from jobs_util import api, cluster, listed_entrypoints, submit, wait_for_job  # noqa: E402,F401  (cluster: fixture)
 from relay.launch import ray_auth  # noqa: E402
 
-PPO_EPISODES = 6  # long enough for the browser to find the actors alive
+PPO_EPISODES = 30  # long enough for the browser to find the actors alive: with faster start-ups 6 episodes (~10 s)
+# ended before Chromium had the Actors page open (it listed them DEAD)
 EXPECTED_ACTORS = ["relay/generator-0@ppo", "relay/ref@ppo", "relay/reward@ppo", "relay/actor-rank0@ppo",
                    "relay/buffer@ppo"]  # the run is named after its save_dir, .../ppo
 TOKEN_DIALOG = "Authentication Token Required"  # Ray 2.60's dashboard, when a request comes back 401
