@@ -46,11 +46,9 @@ def trim_heap() -> bool:
     none did or there is no glibc.
     Freed memory otherwise stays resident: a later phase that reuses it shows no growth of its own."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
+    try:  # the process's own symbols: glibc's when linked against it (no library search, no ldconfig run)
+        return bool(ctypes.CDLL(None).malloc_trim(0))
     except (OSError, AttributeError):
         return False
 

@@ -82,7 +82,8 @@ def test_ready_and_control(generator):
 def test_vllm_model_info_cache_outlives_the_engine(generator, generator_run_dir):
     """The run folder holds the engine's sockets only; vLLM's model-info cache stays in vLLM's cache root, where
     the next engine start finds it (a cold one cost each start a 17 s subprocess that imports vLLM)."""
-    root = Path(os.environ.get("VLLM_CACHE_ROOT") or Path.home() / ".cache" / "vllm")
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"  # vLLM's default, as in vllm.envs
+    root = Path(os.environ.get("VLLM_CACHE_ROOT") or Path(cache_home) / "vllm").expanduser()
     assert sorted(p.name for p in generator_run_dir.iterdir()) == ["rpc"]
     cached = json.loads((root / "modelinfos" / "vllm-model_executor-models-llama-LlamaForCausalLM.json").read_text())
     assert cached["modelinfo"]["is_text_generation_model"] is True
