@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     memory: dict[str, float] = {}
 
     def close(kind: str) -> None:
-        if kind == "separate":  # the memory table's figures come from the separate system
+        if kind.split()[0] == "separate" and not memory:  # the memory figures: the first separate system's
             try:
                 memory.update(peak_memory_by_role(systems[kind]))
             except Exception as err:  # noqa: BLE001 - a broken system must still close (and not hide the error)
@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                            update_threads=block_threads[mode], update_ranks=ranks)
             rows.append(row)
     print(f"\nGRPO, SmolLM2-135M fp32, {args.prompts_per_step} prompts x {args.generations} generations x <= "
-          f"{args.max_new_tokens} tokens per step, micro-batch {args.micro_batch}, Relay's actor group of 1 rank unless the block says dpN (medians)")
+          f"{args.max_new_tokens} tokens per step, micro-batch {args.micro_batch}, Relay's actor group of 1 rank "
+          f"unless the block says dpN (medians)")
     for measured in rates.values():
         print(rate_line(measured[0]) + " before Relay's blocks; " + rate_line(measured[-1]).split(": ", 1)[1] + " after")
     print(f"{'side':34s} {'steps':>5s} {'s/step':>8s} {'samples/s':>10s} {'vs best TRL':>11s} {'load':>6s}")
