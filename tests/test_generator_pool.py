@@ -328,10 +328,39 @@ def pool(ray_session, tiny_llama_dir, tmp_path_factory):
 
     cfg = GeneratorConfig(model=str(tiny_llama_dir), max_model_len=256)
     opts = PoolOptions(name_prefix="generator", max_chunk_size=4, control_name="control-pooltest",
-                       control_poll_s=0.2, start_timeout_s=240, generate_timeout_s=120, weight_timeout_s=120)
+                       control_poll_s=0.2, generate_timeout_s=120, weight_timeout_s=120)
     p = GeneratorPool(cfg, 1, opts)
     yield p
     p.shutdown()
+
+
+def test_a_pool_that_cannot_place_its_generator_says_why_and_leaves_nothing(ray_session, tiny_llama_dir):
+    """More CPUs than the cluster has: the start times out naming the generator's Ray state and the free
+    resources, and stops what it started (nobody else holds a handle to it)."""
+    from relay.actors.generator import GeneratorConfig
+    from relay.actors.pool import GeneratorPool, PoolOptions
+    from relay.cluster.calls import RemoteCallTimeout
+
+    cfg = GeneratorConfig(model=str(tiny_llama_dir), max_model_len=256)
+    opts = PoolOptions(name_prefix="unplaceable", num_cpus=10_000, start_timeout_s=3,
+                       control_name="control-unplaceable")
+    with pytest.raises(RemoteCallTimeout) as err:
+        GeneratorPool(cfg, 1, opts)
+    text = str(err.value)
+    assert "unplaceable-0: not placed (the cluster has " in text and " CPU and 0 GPU free" in text, text
+    deadline, alive = time.monotonic() + 30, ["relay/unplaceable-0", "relay/control-unplaceable"]
+    while alive and time.monotonic() < deadline:  # ray.kill is asynchronous: the names go once the GCS has it
+        alive = [name for name in alive if _named_actor_exists(ray_session, name)]
+        time.sleep(0.2)
+    assert not alive, f"still in the cluster after the failed start: {alive}"
+
+
+def _named_actor_exists(ray, name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace="relay")
+        return True
+    except ValueError:
+        return False
 
 
 def _sampling(max_tokens=48, seed=1):

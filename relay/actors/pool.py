@@ -68,7 +68,7 @@ from relay.actors.pool_types import (
 )
 from relay.actors.sampling import SamplingConfig
 from relay.actors.weight_push import WeightPush, push_error
-from relay.cluster.calls import RemoteCallTimeout, get
+from relay.cluster.calls import RemoteCallTimeout, get, waiting_actors_text
 
 # Callers import the pool's data classes and error from here, where they lived before the split.
 __all__ = ["ACTIVE", "DRAINING", "LOADING", "STARTING", "GeneratorPool", "PoolError", "PoolOptions", "PromptResult",
@@ -107,7 +107,11 @@ class GeneratorPool(MembershipMixin, DispatchMixin):
             get(self._control.desired.remote(), 60, "control actor start")
         self._reconcile()
         if wait:
-            self.wait_ready(self.options.start_timeout_s)
+            try:
+                self.wait_ready(self.options.start_timeout_s)
+            except BaseException:
+                self.shutdown()  # the caller gets no pool to stop: its generators must not linger in the cluster
+                raise
 
     # ------------------------------------------------------------------------------------------ public API
 
@@ -272,7 +276,10 @@ class GeneratorPool(MembershipMixin, DispatchMixin):
                         m.version == self.version for m in self._members.values()):
                     return
             if time.monotonic() > deadline:
-                raise RemoteCallTimeout(f"generator pool not ready within {timeout_s:.0f} s: {self.status()}")
+                with self._lock:
+                    waiting = {m.name: m.actor for m in self._members.values() if m.state == STARTING}
+                why = f"; Ray says {waiting_actors_text(waiting)}" if waiting else ""
+                raise RemoteCallTimeout(f"generator pool not ready within {timeout_s:.0f} s: {self.status()}{why}")
             self._step(0.5)
 
     def clients(self) -> dict[str, GeneratorClient]:

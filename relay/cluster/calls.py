@@ -68,3 +68,34 @@ def process_memory(actor: Any, timeout: float = 60.0, what: str = "actor") -> di
     """{'rss', 'peak'} MiB of an actor's process (`relay.procmem`), asked through Ray's `__ray_call__`, so any
     actor answers without a method of its own. Child processes (a vLLM engine core of its own) are not counted."""
     return get(actor.__ray_call__.remote(_own_memory), timeout, f"{what}: process memory")
+
+
+
+def actor_state(actor: Any) -> str:
+    """What Ray's GCS says of an actor: "placed, in its constructor (pid N)", "not placed", or Ray's state name
+    (ALIVE, RESTARTING, DEAD, ...); "unknown" when it cannot be read. Reads the GCS directly, so it works on
+    clusters started without a dashboard, where the state API does not."""
+    try:
+        from ray._private.state import actors
+
+        info = actors(actor_id=actor._actor_id.hex())
+    except Exception:  # noqa: BLE001 - a diagnosis for an error message; never its own failure
+        return "unknown"
+    state = str(info.get("State", "unknown"))
+    if state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):  # Ray says so until the constructor returns
+        return f"placed, in its constructor (pid {info['Pid']})" if info.get("Pid") else "not placed"
+    return state
+
+
+def waiting_actors_text(actors: dict[str, Any]) -> str:
+    """For errors about actors that did not start in time: each one's `actor_state`, and the cluster's free
+    CPU/GPU when one is not placed yet (no node has room for what it asks)."""
+    import ray
+
+    states = {name: actor_state(actor) for name, actor in actors.items()}
+    text = "; ".join(f"{name}: {state}" for name, state in states.items())
+    if "not placed" in states.values():
+        free = ray.available_resources()
+        text += (f" (the cluster has {free.get('CPU', 0.0):g} CPU and {free.get('GPU', 0.0):g} GPU free: other "
+                 "actors or jobs hold the rest)")
+    return text
