@@ -26,6 +26,9 @@ from relay.launch import ray_auth
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, `relay`
 EXCLUDES = [".git", ".venv", "outputs", "runs", "wandb", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+# As the README's runtime env has it: `ray job stop` SIGKILLs a job this long after its SIGTERM (Ray's default, 3 s,
+# is shorter than a checkpoint takes), read by each job's supervisor from the job's env vars.
+JOB_ENV_VARS = {"RAY_JOB_STOP_WAIT_TIME_S": "120"}
 
 
 def job_env() -> dict[str, str]:
@@ -98,7 +101,7 @@ def submit(address: str, jobs: dict[str, list[str]], tries: int = 4) -> None:
     once: each CLI start costs seconds of CPU, and the uploads are one package (same content, same hash). A
     submission the dashboard turns away because its job agent is not up yet ("No available agent", seen on a
     loaded machine) is tried again, up to `tries` times in all."""
-    runtime_env = json.dumps({"excludes": EXCLUDES})
+    runtime_env = json.dumps({"excludes": EXCLUDES, "env_vars": JOB_ENV_VARS})
     procs = {sid: subprocess.Popen(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", sid, "--no-wait",
          "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--", *entrypoint],
@@ -130,8 +133,8 @@ def cluster():
         yield address
 
 
-def wait_for_job(address: str, submission_id: str, timeout_s: float) -> str:
-    """Wait until the job ends; return its logs, failing the test unless it SUCCEEDED."""
+def wait_for_job(address: str, submission_id: str, timeout_s: float, expect: str = "SUCCEEDED") -> str:
+    """Wait until the job ends; return its logs, failing the test unless it ended as `expect` (a JobStatus)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -140,7 +143,14 @@ def wait_for_job(address: str, submission_id: str, timeout_s: float) -> str:
         status = client.get_job_status(submission_id)
         if status.is_terminal():
             logs = client.get_job_logs(submission_id)
-            assert status == JobStatus.SUCCEEDED, f"{submission_id}: {status}\n{logs[-4000:]}"
+            assert status == JobStatus(expect), f"{submission_id}: {status}\n{logs[-4000:]}"
             return logs
         time.sleep(2)
     raise AssertionError(f"{submission_id} still running after {timeout_s:.0f} s:\n{client.get_job_logs(submission_id)[-3000:]}")
+
+
+def stop_job(address: str, submission_id: str, timeout_s: float = 300) -> None:
+    """`ray job stop`, as a user stops a job (SIGTERM to its driver; it waits until the job has ended)."""
+    out = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, submission_id], env=submit_env(),
+                         capture_output=True, text=True, timeout=timeout_s)
+    assert out.returncode == 0, f"ray job stop {submission_id} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}"

@@ -6,11 +6,14 @@
 Data and outputs are absolute paths on this machine (the suite's `relay data demo -t tiny` folders, pytest's
 tmp_path): shared storage, trivially, for a one-node cluster. Only the code travels in the uploaded working dir.
 
-- PPO (tiny GRPO with a KL term, so relay/ref runs too): once its actors are registered, headless Chromium opens
-  the dashboard, is asked for the token, types it like a person would; the Actors page must list Relay's actors by
-  name (alive or, if the short run has ended, dead: the dashboard keeps them, so the check has no race with the
-  job's length) and the Jobs page the submission. Then: SUCCEEDED, the per-episode log line, one metrics row per episode with the weight
-  version every generator served, TensorBoard events, the actor saved as safetensors.
+- PPO (tiny GRPO with a KL term, so relay/ref runs too), asked for more episodes than it will run, so it is alive
+  until the test stops it (no race with the run's length): once its actors are alive, headless Chromium opens the
+  dashboard, is asked for the token, types it like a person would; the Actors page must list Relay's actors by name
+  and the Jobs page the submission. Then `ray job stop` (the job's env sets RAY_JOB_STOP_WAIT_TIME_S, as the README
+  says to): STOPPED, after the episode under way, with a complete checkpoint in safetensors and the command that
+  continues the run; one metrics row per episode with the weight version every generator served, TensorBoard
+  events. That command, submitted as a job with one more episode, resumes from the checkpoint and SUCCEEDS: every
+  episode once in the metrics, the actor saved as safetensors.
 - SFT, RM, DPO: SUCCEEDED, the per-step log line, metrics rows with a finite loss, a complete checkpoint holding
   safetensors weights, the final model folder; the jobs API lists each submission with its entrypoint.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,10 +35,17 @@ pytest.importorskip("colossalai")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 from browser_util import CHROMIUM, browse  # noqa: E402
-from jobs_util import api, cluster, listed_entrypoints, submit, wait_for_job  # noqa: E402,F401  (cluster: fixture)
+from jobs_util import (  # noqa: E402,F401  (cluster: fixture)
+    api,
+    cluster,
+    listed_entrypoints,
+    stop_job,
+    submit,
+    wait_for_job,
+)
 from relay.launch import ray_auth  # noqa: E402
 
-PPO_EPISODES = 6
+PPO_EPISODES = 1000  # never reached: the test stops the job
 EXPECTED_ACTORS = ["relay/generator-0@ppo", "relay/ref@ppo", "relay/reward@ppo", "relay/actor-rank0@ppo",
                    "relay/buffer@ppo"]  # the run is named after its save_dir, .../ppo
 TOKEN_DIALOG = "Authentication Token Required"  # Ray 2.60's dashboard, when a request comes back 401
@@ -69,11 +80,10 @@ def jobs(cluster, tiny_demo_data, tmp_path_factory) -> Jobs:  # noqa: F811
     return Jobs(ids, entrypoints, out)
 
 
-def registered_actor_names(address: str) -> set[str]:
-    """Named actors the cluster knows of, in any state (a finished run's are DEAD, still listed)."""
+def alive_actor_names(address: str) -> set[str]:
     data = json.loads(api(address, "/api/v0/actors?limit=1000&detail=false"))
     rows = data.get("data", {}).get("result", {}).get("result", [])
-    return {row.get("name") for row in rows if row.get("name")}
+    return {row.get("name") for row in rows if row.get("state") == "ALIVE" and row.get("name")}
 
 
 def dashboard_pages(address: str, token: str, submission_id: str, shots: Path):
@@ -100,15 +110,15 @@ def dashboard_pages(address: str, token: str, submission_id: str, shots: Path):
     return steps
 
 
-def test_ppo_job_on_the_dashboard(cluster, jobs, tmp_path):  # noqa: F811
+def test_ppo_job_on_the_dashboard_stopped_and_resumed(cluster, jobs, tmp_path):  # noqa: F811
     from relay.metrics import read_metrics
 
     assert CHROMIUM, "chromium is missing: `make test` installs it (Debian package chromium)"
     assert cluster.startswith("http://127.0.0.1:")  # the dashboard is private to this machine
     sid, run = jobs.ids["ppo"], jobs.out / "ppo"
     deadline = time.monotonic() + 300
-    while not set(EXPECTED_ACTORS) <= registered_actor_names(cluster):
-        assert time.monotonic() < deadline, f"actors never came up: {registered_actor_names(cluster)}"
+    while not set(EXPECTED_ACTORS) <= alive_actor_names(cluster):
+        assert time.monotonic() < deadline, f"actors never came up: {alive_actor_names(cluster)}"
         time.sleep(2)
     shots = tmp_path / "shots"
     shots.mkdir()
@@ -122,17 +132,38 @@ def test_ppo_job_on_the_dashboard(cluster, jobs, tmp_path):  # noqa: F811
         for shot in shots.iterdir():
             shutil.copy(shot, Path(os.environ["RELAY_SAVE_SCREENSHOTS"]) / shot.name)
 
-    logs = wait_for_job(cluster, sid, timeout_s=420)
-    assert f"[relay ppo] episode {PPO_EPISODES}/{PPO_EPISODES} reward " in logs, logs[-3000:]
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 2:  # something to checkpoint
+        assert time.monotonic() < deadline, "fewer than 2 episodes within 300 s"
+        time.sleep(1)
+    stop_job(cluster, sid)
+    logs = wait_for_job(cluster, sid, timeout_s=300, expect="STOPPED")
+    assert "[relay] received SIGTERM: stopping at the next safe point" in logs, logs[-3000:]
     rows = read_metrics(run)
-    assert [r["step"] for r in rows] == list(range(1, PPO_EPISODES + 1)), logs[-3000:]
+    done = len(rows)
+    assert 2 <= done < PPO_EPISODES and [r["step"] for r in rows] == list(range(1, done + 1)), logs[-3000:]
     # 2 update steps per episode; every generator served the newest weights.
-    assert [r["weight_version"] for r in rows] == [2 * (i + 1) for i in range(PPO_EPISODES)]
+    assert [r["weight_version"] for r in rows] == [2 * (i + 1) for i in range(done)]
     assert all(r["gen_version_min"] == r["weight_version"] for r in rows)
     assert all(math.isfinite(r["reward_mean"]) and math.isfinite(r["kl"]) for r in rows)
     assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    ckpt = run / "checkpoints" / f"step-{done:08d}"
+    assert (ckpt / "COMPLETE").exists() and list((ckpt / "actor").rglob("*.safetensors")), ckpt
+    last = next(line for line in logs.splitlines() if line.startswith("relay ppo: stopped by "))
+    assert last.startswith(f"relay ppo: stopped by SIGTERM after episode {done} of {PPO_EPISODES}; checkpoint {ckpt}. "
+                           "To continue: relay ppo "), last
+    command = shlex.split(last.split("To continue: ", 1)[1])
+    assert command[-2:] == ["--resume", "auto"] and not (run / "actor").exists()
+
+    resumed = command + ["--set", f"algo.num_episodes={done + 1}"]
+    submit(cluster, {f"{sid}-resumed": resumed})
+    logs = wait_for_job(cluster, f"{sid}-resumed", timeout_s=420)
+    assert f"resume auto: resuming from {ckpt}" in logs, logs[-3000:]
+    assert f"[relay ppo] episode {done + 1}/{done + 1} reward " in logs, logs[-3000:]
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, done + 2))  # nothing lost, nothing twice
     assert (run / "actor" / "config.json").exists() and list((run / "actor").glob("*.safetensors"))
-    assert listed_entrypoints(cluster)[sid] == " ".join(jobs.entrypoints["ppo"])
+    listed = listed_entrypoints(cluster)
+    assert listed[sid] == " ".join(jobs.entrypoints["ppo"]) and listed[f"{sid}-resumed"] == " ".join(resumed)
 
 
 def test_sft_rm_dpo_jobs(cluster, jobs):  # noqa: F811
