@@ -47,7 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import set_bench_env, write_results
+from benchmarks.common import int_list, set_bench_env, write_results
 
 set_bench_env()
 
@@ -96,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-prompt-tokens", type=int, default=256, help="prompts keep their last N tokens")
     ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--learner-ranks", default="1,2", help="comma-separated data-parallel rank counts of Relay's actor "
-                    "group (ddp, a process per rank: 1 thread each in separate placement, the node's cores shared out "
-                    "in timeshare); every block runs at each count (blocks at N > 1 are named '... dpN')")
+    ap.add_argument("--learner-ranks", type=int_list, default="1,2",
+                    help="comma-separated data-parallel rank counts of Relay's actor group (ddp, a process per "
+                         "rank: 1 thread each in separate placement, the node's cores shared out in timeshare); "
+                         "every block runs at each count (blocks at N > 1 are named '... dpN')")
     ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--trl-threads", default="1,2", help="comma-separated thread counts TRL runs at (each printed; "
-                                                           "Relay is compared with the best)")
+    ap.add_argument("--trl-threads", type=int_list, default="1,2",
+                    help="comma-separated thread counts TRL runs at (each printed; Relay is compared with the best)")
     ap.add_argument("--no-async", action="store_true", help="skip Relay's async block")
     ap.add_argument("--timeshare-block", action="store_true", help="also a sync block with placement=timeshare (the "
                     "update takes every core)")
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             "algo.num_update_steps=1", "algo.num_collect_steps=1", "algo.kl_coef=0.0", "algo.num_episodes=100000",
             f"actor_optim.lr={args.lr}", "actor_optim.warmup_steps=0", "save_interval=0",
             "placement=separate"] + args.sets  # the timeshare blocks have systems of their own
-    rank_counts = [int(r) for r in args.learner_ranks.split(",") if r.strip()]
+    rank_counts = args.learner_ranks
 
     def rank_sets(ranks: int) -> list[str]:  # accumulation keeps n samples per optimizer step at any dp size
         return [f"actor_learner.num_ranks={ranks}", f"algo.accumulation_steps={n // (args.micro_batch * ranks)}"]
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config("ppo", REPO / "configs/ppo_tiny_grpo.yaml", rank_sets(rank_counts[0]) + sets)
     validate(cfg, "cpu")
 
-    thread_counts = [int(t) for t in args.trl_threads.split(",") if t.strip()]
+    thread_counts = args.trl_threads
     if args.trl_result:
         thread_counts = thread_counts[:1]
     learner_threads = cfg.actor_learner.num_threads

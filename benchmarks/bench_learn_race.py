@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_info, set_bench_env, write_results
+from benchmarks.common import int_list, machine_info, set_bench_env, write_results
 
 set_bench_env()
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per side (default 30)")
     ap.add_argument("--eval-every", type=int, default=5, help="held-out evaluation every N steps (default 5)")
-    ap.add_argument("--trl-threads", default="1,2", help="TRL runs, one per thread count (default 1,2)")
+    ap.add_argument("--trl-threads", type=int_list, default="1,2", help="TRL runs, one per thread count (default 1,2)")
     ap.add_argument("--model", default=None, help="default: outputs/demo/sft/model if it exists, else smollm2")
     ap.add_argument("--target", type=float, default=None,
                     help="held-out pass rate to race to (default: the highest both sides reach)")
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="extra Relay config override (the TRL side follows the matched fields)")
     args = ap.parse_args(argv)
-    threads = [int(x) for x in str(args.trl_threads).split(",") if x.strip()]
+    threads = args.trl_threads
     if args.steps < 1 or args.eval_every < 1 or not threads:
         ap.error("--steps and --eval-every must be >= 1 and --trl-threads name at least one count")
 

@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import set_bench_env, write_results
+from benchmarks.common import int_list, name_list, set_bench_env, write_results
 
 set_bench_env()
 
@@ -74,15 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--bench-venv", default=".venv-bench")
-    ap.add_argument("--trl-threads", default="1,2", help="comma-separated thread counts TRL runs at (each printed; "
-                                                         "Relay is compared with the best)")
-    ap.add_argument("--placements", default="separate,timeshare", help="comma-separated Relay placements to run")
-    ap.add_argument("--critic", default="overlap", help="comma-separated: 'overlap' (critic steps beside the "
-                                                        "actor's, the default) and/or 'serial' (after it)")
-    ap.add_argument("--precisions", default="fp32", help="comma-separated: fp32 and/or bf16 (TRL with bf16=True, its "
-                                                          "autocast; Relay with bf16 generation, reference and reward "
-                                                          "and the update under bf16 autocast; skipped where the CPU "
-                                                          "lacks native bf16)")
+    ap.add_argument("--trl-threads", type=int_list, default="1,2",
+                    help="comma-separated thread counts TRL runs at (each printed; Relay is compared with the best)")
+    ap.add_argument("--placements", type=name_list, default="separate,timeshare",
+                    help="comma-separated Relay placements to run")
+    ap.add_argument("--critic", type=name_list, default="overlap",
+                    help="comma-separated: 'overlap' (critic steps beside the actor's, the default) and/or "
+                         "'serial' (after it)")
+    ap.add_argument("--precisions", type=name_list, default="fp32",
+                    help="comma-separated: fp32 and/or bf16 (TRL with bf16=True, its autocast; Relay with bf16 "
+                         "generation, reference and reward and the update under bf16 autocast; skipped where the "
+                         "CPU lacks native bf16)")
     ap.add_argument("--trl-result", default=None, help="reuse a trl.json from an earlier run instead of running TRL "
                                                        "(its thread count is the one it was run at)")
     ap.add_argument("--out", default="runs/bench_ppo_trl")
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts_json = out / "prompts.json"
     prompts_json.write_text(json.dumps(prompts))
 
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    precisions = args.precisions
     if "bf16" in precisions and (reason := bf16_skip_reason()):
         print(f"bf16 skipped: {reason}", file=sys.stderr)
         precisions.remove("bf16")
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         trl_runs.append(json.loads(Path(args.trl_result).read_text()))
     else:
         for precision in precisions:
-            for threads in (int(t) for t in args.trl_threads.split(",") if t.strip()):
+            for threads in args.trl_threads:
                 suffix = "" if precision == "fp32" else f"_{precision}"
                 trl_runs.append(run_trl(args, model_dir, prompts_json, out / f"trl_t{threads}{suffix}.json", threads,
                                         bf16=precision == "bf16"))
@@ -133,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             "critic_optim.warmup_steps=0", "save_interval=0"]
     init_ray(address="local", num_cpus=16, include_dashboard=False)
     records: dict[str, list[dict]] = {}
-    systems = [(pr, p.strip(), c.strip()) for pr in precisions for p in args.placements.split(",") if p.strip()
-               for c in args.critic.split(",") if c.strip()]
+    systems = [(pr, p, c) for pr in precisions for p in args.placements for c in args.critic]
     for precision, placement, critic in systems:
         name = placement + ("" if critic == "overlap" else ", serial critic") + ("" if precision == "fp32" else " bf16")
         cfg = load_config("ppo", REPO / "configs/ppo_tiny.yaml",

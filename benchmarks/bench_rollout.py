@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import set_bench_env, write_results
+from benchmarks.common import int_list, name_list, set_bench_env, write_results
 
 set_bench_env()
 
@@ -95,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-prompt-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", default="1,2", help="thread counts to try on both sides")
-    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--threads", type=int_list, default="1,2", help="thread counts to try on both sides")
+    ap.add_argument("--dtypes", type=name_list, default="bfloat16,float32")
     ap.add_argument("--scaling-dtype", default="bfloat16", help="dtype of the 1-vs-2-generator test ('' = skip)")
     ap.add_argument("--out", default="runs/bench_rollout")
     args = ap.parse_args(argv)
-    threads = [int(x) for x in args.threads.split(",") if x]
-    dtypes = [x for x in args.dtypes.split(",") if x]
+    threads = args.threads
+    dtypes = args.dtypes
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import set_bench_env, write_results
+from benchmarks.common import int_list, set_bench_env, write_results
 
 set_bench_env()
 
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts each side runs at")
+    ap.add_argument("--threads", type=int_list, default="1,2",
+                    help="comma-separated torch thread counts each side runs at")
     ap.add_argument("--bench-venv", default=".venv-bench")
     ap.add_argument("--out", default="runs/bench_train_trl")
     args = ap.parse_args(argv)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     init_ray(address="local", num_cpus=16, include_dashboard=False)
     n = args.batch_size * args.steps
-    thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
+    thread_counts = args.threads
     times: dict[str, list[dict]] = {}
     for stage in [s for s in args.stages.split(",") if s]:
         relay_rows, trl_rows = select_rows(stage, demo, n, args.max_length, tok)

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import machine_info, set_bench_env
+from benchmarks.common import machine_info, name_list, set_bench_env
 
 set_bench_env()
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-shared-prompt", action="store_true")
-    ap.add_argument("--variants", default="before,chunked,chunked+bf16")
+    ap.add_argument("--variants", type=name_list, default="before,chunked,chunked+bf16")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = update_flops(param_split(cfg), tokens, logit_tokens)
     rate_tokens = int(batch["attention_mask"].sum())
 
-    variants = [v for v in args.variants.split(",") if v]
+    variants = args.variants
     skip = bf16_skip_reason()
     for v in [v for v in variants if v.endswith("+bf16")] if skip else []:
         variants.remove(v)

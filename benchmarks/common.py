@@ -5,6 +5,7 @@ only; the TRL workers, which run in .venv-bench, have their own `trl_common.py`.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -15,6 +16,19 @@ from typing import Any
 # One thread per process (torch is up to 10x slower with 2 on this class of machine), no hub, no telemetry.
 BENCH_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
              "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for comma lists of counts: "1,2" -> [1, 2] (blank items ignored)."""
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+
+
+def name_list(text: str) -> list[str]:
+    """argparse type for comma lists of names: "a, b" -> ["a", "b"] (blank items ignored)."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def set_bench_env() -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from relay.launch import safe_points
+from relay.launch.ppo_log import log
 from relay.learners.checkpoint_resume import LEARNER_FILES, STATE_FILES, CheckpointError, find_resume
 from relay.learners.checkpoint_store import (
     belongs_to,
@@ -41,7 +42,6 @@ class PPOCheckpoints:
         checkpoints beyond `keep_checkpoints` are deleted, and what this one cost is logged."""
         from dataclasses import asdict
 
-        from relay.launch.ppo import log
         from relay.learners.checkpoint import save_trainer_state
 
         # Async mode has already drawn the next episode's prompts: save the data position before them, so a
@@ -70,8 +70,6 @@ class PPOCheckpoints:
 
     def _maybe_resume(self) -> bool:
         """Resume from `checkpoint_path` (a folder, or `auto`: SAVE_DIR's newest) if there is one."""
-        from relay.launch.ppo import log
-
         if removed := clean_stale(self.save_dir):  # what a killed run left half-written
             log(stale_line(removed))
         path = find_resume(self.cfg.checkpoint_path, self.save_dir, self._required_files(), log)

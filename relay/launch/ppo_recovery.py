@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from relay.launch.ppo_log import log
 from relay.learners.checkpoint_resume import AUTO, find_resume
 
 
@@ -57,8 +58,6 @@ class PPORecovery:
 
     def _recover_learners(self, what: str, err: BaseException) -> float:
         """Rebuild both learner groups and rewind the run to its newest checkpoint; returns seconds taken."""
-        from relay.launch.ppo import log
-
         limit = self.cfg.cluster.max_restarts
         self.learner_restarts += 1
         if self.learner_restarts > limit:
@@ -94,8 +93,6 @@ class PPORecovery:
 
     def _recovery_checkpoint(self) -> Path | None:
         """SAVE_DIR's newest complete checkpoint; else the one the run started from; else None (the start)."""
-        from relay.launch.ppo import log
-
         path = find_resume(AUTO, self.save_dir, self._required_files(), log) if self.last_checkpoint else None
         if path is None and self.cfg.checkpoint_path not in (None, "", AUTO):
             path = find_resume(self.cfg.checkpoint_path, self.save_dir, self._required_files(), log)
