@@ -16,6 +16,8 @@ for _k, _v in {
     # Every cluster the suite starts (the session's, private heads, multi-node ones) skips Ray's metrics
     # collection: nothing here reads it, and its dashboard agents used a third as much CPU with it off.
     "RAY_enable_metrics_collection": "0",
+    # As relay.launch.cluster.DRIVER_ENV, for the clusters tests start with `ray start` (private heads, multi-node).
+    "RAY_prestart_worker_first_driver": "0",
 }.items():
     os.environ.setdefault(_k, _v)
 
