@@ -70,7 +70,6 @@ def process_memory(actor: Any, timeout: float = 60.0, what: str = "actor") -> di
     return get(actor.__ray_call__.remote(_own_memory), timeout, f"{what}: process memory")
 
 
-
 def actor_state(actor: Any) -> str:
     """What Ray's GCS says of an actor: "placed, in its constructor (pid N)", "not placed", or Ray's state name
     (ALIVE, RESTARTING, DEAD, ...); "unknown" when it cannot be read. Reads the GCS directly, so it works on
