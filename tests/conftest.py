@@ -16,9 +16,14 @@ for _k, _v in {
     # Every cluster the suite starts (the session's, private heads, multi-node ones) skips Ray's metrics
     # collection: nothing here reads it, and its dashboard agents used a third as much CPU with it off.
     "RAY_enable_metrics_collection": "0",
-    # As relay.launch.cluster.DRIVER_ENV, for the clusters tests start with `ray start` (private heads, multi-node).
-    "RAY_prestart_worker_first_driver": "0",
 }.items():
+    os.environ.setdefault(_k, _v)
+
+from relay.launch.cluster import DRIVER_ENV  # noqa: E402
+
+# What a `relay` driver sets before its cluster starts, set here too for the clusters tests start with `ray start`
+# (private heads, multi-node), which init_ray never sees.
+for _k, _v in DRIVER_ENV.items():
     os.environ.setdefault(_k, _v)
 
 # Ray token authentication on, with a token private to this session (RAY_AUTH_TOKEN_PATH, made by Relay as for any
