@@ -7,35 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from relay import logs
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-# Lines seen on the console before: Ray's per-actor prefixes and start banner, ColossalAI/torch warnings,
-# transformers progress bars, vLLM's engine log and its misleading reload warning.
-NOISE = ["pid=", "Started a local Ray instance", "Warning", "warnings.warn", "Loading weights", "gemm_4bit",
-         "apex", "tensornvme", "broadcast_buffers", "INFO", "non-default args", "Failed to load weights", "Triton",
-         "Traceback", "repeated", "deduplicates"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (logs.LOG_DIR_ENV, logs.VERBOSE_ENV, "RAY_ADDRESS")}
-    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-            "WANDB_MODE": "offline", **extra}
-
-
-def relay(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "relay"), *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def noise_in(text: str) -> list[str]:
-    return [m for m in NOISE if m in text]
+from console_util import console_env, noise_in, relay  # tests/ is on sys.path under pytest
 
 
 # ------------------------------------------------------------------------------------------------ unit
@@ -94,7 +70,7 @@ def test_worker_setup_redirects_file_descriptors(tmp_path):
         os.write(2, b"c-level stderr\\n")
         os.system("echo child process")
     """)
-    env = _env(**{logs.LOG_DIR_ENV: str(tmp_path), logs.ROLE_ENV: "generator-3"})
+    env = console_env(**{logs.LOG_DIR_ENV: str(tmp_path), logs.ROLE_ENV: "generator-3"})
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == "", out.stdout + out.stderr
     text = (tmp_path / "generator-3.log").read_text()
@@ -165,20 +141,4 @@ def test_pipeline_error_is_one_line_unless_verbose(sft_quiet, tiny_demo_data, tm
     assert out.stderr.strip().splitlines()[-1].startswith("ValueError: checkpoint_path: ")
 
 
-@pytest.mark.slow
-def test_ppo_console_one_line_per_episode_and_vllm_in_its_log(tiny_demo_data, tmp_path):
-    run = tmp_path / "ppo"
-    out = relay("ppo", "--config", "configs/ppo_tiny_grpo.yaml", "--set", f"prompt_dataset={tiny_demo_data / 'prompt'}",
-                "--set", f"save_dir={run}", "--set", "algo.num_episodes=2", "--set", "algo.num_update_steps=1",
-                "--set", "logging.use_tensorboard=false")
-    text = out.stdout + out.stderr
-    assert out.returncode == 0, text[-4000:]
-    episodes = [l for l in out.stderr.splitlines() if l.startswith("[relay ppo] episode ")]
-    assert [l.split()[3] for l in episodes] == ["1/2", "2/2"], text[-4000:]
-    assert all(" reward " in l and " kl " in l and " length " in l and l.endswith(" s") for l in episodes)
-    assert not noise_in(text), (noise_in(text), text[-4000:])
-    gen = (run / "logs" / "generator-0.log").read_text()
-    assert "non-default args" in gen  # vLLM's engine log is kept, in the generator's file
-    # two weight updates, two reload warnings from vLLM: explained once, the repeat dropped
-    assert gen.count("Failed to load weights") == 1 and "expected, not an error" in gen
-    assert (run / "logs" / "actor-rank0.log").exists() and (run / "logs" / "reward.log").exists()
+# The PPO console (one line per episode, vLLM in its log) is checked on the first run of test_ppo_determinism.py.
