@@ -170,11 +170,11 @@ class RewardServer:
     def __init__(self, cfg: Any, tokenizer: str | None = None):
         self.source = make_reward_source(cfg, tokenizer)
         self._tokenizer = None
-        if tokenizer:  # loaded while the run starts (importing it took 7 s), not in the first episode's scoring
-            from transformers import AutoTokenizer
+        if tokenizer:  # loaded while the run starts, not in the first episode's scoring
+            from relay.models.decoder import load_decoder  # tokenizer.json alone where it decodes the same
 
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+                self._tokenizer = load_decoder(tokenizer)
             except Exception as err:
                 raise RewardError(f"reward: no tokenizer to decode responses in {tokenizer}: {err}") from err
         self.calls, self.samples, self.seconds = 0, 0, 0.0
