@@ -1,5 +1,6 @@
 """The PPO system end to end on tiny models, real everything (vLLM generators, ColossalAI learner groups, Ray
-actors): sync then async on one set of actors, resume from its checkpoint, and a GRPO learning test.
+actors): sync then async on one set of actors, resume from its checkpoint, and GRPO learning with generation and
+update time-shared.
 
 One PPOSystem serves sync and async (switching `cfg.algo.mode` between `run_episodes` calls) because actor
 start-up (two vLLM engines, a tp=2 group, a critic) is most of the cost on a 2-core machine."""
@@ -183,18 +184,7 @@ def test_resume_from_checkpoint(e2e_run, prompt_data, tmp_path):
     assert (tmp_path / "resumed" / "actor" / "config.json").exists()
 
 
-def test_grpo_learns_rule_reward(ray_session, prompt_data, tmp_path):
-    """GRPO without a critic on a random tiny Llama (placement separate: the generator on a core of its own):
-    reward = share of response tokens with id < 512."""
-    from relay.launch.ppo import run_ppo
-    from relay.metrics import read_metrics
-
-    cfg = _cfg(prompt_data, tmp_path / "learn", preset="configs/ppo_tiny_grpo.yaml", placement="separate")
-    assert run_ppo(cfg) == 0
-    rewards = [r["reward_mean"] for r in read_metrics(tmp_path / "learn")]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.15, rewards
-    assert not any(Path(tmp_path / "learn").glob("critic"))  # no critic group for grpo
+# GRPO learning with placement separate: tests/test_ppo_ops.py (TestOneSystem, on its system after the ops).
 
 
 def test_grpo_learns_with_generation_and_update_time_shared(ray_session, prompt_data, tmp_path):

@@ -2,9 +2,10 @@
 
 - scaling the generator pool mid-run the way a user does it (`relay scale RUN --generators 2` from another
   process, then `request_generators(1, ...)` back down),
-- a generator process SIGKILLed by PID while it holds an episode's prompts.
+- a generator process SIGKILLed by PID while it holds an episode's prompts,
+- then GRPO learning the rule reward over the preset's 30 episodes (placement separate).
 
-Both share one tiny GRPO system (1 ddp actor rank, rule reward, no critic): vLLM and learner start-up are most
+All share one tiny GRPO system (1 ddp actor rank, rule reward, no critic): vLLM and learner start-up are most
 of the cost on a 2-core machine (`relay ppo` submitted with `ray job submit` is in tests/test_jobs.py). Thin call-through wrappers ("spies") on the pool's submit/collect and
 the buffer's take_all record what each episode received; nothing is replaced.
 
@@ -257,3 +258,21 @@ class TestOneSystem:
         assert system.pool.versions() == {replacement[0]: 8 * nus}
         _check_bookkeeping(system, spy, system.history, first_episode=0)
 
+    def test_grpo_learns_rule_reward(self, ops_system):
+        """GRPO without a critic (placement separate: the generator on a core of its own) learns the rule reward
+        (share of response tokens with id < 512) over the preset's 30 episodes, counted from the run's first:
+        the same system runs on in sync mode after the tests above (a GRPO run of its own cost a system start)."""
+        from relay.metrics import read_metrics
+
+        system, _ = ops_system
+        if system.state.episode != 8:
+            pytest.skip("needs the state test_killed_generator_is_replaced leaves (8 episodes)")
+        system.cfg.algo.mode = "sync"
+        system.cfg.algo.num_episodes = 30  # the preset's
+        system.run_episodes()
+        rows = read_metrics(system.save_dir)
+        assert [r["step"] for r in rows] == list(range(1, 31))
+        rewards = [r["reward_mean"] for r in rows]
+        first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+        assert last > first + 0.15, rewards
+        assert system.critic is None and not any(system.save_dir.glob("critic"))  # no critic group for grpo
