@@ -401,9 +401,10 @@ def test_bad_requests_and_bad_weights_leave_the_pool_usable(pool, tiny_llama_dir
     assert [r.weight_version for r in ok] == [version, version]
 
 
-def test_scale_up_from_another_process_then_down_mid_generation(pool, ray_session, tiny_llama_dir):
-    """1 -> 2 through `relay scale` (a separate process) while prompts are generated, then 2 -> 1 while both
-    generators hold work: every prompt once, the new generator at the current version, the removed one gone."""
+def test_scale_up_from_another_process_mid_generation(pool, ray_session, tiny_llama_dir):
+    """1 -> 2 through `relay scale` (a separate process) while prompts are generated: every prompt once, the new
+    generator at the current version. The next tests go on with both generators (a generator start is the costly
+    part: the kill test replaces one of these two, and the scale-down drains the replacement)."""
     from relay.actors.control import control_status
 
     if pool.version < 1:  # when run alone
@@ -447,27 +448,11 @@ def test_scale_up_from_another_process_then_down_mid_generation(pool, ray_sessio
     a, b = outs.values()
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
 
-    # 2 -> 1 while both hold a chunk: the removed generator finishes its chunk, then stops.
-    ids_c = pool.submit(PROMPTS[:32], _sampling(), ids=[f"c{i}" for i in range(32)])
-    pool.collect(timeout_s=0)  # dispatch
-    assert all(m["busy"] for m in pool.status()["members"].values())
-    removed = pool.status()["members"]
-    reassigned = pool.status()["reassigned"]
-    pool.scale(1)
-    results = []
-    while pool.pending():
-        results += pool.collect(timeout_s=0.5)
-    _check_exactly_once(results, ids_c)
-    assert pool.size() == 1 and list(pool.versions()) == ["generator-0"]
-    gone = [n for n in removed if n != "generator-0"][0]
-    assert gone == "generator-1" and any(r.generator == gone for r in results), "drained chunk was lost"
-    assert pool.status()["reassigned"] == reassigned  # draining hands nothing back
-
 
 def test_killed_generator_is_replaced_with_current_weights(pool, ray_session, tiny_llama_dir):
     """SIGKILL a generator's process while it holds prompts: the pool re-dispatches them, starts
     generator-N (a new name) at the current weight version, and no prompt is lost or answered twice."""
-    pool.scale(2, wait=True, timeout_s=240)
+    pool.scale(2, wait=True, timeout_s=240)  # already 2 after the scale-up test
     pool.push_weights(local_sender(_perturbed(tiny_llama_dir, 2)), version=pool.version + 1)
     version = pool.version
     assert set(pool.versions().values()) == {version}
@@ -498,3 +483,27 @@ def test_killed_generator_is_replaced_with_current_weights(pool, ray_session, ti
     outs = [c.generate(PROMPTS[:3], greedy, timeout_s=60) for c in pool.clients().values()]
     assert [r.token_ids for r in outs[0]] == [r.token_ids for r in outs[1]]
     assert all(r.weight_version == version for out in outs for r in out)
+
+
+def test_scale_down_mid_generation(pool, tiny_llama_dir):
+    """2 -> 1 while both generators hold work: the newest is removed after it finished its chunk, every prompt
+    once, nothing handed back."""
+    if pool.size() < 2:  # when run alone
+        pool.scale(2, wait=True, timeout_s=240)
+    # 2 -> 1 while both hold a chunk: the removed generator finishes its chunk, then stops.
+    ids_c = pool.submit(PROMPTS[:32], _sampling(), ids=[f"c{i}" for i in range(32)])
+    pool.collect(timeout_s=0)  # dispatch
+    assert all(m["busy"] for m in pool.status()["members"].values())
+    removed = pool.status()["members"]
+    reassigned = pool.status()["reassigned"]
+    pool.scale(1)
+    results = []
+    while pool.pending():
+        results += pool.collect(timeout_s=0.5)
+    _check_exactly_once(results, ids_c)
+    assert pool.size() == 1 and list(pool.versions()) == ["generator-0"]
+    gone = [n for n in removed if n != "generator-0"][0]
+    assert any(r.generator == gone for r in results), "drained chunk was lost"
+    assert pool.status()["reassigned"] == reassigned  # draining hands nothing back
+
+
