@@ -2,9 +2,11 @@
 and config gives the same metrics, timing fields aside. The two drivers are separate `relay ppo` processes with
 different PYTHONHASHSEED values (as two real runs are), so an order that depends on string hashing shows up.
 
-The first run is started as a person starts it (its own local Ray cluster, the default console) and is also the
-console's PPO check: one line per episode, none of the dependencies' output, vLLM's engine log in the generator's
-file. The second runs on the suite's cluster. Sharing the run saves a PPO start (about 90 s on 2 cores)."""
+The first run is also the console's PPO check (the console as a person sees it, the suite's log settings removed):
+one line per episode, none of the dependencies' output, vLLM's engine log in the generator's file. Sharing the run
+saves a PPO start (about 90 s on 2 cores). Both runs attach to the suite's cluster: a cluster of their own, started
+while the heaviest tests run, once missed the 30 s Ray gives a new raylet to register (the SFT console tests start
+clusters of their own)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,9 +61,9 @@ def test_same_seed_gives_the_same_metrics_and_a_quiet_console(ray_session, tiny_
     from relay.metrics import read_metrics
 
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
-    check_console(ppo(*overrides(tiny_demo_data, first_dir), hash_seed="1"), first_dir)
-    address = ray_session.get_runtime_context().gcs_address
-    ppo(*overrides(tiny_demo_data, second_dir), f"cluster.address={address}", hash_seed="2")
+    address = f"cluster.address={ray_session.get_runtime_context().gcs_address}"
+    check_console(ppo(*overrides(tiny_demo_data, first_dir), address, hash_seed="1"), first_dir)
+    ppo(*overrides(tiny_demo_data, second_dir), address, hash_seed="2")
     first, second = (comparable(read_metrics(d)) for d in (first_dir, second_dir))
     # KL to the reference: 0 (or float noise) before the first update, then the actor has moved
     assert len(first) == len(second) == 2 and first[0]["ptx_loss"] > 0 and first[1]["kl"] != 0
