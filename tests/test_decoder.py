@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from relay.models.decoder import TokenizerJsonDecoder, can_decode_without_transformers, load_decoder
