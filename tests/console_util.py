@@ -1,6 +1,6 @@
 """What a person sees on the terminal when they run `relay`: the lines that must not reach it, and a `relay` run
-as a person starts it (no cluster address, no log settings of the suite's). Used by test_console.py and by the
-determinism test, whose first PPO run is also the console's PPO run."""
+with the console a person gets (the suite's RAY_ADDRESS and log settings removed). Used by test_console.py and by
+the determinism test, whose first PPO run is also the console's PPO run."""
 from __future__ import annotations
 
 import os

@@ -43,24 +43,30 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _generic_config(folder: Path) -> dict | None:
+    """The folder's tokenizer_config.json when its tokenizer decodes through tokenizer.json alone, else None."""
+    config = _read_json(folder / "tokenizer_config.json")
+    if (config and (folder / "tokenizer.json").is_file() and config.get("tokenizer_class") in GENERIC_CLASSES
+            and not config.get("clean_up_tokenization_spaces")):
+        return config
+    return None
+
+
 def can_decode_without_transformers(folder: str | Path) -> bool:
     """True when `folder`'s tokenizer decodes through tokenizer.json alone (see the module's docstring)."""
-    folder = Path(folder)
-    config = _read_json(folder / "tokenizer_config.json")
-    return bool(config and (folder / "tokenizer.json").is_file()
-                and config.get("tokenizer_class") in GENERIC_CLASSES
-                and not config.get("clean_up_tokenization_spaces"))
+    return _generic_config(Path(folder)) is not None
 
 
 def load_decoder(folder: str | Path) -> Any:
     """An object with transformers' `batch_decode(ids, skip_special_tokens=...)` and `eos_token_id` for the
     tokenizer in `folder`: a `TokenizerJsonDecoder` where that decodes the same, else transformers' tokenizer."""
-    if can_decode_without_transformers(folder):
-        config = _read_json(Path(folder) / "tokenizer_config.json") or {}
+    folder = Path(folder)
+    config = _generic_config(folder)
+    if config is not None:
         eos = _token_text(config.get("eos_token"))
         if eos is None:  # older folders keep the special tokens in their own file
-            eos = _token_text((_read_json(Path(folder) / "special_tokens_map.json") or {}).get("eos_token"))
-        return TokenizerJsonDecoder(Path(folder) / "tokenizer.json", eos)
+            eos = _token_text((_read_json(folder / "special_tokens_map.json") or {}).get("eos_token"))
+        return TokenizerJsonDecoder(folder / "tokenizer.json", eos)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
